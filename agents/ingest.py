@@ -1,0 +1,52 @@
+"""Validate every raw CRM event; bad ones go to the dead-letter topic with the reason, good ones onward."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+
+from agents.app import app, clock, dlq_topic, input_topic, valid_topic
+from agents.metrics import EVENTS_INVALID, EVENTS_RECEIVED
+from schemas.events import ms_to_iso
+from schemas.validate import InvalidEvent, parse_event
+
+log = logging.getLogger(__name__)
+
+
+def dead_letter(error: InvalidEvent, message) -> dict:
+    return {
+        "schema_version": 1,
+        "reason": error.reason,
+        "error": error.detail,
+        "source": {"topic": message.topic, "partition": message.partition, "offset": message.offset},
+        "key_base64": base64.b64encode(message.key).decode() if message.key is not None else None,
+        "original_base64": base64.b64encode(message.value or b"").decode(),
+        "dead_lettered_at": ms_to_iso(int(time.time() * 1000)),
+    }
+
+
+@app.on_partitions_revoked.connect
+async def forget_revoked_partitions(sender, revoked, **kwargs) -> None:
+    clock.forget(tp.partition for tp in revoked if tp.topic == input_topic.get_topic_name())
+
+
+@app.agent(input_topic)
+async def ingest(stream):
+    async for event in stream.events():
+        EVENTS_RECEIVED.inc()
+        try:
+            crm_event = parse_event(event.value)
+            if clock.is_late(event.message.partition, crm_event.occurred_at):
+                raise InvalidEvent(
+                    "late", f"occurred_at {ms_to_iso(crm_event.occurred_at)} is more than the grace period "
+                    f"behind the latest event of its partition"
+                )
+        except InvalidEvent as error:
+            EVENTS_INVALID.labels(error.reason).inc()
+            log.warning("dead-lettered %s/%s@%s: %s", event.message.topic, event.message.partition,
+                        event.message.offset, error)  # fmt: skip
+            await dlq_topic.send(key=event.key, value=dead_letter(error, event.message))
+            continue
+        clock.observe(event.message.partition, crm_event.occurred_at)
+        await valid_topic.send(key=crm_event.key, value=crm_event.model_dump(by_alias=True))

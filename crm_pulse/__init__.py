@@ -1,0 +1,1 @@
+"""crm-pulse: CRM events in, KPIs and stalled-lead alerts out."""

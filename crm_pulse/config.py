@@ -1,0 +1,78 @@
+"""Configuration from `CRM_PULSE_*` environment variables (see README, "Configuration")."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.leads import StallPolicy
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRM_PULSE_", frozen=True)
+
+    broker: str | None = Field(None, description="kafka://host:port[,host:port]; unset starts the embedded broker")
+    app_id: str = "crm-pulse"
+    input_topic: str = "crm-events"
+    alerts_topic: str = "crm-alerts"
+    dlq_topic: str = "crm-events-dlq"
+    partitions: int = Field(4, ge=1)
+    replication_factor: int = Field(1, ge=1)
+
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 6066
+    store: str = "memory://"
+    data_dir: str = "data"
+
+    clock: Literal["wall", "event"] = "wall"
+    grace_seconds: float = Field(2 * 86400, ge=0)
+    dedupe_horizon_seconds: float = Field(14 * 86400, ge=0)
+
+    stall_stage_days: dict[str, float] = {"new": 2, "qualified": 5, "proposal": 7, "negotiation": 10}
+    stall_default_days: float = 7
+    stall_p90_factor: float = 2.0
+    stall_p90_min_samples: int = 20
+    stall_scan_seconds: float = Field(30, gt=0)
+    closed_stages: frozenset[str] = frozenset({"won", "lost"})
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    log_level: str = "info"
+
+    @field_validator("broker")
+    @classmethod
+    def _kafka_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith("kafka://"):
+            raise ValueError("CRM_PULSE_BROKER must look like kafka://host:port[,host:port]")
+        return value or None
+
+    @model_validator(mode="after")
+    def _dedupe_outlives_grace(self) -> "Settings":
+        # An event id may be forgotten only once a duplicate of it would be rejected as late.
+        if self.dedupe_horizon_seconds < self.grace_seconds:
+            raise ValueError("CRM_PULSE_DEDUPE_HORIZON_SECONDS must be at least CRM_PULSE_GRACE_SECONDS")
+        return self
+
+    @cached_property
+    def stall_policy(self) -> StallPolicy:
+        return StallPolicy(
+            stage_days=dict(self.stall_stage_days),
+            default_days=self.stall_default_days,
+            p90_factor=self.stall_p90_factor,
+            p90_min_samples=self.stall_p90_min_samples,
+            closed_stages=self.closed_stages,
+        )
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        assert self.broker, "broker is resolved before clients connect"
+        return [host.removeprefix("kafka://") for host in self.broker.split(",")]

@@ -1,0 +1,102 @@
+"""Synthetic CRM traffic for the demo and the tests: leads moving through stages, activities, wins and
+losses, subscriptions, renewals and cancellations, and some leads that stall. Deterministic per seed."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from streams.kpis import DAY_MS
+
+HOUR_MS = 3_600_000
+STAGES = ("new", "qualified", "proposal", "negotiation")
+SOURCES = ("web", "referral", "event", "outbound", "partner")
+CAMPAIGNS = ("spring-webinar", "search-ads", "trade-show", None)
+LOSS_REASONS = ("price", "competitor", "no-budget", "timing")
+
+
+@dataclass(order=True)
+class _Scheduled:
+    at: int
+    seq: int
+    event: dict = field(compare=False)
+
+
+class SyntheticCrm:
+    """Events in event-time order, from `start_ms` on; call `until(t)` to get everything up to time t."""
+
+    def __init__(self, start_ms: int, seed: int = 7, reps: int = 8, leads_per_day: float = 24.0,
+                 stall_share: float = 0.15, initial_customers: int = 60):  # fmt: skip
+        self.rng = random.Random(seed)
+        self.reps = [f"rep-{i:02d}" for i in range(1, reps + 1)]
+        self.teams = {rep: f"team-{'ab'[i % 2]}" for i, rep in enumerate(self.reps)}
+        self.leads_per_day = leads_per_day
+        self.stall_share = stall_share
+        self._ids = itertools.count(1)
+        self._queue: list[_Scheduled] = []
+        self._next_lead_at = start_ms
+        # An existing customer base, subscribed over the 60 days before the start, so churn has a denominator.
+        for _ in range(initial_customers):
+            self._subscribe(f"cust-{next(self._ids):06d}", start_ms - self.rng.randint(1, 60) * DAY_MS)
+
+    def _event_id(self) -> str:
+        return f"evt-{next(self._ids):08d}"
+
+    def _push(self, at: int, event: dict) -> None:
+        event["occurred_at"] = at
+        heapq.heappush(self._queue, _Scheduled(at, next(self._ids), event))
+
+    def _lead_event(self, lead: dict, kind: str, payload: dict) -> dict:
+        return {"event_id": self._event_id(), "type": kind, "lead_id": lead["id"], "rep_id": lead["rep"],
+                "team_id": self.teams[lead["rep"]], "pipeline": "default", "payload": payload}  # fmt: skip
+
+    def _plan_lead(self, at: int) -> None:
+        rng = self.rng
+        lead = {"id": f"lead-{next(self._ids):06d}", "rep": rng.choice(self.reps)}
+        self._push(at, self._lead_event(lead, "lead.created", {
+            "source": rng.choice(SOURCES), "campaign": rng.choice(CAMPAIGNS), "score": rng.randint(0, 100),
+            "stage": STAGES[0]}))  # fmt: skip
+        stalls_in = rng.randrange(len(STAGES)) if rng.random() < self.stall_share else None
+        t = at
+        for i, stage in enumerate(STAGES):
+            dwell = int(rng.uniform(0.3, 1.8) * DAY_MS)
+            for _ in range(rng.randint(0, 2)):  # activity while in the stage
+                self._push(t + rng.randint(1, dwell), self._lead_event(lead, "lead.activity", {
+                    "kind": rng.choice(("call", "email", "meeting", "note")),
+                    "direction": rng.choice(("inbound", "outbound"))}))  # fmt: skip
+            if i == stalls_in:
+                return  # never moves again: the stall rules should catch it
+            t += dwell
+            if i + 1 < len(STAGES):
+                self._push(t, self._lead_event(lead, "lead.stage_changed", {"from": stage, "to": STAGES[i + 1]}))
+        if rng.random() < 0.45:
+            self._push(t, self._lead_event(lead, "deal.won", {"amount": round(rng.uniform(500, 25_000), 2)}))
+            self._subscribe(f"cust-{lead['id']}", t + HOUR_MS)
+        else:
+            self._push(t, self._lead_event(lead, "deal.lost", {"reason": rng.choice(LOSS_REASONS)}))
+
+    def _subscribe(self, customer_id: str, at: int) -> None:
+        def customer_event(kind: str) -> dict:
+            return {"event_id": self._event_id(), "type": kind, "customer_id": customer_id, "payload": {}}
+
+        self._push(at, customer_event("customer.subscribed"))
+        t = at
+        while True:  # monthly renewals until a cancellation
+            t += 30 * DAY_MS + self.rng.randint(-2, 2) * DAY_MS
+            if self.rng.random() < 0.25:
+                self._push(t - self.rng.randint(1, 20) * DAY_MS, customer_event("customer.cancelled"))
+                return
+            if t - at > 365 * DAY_MS:
+                return
+            self._push(t, customer_event("customer.renewed"))
+
+    def until(self, now_ms: int) -> Iterator[dict]:
+        """Every event that occurred up to `now_ms`, in event-time order."""
+        while self._next_lead_at <= now_ms:
+            self._plan_lead(self._next_lead_at)
+            self._next_lead_at += int(self.rng.expovariate(self.leads_per_day) * DAY_MS) + 1
+        while self._queue and self._queue[0].at <= now_ms:
+            yield heapq.heappop(self._queue).event

@@ -1,0 +1,179 @@
+"""The CRM event contract, version 1: one envelope for every event, a typed payload per event type.
+
+Producers key each message by `lead_id` (lead and deal events) or `customer_id` (customer events):
+per-entity state and de-duplication by `event_id` rely on every event of an entity sharing a partition.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, WithJsonSchema
+
+SCHEMA_VERSION = 1
+
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+def to_epoch_ms(value: object) -> int:
+    """Event time as epoch milliseconds: ISO-8601 strings must carry a UTC offset; ints are epoch ms."""
+    if isinstance(value, bool):
+        raise ValueError("timestamp must be ISO-8601 with offset or epoch milliseconds, not a boolean")
+    if isinstance(value, int):
+        if not 0 <= value < 32503680000000:  # before year 3000
+            raise ValueError(f"epoch milliseconds out of range: {value}")
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"unparseable timestamp {value[:64]!r}") from None
+        if parsed.tzinfo is None:
+            raise ValueError(f"timestamp {value[:64]!r} has no UTC offset")
+        return int(parsed.timestamp() * 1000)
+    raise ValueError("timestamp must be ISO-8601 with offset or epoch milliseconds")
+
+
+def ms_to_iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+EventTime = Annotated[
+    int,
+    BeforeValidator(to_epoch_ms),
+    WithJsonSchema(
+        {
+            "description": "Event time: ISO-8601 with UTC offset, or epoch milliseconds.",
+            "anyOf": [{"type": "string", "format": "date-time"}, {"type": "integer", "minimum": 0}],
+        }
+    ),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LeadCreated(_Model):
+    source: Id
+    campaign: Id | None = None
+    score: int | None = Field(default=None, ge=0, le=100)
+    stage: Id = "new"
+
+
+class LeadStageChanged(_Model):
+    from_stage: Id = Field(alias="from")
+    to_stage: Id = Field(alias="to")
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class LeadActivity(_Model):
+    kind: Literal["call", "email", "meeting", "note"]
+    direction: Literal["inbound", "outbound"]
+
+
+class DealWon(_Model):
+    amount: float = Field(ge=0, allow_inf_nan=False)
+    currency: Annotated[str, Field(pattern="^[A-Z]{3}$")] = "USD"
+
+
+class DealLost(_Model):
+    reason: Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class CustomerSubscribed(_Model):
+    plan: Id | None = None
+    amount: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+class CustomerRenewed(_Model):
+    amount: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+class CustomerCancelled(_Model):
+    reason: Annotated[str, Field(max_length=256)] | None = None
+
+
+class _Envelope(_Model):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: Id
+    occurred_at: EventTime
+    lead_id: Id | None = None
+    deal_id: Id | None = None
+    customer_id: Id | None = None
+    account_id: Id | None = None
+    rep_id: Id | None = None
+    team_id: Id | None = None
+    pipeline: Id | None = None
+
+
+class _LeadEvent(_Envelope):
+    lead_id: Id
+
+    @property
+    def key(self) -> str:
+        return self.lead_id
+
+
+class _CustomerEvent(_Envelope):
+    customer_id: Id
+
+    @property
+    def key(self) -> str:
+        return self.customer_id
+
+
+class LeadCreatedEvent(_LeadEvent):
+    type: Literal["lead.created"]
+    payload: LeadCreated
+
+
+class LeadStageChangedEvent(_LeadEvent):
+    type: Literal["lead.stage_changed"]
+    payload: LeadStageChanged
+
+
+class LeadActivityEvent(_LeadEvent):
+    type: Literal["lead.activity"]
+    payload: LeadActivity
+
+
+class DealWonEvent(_LeadEvent):
+    type: Literal["deal.won"]
+    payload: DealWon
+
+
+class DealLostEvent(_LeadEvent):
+    type: Literal["deal.lost"]
+    payload: DealLost
+
+
+class CustomerSubscribedEvent(_CustomerEvent):
+    type: Literal["customer.subscribed"]
+    payload: CustomerSubscribed = CustomerSubscribed()
+
+
+class CustomerRenewedEvent(_CustomerEvent):
+    type: Literal["customer.renewed"]
+    payload: CustomerRenewed = CustomerRenewed()
+
+
+class CustomerCancelledEvent(_CustomerEvent):
+    type: Literal["customer.cancelled"]
+    payload: CustomerCancelled = CustomerCancelled()
+
+
+EVENT_CLASSES = (
+    LeadCreatedEvent,
+    LeadStageChangedEvent,
+    LeadActivityEvent,
+    DealWonEvent,
+    DealLostEvent,
+    CustomerSubscribedEvent,
+    CustomerRenewedEvent,
+    CustomerCancelledEvent,
+)
+EVENT_TYPES: tuple[str, ...] = tuple(cls.model_fields["type"].annotation.__args__[0] for cls in EVENT_CLASSES)
+CrmEvent = Annotated[Union[EVENT_CLASSES], Field(discriminator="type")]
+EVENT_ADAPTER: TypeAdapter[CrmEvent] = TypeAdapter(CrmEvent)

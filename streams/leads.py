@@ -1,0 +1,145 @@
+"""Per-lead state and stalled-lead detection: pure functions over a plain dict per lead.
+
+A lead is idle since the later of entering its current stage and its latest activity. It is stalled
+once idle longer than its stage's threshold, escalated at twice that, and cleared when it moves or gets
+activity. Stall times are event times (idle_since + threshold), so the same events give the same alerts
+whether they are checked by the live timer or replayed in a burst.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from schemas.events import ms_to_iso
+from streams.kpis import DAY_MS, counter_deltas, dwell_observations, insert_sorted
+
+ALERT_SCHEMA_VERSION = 1
+ALERT_NAMESPACE = uuid.UUID("5b0c1f3e-6d2a-4f57-9a43-2f1d3c8e7a10")
+STALLED, ESCALATED, CLEARED = "lead.stalled", "lead.stall_escalated", "lead.stall_cleared"
+ALERT_TYPES = (STALLED, ESCALATED, CLEARED)
+RULE_STAGE_THRESHOLD, RULE_P90 = "stage_threshold", "p90_dwell"
+UNASSIGNED = "unassigned"
+
+
+@dataclass(frozen=True)
+class StallPolicy:
+    stage_days: dict[str, float] = field(default_factory=dict)
+    default_days: float = 7.0
+    p90_factor: float = 2.0
+    p90_min_samples: int = 20
+    closed_stages: frozenset[str] = frozenset({"won", "lost"})
+
+    def threshold(self, stage: str, p90_seconds: float | None, samples: int) -> tuple[int, str]:
+        """(threshold_ms, rule): the configured days for the stage, or k × the stage's observed p90
+        dwell when that is shorter and rests on enough history."""
+        configured = int(self.stage_days.get(stage, self.default_days) * DAY_MS)
+        if p90_seconds is not None and samples >= self.p90_min_samples:
+            learned = int(self.p90_factor * p90_seconds * 1000)
+            if 0 < learned < configured:
+                return learned, RULE_P90
+        return configured, RULE_STAGE_THRESHOLD
+
+
+ThresholdFn = Callable[[str], tuple[int, str]]
+
+
+def new_lead() -> dict:
+    return {"timeline": [], "last_activity": None, "rep": None, "team": None, "pipeline": None, "created": None,
+            "stall_level": 0, "stall_threshold": None, "stall_rule": None}  # fmt: skip
+
+
+def current_stage(lead: dict) -> str | None:
+    return lead["timeline"][-1][2] if lead["timeline"] else None
+
+
+def idle_since(lead: dict) -> int | None:
+    if not lead["timeline"]:
+        return lead["last_activity"]
+    return max(lead["timeline"][-1][0], lead["last_activity"] or 0)
+
+
+def is_open(lead: dict, policy: StallPolicy) -> bool:
+    stage = current_stage(lead)
+    return stage is not None and stage not in policy.closed_stages
+
+
+def _stage_entered(event: dict) -> str | None:
+    kind = event["type"]
+    if kind == "lead.created":
+        return event["payload"]["stage"]
+    if kind == "lead.stage_changed":
+        return event["payload"]["to"]
+    if kind == "deal.won":
+        return "won"
+    if kind == "deal.lost":
+        return "lost"
+    return None
+
+
+def apply_lead_event(lead: dict, event: dict, lead_id: str, policy: StallPolicy, threshold: ThresholdFn):
+    """Fold one validated event into `lead`; return (dwell deltas [(stage, left_at_ms, dwell_ms, ±1)], alerts)."""
+    at = event["occurred_at"]
+    alerts: list[dict] = []
+    before_idle = idle_since(lead)
+    if before_idle is not None and at > before_idle and is_open(lead, policy):
+        # Catch up on a stall the timer may not have seen before this event ended it.
+        alerts += check_stall(lead, lead_id, at, policy, threshold)
+
+    before_stage = current_stage(lead)
+    before = dwell_observations(lead["timeline"])
+    stage = _stage_entered(event)
+    if stage is not None:
+        insert_sorted(lead["timeline"], [at, event["event_id"], stage])
+    elif event["type"] == "lead.activity":
+        lead["last_activity"] = max(lead["last_activity"] or at, at)
+    if event["type"] == "lead.created":
+        lead["created"] = at
+    for field_name, attr in (("rep", "rep_id"), ("team", "team_id"), ("pipeline", "pipeline")):
+        if event.get(attr) is not None:
+            lead[field_name] = event[attr]
+    deltas = [(*obs, sign) for obs, sign in counter_deltas(before, dwell_observations(lead["timeline"]))]
+
+    if lead["stall_level"] and (idle_since(lead) != before_idle or not is_open(lead, policy)):
+        alerts.append(
+            _alert(CLEARED, lead, lead_id, before_stage, before_idle, at, lead["stall_threshold"], lead["stall_rule"])
+        )
+        lead["stall_level"], lead["stall_threshold"], lead["stall_rule"] = 0, None, None
+    return deltas, alerts
+
+
+def check_stall(lead: dict, lead_id: str, now_ms: int, policy: StallPolicy, threshold: ThresholdFn) -> list[dict]:
+    """Raise the lead's stall level to what `now_ms` warrants; one alert per level crossed, never repeated."""
+    since = idle_since(lead)
+    if since is None or not is_open(lead, policy) or lead["stall_level"] >= 2:
+        return []
+    limit, rule = (lead["stall_threshold"], lead["stall_rule"]) if lead["stall_level"] else threshold(current_stage(lead))
+    level = 2 if now_ms - since > 2 * limit else 1 if now_ms - since > limit else 0
+    alerts = []
+    while lead["stall_level"] < level:
+        lead["stall_level"] += 1
+        lead["stall_threshold"], lead["stall_rule"] = limit, rule
+        kind = STALLED if lead["stall_level"] == 1 else ESCALATED
+        detected_at = since + lead["stall_level"] * limit
+        alerts.append(_alert(kind, lead, lead_id, current_stage(lead), since, detected_at, limit, rule))
+    return alerts
+
+
+def _alert(kind: str, lead: dict, lead_id: str, stage: str, since: int, detected_at: int, limit: int, rule: str) -> dict:
+    return {
+        "schema_version": ALERT_SCHEMA_VERSION,
+        "alert_id": str(uuid.uuid5(ALERT_NAMESPACE, f"{kind}|{lead_id}|{since}")),
+        "type": kind,
+        "lead_id": lead_id,
+        "rep_id": lead["rep"] or UNASSIGNED,
+        "team_id": lead["team"],
+        "pipeline": lead["pipeline"],
+        "stage": stage,
+        "idle_since": ms_to_iso(since),
+        "idle_seconds": (detected_at - since) / 1000,
+        "threshold_seconds": limit / 1000,
+        "rule": rule,
+        "detected_at": ms_to_iso(detected_at),
+    }
+
