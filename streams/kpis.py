@@ -217,7 +217,7 @@ def _compact(start_day: int, end_day: int | None, horizon: int | None) -> str | 
         return _spell_key(start_day, end_day)
     if end_day is not None and end_day < horizon:
         return None
-    return _spell_key(min(start_day, horizon - 1), end_day)
+    return _spell_key(max(start_day, horizon - 1), end_day)
 
 
 def advance_churn_horizon(state: dict, horizon: int) -> None:

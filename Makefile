@@ -1,0 +1,26 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test worker schemas clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed  ## embedded broker + worker + synthetic CRM traffic; Ctrl-C stops it all
+	$(VENV)/bin/crm-pulse demo
+
+worker: $(VENV)/.installed  ## the worker alone (CRM_PULSE_BROKER=kafka://host:port, else embedded)
+	$(VENV)/bin/crm-pulse worker
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+schemas: $(VENV)/.installed  ## regenerate schemas/jsonschema/ from the models
+	$(PY) -m schemas.generate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info data

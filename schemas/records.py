@@ -1,0 +1,49 @@
+"""Contracts of what crm-pulse publishes: `crm-alerts` records and `crm-events-dlq` records, version 1."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.validate import REASONS
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Alert(_Record):
+    """A stalled-lead alert; the Kafka message key is `rep_id`, so a notifier can route by rep."""
+
+    schema_version: Literal[1] = 1
+    alert_id: str = Field(description="Deterministic: the same stall of the same lead always has the same id.")
+    type: Literal["lead.stalled", "lead.stall_escalated", "lead.stall_cleared"]
+    lead_id: str
+    rep_id: str = Field(description='The owning rep, or "unassigned".')
+    team_id: str | None
+    pipeline: str | None
+    stage: str = Field(description="The stage the lead stalled in.")
+    idle_since: str = Field(description="ISO-8601 UTC: the later of entering the stage and the last activity.")
+    idle_seconds: float = Field(description="Idle time when the rule fired (or, for cleared, when it moved).")
+    threshold_seconds: float
+    rule: Literal["stage_threshold", "p90_dwell"]
+    detected_at: str = Field(description="ISO-8601 UTC event time at which the stall began, escalated or cleared.")
+
+
+class SourcePosition(_Record):
+    topic: str
+    partition: int
+    offset: int
+
+
+class DeadLetter(_Record):
+    """An input message that could not be processed, with the reason and its original bytes."""
+
+    schema_version: Literal[1] = 1
+    reason: Literal[REASONS]  # type: ignore[valid-type]
+    error: str
+    source: SourcePosition
+    key_base64: str | None
+    original_base64: str
+    dead_lettered_at: str

@@ -1,0 +1,135 @@
+"""Real components for integration tests: the embedded Tansu broker and `crm-pulse worker` processes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from crm_pulse.broker import EmbeddedBroker, free_port
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def broker():
+    embedded = EmbeddedBroker().start()
+    yield embedded
+    embedded.stop()
+
+
+class Worker:
+    """One `crm-pulse worker` process with its own app id and topics on the shared broker."""
+
+    def __init__(self, broker: EmbeddedBroker, tmp_path: Path, **overrides: str):
+        n = next(_names)
+        self.bootstrap = [broker.url.removeprefix("kafka://")]
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "CRM_PULSE_BROKER": broker.url,
+            "CRM_PULSE_APP_ID": f"it-{n}-{os.getpid()}",
+            "CRM_PULSE_INPUT_TOPIC": f"it-{n}-events",
+            "CRM_PULSE_ALERTS_TOPIC": f"it-{n}-alerts",
+            "CRM_PULSE_DLQ_TOPIC": f"it-{n}-dlq",
+            "CRM_PULSE_METRICS_PORT": str(self.port),
+            "CRM_PULSE_DATA_DIR": str(tmp_path / f"data-{n}"),
+            "CRM_PULSE_CLOCK": "event",
+            "CRM_PULSE_STALL_SCAN_SECONDS": "0.5",
+            "CRM_PULSE_PARTITIONS": "1",
+            **overrides,
+        }
+        self.partitions = int(self.env["CRM_PULSE_PARTITIONS"])
+        self.log_path = tmp_path / f"worker-{n}.log"
+        self.process: subprocess.Popen | None = None
+        self.producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5)
+
+    def topic(self, role: str) -> str:
+        return self.env[f"CRM_PULSE_{role.upper()}_TOPIC"]
+
+    def start(self) -> "Worker":
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "crm_pulse.cli", "worker"], env=self.env, stdout=log, stderr=log
+            )
+        self.wait_for(lambda m: ("crm_events_received_total", ()) in m, what="/metrics to be served")
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.producer.close()
+
+    def send(self, *events: dict | bytes, key: bytes | None = None) -> None:
+        for event in events:
+            if isinstance(event, bytes):
+                self.producer.send(self.topic("input"), key=key, value=event)
+            else:
+                entity = event.get("lead_id") or event.get("customer_id")
+                self.producer.send(self.topic("input"), key=entity.encode(), value=orjson.dumps(event))
+        self.producer.flush()
+
+    def metrics(self) -> dict[tuple, float]:
+        """{(sample name, sorted label items): value} from the worker's /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def wait_for(self, predicate, what: str, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"worker exited: {self.log_path.read_text()[-3000:]}"
+            try:
+                last = self.metrics()
+                if predicate(last):
+                    return last
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}; last metrics: {last}")
+
+    def read(self, role: str, count: int, timeout: float = 60.0) -> list:
+        """The first `count` records of the alerts or DLQ topic, read with assign() (no group join)."""
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, consumer_timeout_ms=500)
+        consumer.assign([TopicPartition(self.topic(role), p) for p in range(self.partitions)])
+        consumer.seek_to_beginning()
+        records = []
+        deadline = time.monotonic() + timeout
+        while len(records) < count and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        consumer.close()
+        assert len(records) >= count, f"expected {count} records on {role}, got {len(records)}"
+        return records
+
+
+@pytest.fixture
+def start_worker(broker, tmp_path):
+    workers = []
+
+    def start(**overrides: str) -> Worker:
+        worker = Worker(broker, tmp_path, **overrides).start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
