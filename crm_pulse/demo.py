@@ -106,7 +106,12 @@ def render(metrics: dict, alerts: dict, url: str) -> Table:
     return table
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_demo(settings: Settings, speed: float, seconds: float | None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped by a supervisor: clean up as on Ctrl-C
     console = Console()
     broker = EmbeddedBroker().start()
     settings = settings.model_copy(update={"broker": broker.url, "clock": "event"})
