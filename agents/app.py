@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 import faust
 import orjson
 from faust.serializers import codecs
@@ -23,21 +25,23 @@ codecs.register("orjson", OrjsonCodec())
 settings = Settings()
 
 
+def _ssl_context(settings: Settings) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=settings.ssl_cafile)
+    if settings.ssl_certfile:
+        context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+    return context
+
+
 def _credentials(settings: Settings):
     if settings.sasl_mechanism:
-        ssl_context = None
-        if settings.security_protocol == "SASL_SSL":
-            ssl_context = faust.ssl.create_default_context(cafile=settings.ssl_cafile)
-        password = settings.sasl_password.get_secret_value() if settings.sasl_password else None
-        mechanism = settings.sasl_mechanism.replace("-", "_")
         return faust.SASLCredentials(
-            username=settings.sasl_username, password=password, mechanism=mechanism, ssl_context=ssl_context
+            username=settings.sasl_username,
+            password=settings.sasl_password.get_secret_value() if settings.sasl_password else None,
+            mechanism=settings.sasl_mechanism,
+            ssl_context=_ssl_context(settings) if settings.security_protocol == "SASL_SSL" else None,
         )
     if settings.security_protocol == "SSL":
-        context = faust.ssl.create_default_context(cafile=settings.ssl_cafile)
-        if settings.ssl_certfile:
-            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
-        return faust.SSLCredentials(context)
+        return faust.SSLCredentials(_ssl_context(settings))
     return None
 
 
@@ -57,6 +61,8 @@ app = faust.App(
     web_bind=settings.metrics_host,
     web_host=settings.metrics_host,
     web_port=settings.metrics_port,
+    # Standby copies would live in the same in-memory store and be counted as this worker's own.
+    table_standby_replicas=0,
     autodiscover=False,
 )
 

@@ -99,7 +99,8 @@ def collect():
     for (rep, stage), n in sorted(lead_gauges["stalled"].items()):
         stalled.add_metric([rep, stage], n)
     watermark = GaugeMetricFamily(
-        "crm_event_time_watermark_seconds", "Latest event time this worker has seen (Unix seconds)."
+        "crm_event_time_watermark_seconds",
+        "Event-time watermark: the latest event time of this worker's slowest input partition (Unix seconds).",
     )
     if clock.watermark_ms is not None:
         watermark.add_metric([], clock.watermark_ms / 1000)

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
             raise ValueError("CRM_PULSE_DEDUPE_HORIZON_SECONDS must be at least CRM_PULSE_GRACE_SECONDS")
         return self
 
+    @model_validator(mode="after")
+    def _sasl_needs_mechanism(self) -> "Settings":
+        if self.security_protocol.startswith("SASL_") and not self.sasl_mechanism:
+            raise ValueError(f"CRM_PULSE_SECURITY_PROTOCOL={self.security_protocol} needs CRM_PULSE_SASL_MECHANISM")
+        return self
+
     @cached_property
     def stall_policy(self) -> StallPolicy:
         return StallPolicy(

@@ -36,7 +36,8 @@ def to_epoch_ms(value: object) -> int:
 
 
 def ms_to_iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    """Always millisecond precision, so that consumers can parse every timestamp with one format."""
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 EventTime = Annotated[

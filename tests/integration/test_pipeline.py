@@ -111,15 +111,15 @@ def test_stalled_lead_alerts_once_per_stall_keyed_by_rep(start_worker):
     assert [r.key for r in records] == [b"rep-7"] * 3
     namespace = uuid.UUID("5b0c1f3e-6d2a-4f57-9a43-2f1d3c8e7a10")
     expected = [
-        ("lead.stalled", 2 * DAY_MS, "2026-01-03T00:00:00Z"),
-        ("lead.stall_escalated", 4 * DAY_MS, "2026-01-05T00:00:00Z"),
-        ("lead.stall_cleared", 5 * DAY_MS + HOUR, "2026-01-06T01:00:00Z"),
+        ("lead.stalled", 2 * DAY_MS, "2026-01-03T00:00:00.000Z"),
+        ("lead.stall_escalated", 4 * DAY_MS, "2026-01-05T00:00:00.000Z"),
+        ("lead.stall_cleared", 5 * DAY_MS + HOUR, "2026-01-06T01:00:00.000Z"),
     ]
     for alert, (kind, idle_ms, detected_at) in zip(alerts, expected):
         assert alert["type"] == kind
         assert alert["alert_id"] == str(uuid.uuid5(namespace, f"{kind}|L1|{T0}"))
         assert (alert["lead_id"], alert["rep_id"], alert["stage"]) == ("L1", "rep-7", "new")
-        assert alert["idle_since"] == "2026-01-01T00:00:00Z"
+        assert alert["idle_since"] == "2026-01-01T00:00:00.000Z"
         assert alert["idle_seconds"] == idle_ms / 1000
         assert alert["threshold_seconds"] == 2 * 86400
         assert alert["rule"] == "stage_threshold"
