@@ -78,6 +78,12 @@ alerts_topic = app.topic(settings.alerts_topic, value_serializer="orjson")
 dlq_topic = app.topic(settings.dlq_topic, value_serializer="orjson")
 # Validated events, re-keyed by their own entity (lead or customer) whatever key the producer used.
 valid_topic = internal_topic("valid-events")
-dwell_deltas_topic = internal_topic("stage-dwell-deltas")
-outcome_deltas_topic = internal_topic("deal-outcome-deltas")
+# Deltas for the keyed aggregates: histograms by "dwell:<stage>" / "cycle:all" / "resolution:all",
+# KPI sums by scope ("all", "rep:<id>", "source:<s>", ...), churn spells by "all", actors by "user:"/"rep:".
+histogram_deltas_topic = internal_topic("histogram-deltas")
+sums_deltas_topic = internal_topic("kpi-sum-deltas")
 churn_deltas_topic = internal_topic("churn-deltas")
+actor_activity_topic = internal_topic("actor-activity")
+DAY_S = 86400
+# Daily buckets are kept for the longest window (and the one before it, for growth rates) plus grace.
+RETENTION_DAYS = 60 + int(settings.grace_seconds // DAY_S) + 2

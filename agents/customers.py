@@ -1,11 +1,14 @@
-"""Customer family: per-customer subscription history (keyed by customer), churn and retention over 30 days."""
+"""Customer family: per-customer history (keyed by customer) → churn, retention and the customer KPIs
+that combine the customer base with 30-day sums (LTV, retention cost, growth, complaint rate)."""
 
 from __future__ import annotations
 
 from prometheus_client.core import GaugeMetricFamily
 
+from agents.aggregates import kpi_sums, publish_deltas
 from agents.app import app, churn_deltas_topic, clock, settings, valid_topic
 from agents.metrics import EVENTS_DUPLICATE, EVENTS_PROCESSED, export_gauges
+from streams.catalogue import customer_base_kpis, window_sums
 from streams.kpis import CHURN_WINDOW_DAYS, advance_churn_horizon, apply_spell, churn, day_of
 from streams.routing import CUSTOMER_TYPES, OVERALL, apply_customer_event, first_seen
 
@@ -13,7 +16,7 @@ dedupe_horizon_ms = int(settings.dedupe_horizon_seconds * 1000)
 HORIZON_SLACK_DAYS = CHURN_WINDOW_DAYS + int(settings.grace_seconds // 86400) + 2
 
 customers = app.Table("customers", default=dict, partitions=settings.partitions, key_type=str)
-# One key ("all"): the churn of the whole customer base is owned by whichever worker holds its partition.
+# One key ("all"), on the same partition number as the "all" KPI sums: one worker owns both.
 customer_base = app.Table("customer-base", default=dict, partitions=settings.partitions, key_type=str)
 
 
@@ -26,13 +29,14 @@ async def track_customers(stream):
         if not first_seen(customer, event, clock.watermark_ms, dedupe_horizon_ms):
             EVENTS_DUPLICATE.labels(event["type"]).inc()
             continue
-        spell_deltas = apply_customer_event(customer, event)
+        spell_deltas, fact_deltas = apply_customer_event(customer, event)
         customers[customer_id] = customer
         EVENTS_PROCESSED.labels(event["type"]).inc()
         for start_day, end_day, sign in spell_deltas:
             await churn_deltas_topic.send(
                 key=OVERALL, value={"start": start_day, "end": end_day, "sign": sign, "at": event["occurred_at"]}
             )
+        await publish_deltas(fact_deltas, event)
 
 
 @app.agent(churn_deltas_topic)
@@ -44,31 +48,33 @@ async def aggregate_churn(stream):
         customer_base[scope] = state
 
 
+CUSTOMER_BASE_HELP = {
+    "churn_ratio": "Customers active at the window start who cancelled in it / those active at its start.",
+    "retention_ratio": "1 - churn ratio.",
+    "customers_active_at_window_start": "Customers active when the window opened.",
+    "customers_churned": "Customers active at the window start who cancelled in it.",
+    "customer_base_growth_ratio": "(Customers active now - active at the window start) / active at the start.",
+    "customer_lifetime_value": "LTV: average purchase value × purchase frequency × average lifespan (1 / churn).",
+    "retention_cost_per_retained_customer": "Retention spend in the window / customers retained through it.",
+    "complaint_ratio": "Complaints in the window / customers active now.",
+}
+
+
 @export_gauges
 def collect():
     window = f"{CHURN_WINDOW_DAYS}d"
     families = {
-        "churn": GaugeMetricFamily(
-            "crm_churn_ratio", "Customers active at the window start who cancelled in it, over those active at its start.",
-            labels=["window"],
-        ),
-        "retention": GaugeMetricFamily("crm_retention_ratio", "1 - churn ratio.", labels=["window"]),
-        "start": GaugeMetricFamily(
-            "crm_customers_active_at_window_start", "Customers active when the window opened.", labels=["window"]
-        ),
-        "churned": GaugeMetricFamily(
-            "crm_customers_churned", "Customers active at the window start who cancelled in it.", labels=["window"]
-        ),
-        "active": GaugeMetricFamily("crm_customers_active", "Customers with an active subscription now."),
+        name: GaugeMetricFamily(f"crm_{name}", help_text, labels=["window"])
+        for name, help_text in CUSTOMER_BASE_HELP.items()
     }
+    active = GaugeMetricFamily("crm_customers_active", "Customers with an active subscription now.")
     now = clock.now_ms()
     state = customer_base.get(OVERALL)
     if now is not None and state:
-        result = churn(state, now)
-        families["start"].add_metric([window], result.active_at_start)
-        families["churned"].add_metric([window], result.churned)
-        families["active"].add_metric([], result.active_now)
-        if result.churn_ratio is not None:
-            families["churn"].add_metric([window], result.churn_ratio)
-            families["retention"].add_metric([window], result.retention_ratio)
-    return list(families.values())
+        base = churn(state, now)
+        active.add_metric([], base.active_now)
+        sums = window_sums(kpi_sums.get(OVERALL, {}), day_of(now), CHURN_WINDOW_DAYS)
+        for name, value in customer_base_kpis(base, sums).items():
+            if value is not None:
+                families[name].add_metric([window], value)
+    return [*families.values(), active]

@@ -1,4 +1,5 @@
-"""Lead pipeline family: per-lead state (keyed by lead), stage-dwell and deal-outcome deltas, stall alerts."""
+"""Lead pipeline family: per-lead state (keyed by lead), its stage-dwell, sales-cycle and conversion
+deltas, and stalled-lead alerts, from events and from a timer."""
 
 from __future__ import annotations
 
@@ -7,18 +8,11 @@ from collections import Counter
 
 from prometheus_client.core import GaugeMetricFamily
 
-from agents.app import alerts_topic, app, clock, dwell_deltas_topic, outcome_deltas_topic, settings, valid_topic
+from agents.aggregates import publish_deltas, stage_p90
+from agents.app import actor_activity_topic, alerts_topic, app, clock, settings, valid_topic
 from agents.metrics import ALERTS_EMITTED, EVENTS_DUPLICATE, EVENTS_PROCESSED, export_gauges
-from agents.stage_dwell import stage_p90
-from streams.leads import (
-    UNASSIGNED,
-    apply_lead_event,
-    check_stall,
-    current_stage,
-    is_open,
-    new_lead,
-)
-from streams.routing import LEAD_TYPES, first_seen, outcome_deltas
+from streams.leads import UNASSIGNED, apply_lead_event, check_stall, current_stage, is_open, new_lead
+from streams.routing import LEAD_TYPES, first_seen
 
 log = logging.getLogger(__name__)
 policy = settings.stall_policy
@@ -28,7 +22,7 @@ dedupe_horizon_ms = int(settings.dedupe_horizon_seconds * 1000)
 # which is the lead's partition of the valid-events topic, keyed the same way.
 leads = app.Table("leads", default=None, partitions=settings.partitions, key_type=str, use_partitioner=True)
 # Refreshed by each stall scan, so scrapes never walk every lead.
-lead_gauges: dict[str, Counter] = {"open": Counter(), "stalled": Counter()}
+lead_gauges: dict[str, Counter] = {"open": Counter(), "stalled": Counter(), "value": Counter()}
 
 
 def threshold_at(now_ms: int):
@@ -53,14 +47,12 @@ async def track_leads(stream):
         if not first_seen(lead, event, clock.watermark_ms, dedupe_horizon_ms):
             EVENTS_DUPLICATE.labels(event["type"]).inc()
             continue
-        dwell_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
+        fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
         leads[lead_id] = lead
         EVENTS_PROCESSED.labels(event["type"]).inc()
-        for stage, left_at, dwell_ms, sign in dwell_deltas:
-            await dwell_deltas_topic.send(key=stage, value={"left_at": left_at, "dwell_ms": dwell_ms, "sign": sign})
-        if event["type"] in ("deal.won", "deal.lost"):
-            for scope, delta in outcome_deltas(event):
-                await outcome_deltas_topic.send(key=scope, value=delta)
+        await publish_deltas(fact_deltas, event)
+        if event["type"] == "lead.activity" and event.get("rep_id"):
+            await actor_activity_topic.send(key=f"rep:{event['rep_id']}", value={"at": event["occurred_at"]})
         await publish_alerts(alerts)
 
 
@@ -71,8 +63,7 @@ async def scan_for_stalls():
         return
     threshold = threshold_at(now)
     alerts: list[dict] = []
-    open_by_stage: Counter = Counter()
-    stalled_by_rep_stage: Counter = Counter()
+    gauges = {name: Counter() for name in lead_gauges}
     for lead_id, lead in list(leads.items()):
         if not is_open(lead, policy):
             continue
@@ -81,18 +72,23 @@ async def scan_for_stalls():
             leads[lead_id] = lead
             alerts += raised
         stage = current_stage(lead)
-        open_by_stage[stage] += 1
+        gauges["open"][stage] += 1
+        gauges["value"][stage] += lead.get("quote_amount") or 0
         if lead["stall_level"]:
-            stalled_by_rep_stage[(lead["rep"] or UNASSIGNED, stage)] += 1
-    lead_gauges["open"], lead_gauges["stalled"] = open_by_stage, stalled_by_rep_stage
+            gauges["stalled"][(lead["rep"] or UNASSIGNED, stage)] += 1
+    lead_gauges.update(gauges)
     await publish_alerts(alerts)
 
 
 @export_gauges
 def collect():
     open_leads = GaugeMetricFamily("crm_leads_open", "Open leads by current stage.", labels=["stage"])
+    pipeline_value = GaugeMetricFamily(
+        "crm_pipeline_open_value", "Open pipeline value (latest quote of each open lead) by stage.", labels=["stage"]
+    )
     for stage, n in sorted(lead_gauges["open"].items()):
         open_leads.add_metric([stage], n)
+        pipeline_value.add_metric([stage], lead_gauges["value"][stage])
     stalled = GaugeMetricFamily(
         "crm_leads_stalled", "Open leads currently stalled, by rep and stage.", labels=["rep", "stage"]
     )
@@ -104,4 +100,4 @@ def collect():
     )
     if clock.watermark_ms is not None:
         watermark.add_metric([], clock.watermark_ms / 1000)
-    return [open_leads, stalled, watermark]
+    return [open_leads, pipeline_value, stalled, watermark]

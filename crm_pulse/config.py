@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from functools import cached_property
 from typing import Literal
 
@@ -9,6 +10,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.leads import StallPolicy
+
+EPOCH = date(1970, 1, 1)
 
 
 class Settings(BaseSettings):
@@ -37,6 +40,9 @@ class Settings(BaseSettings):
     stall_p90_min_samples: int = 20
     stall_scan_seconds: float = Field(30, gt=0)
     closed_stages: frozenset[str] = frozenset({"won", "lost"})
+    deal_stages: frozenset[str] = frozenset({"proposal", "negotiation"})
+    baseline_start: date | None = Field(None, description="First day of the baseline period (e.g. before the CRM)")
+    baseline_end: date | None = Field(None, description="Last day of the baseline period")
 
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -76,7 +82,15 @@ class Settings(BaseSettings):
             p90_factor=self.stall_p90_factor,
             p90_min_samples=self.stall_p90_min_samples,
             closed_stages=self.closed_stages,
+            deal_stages=self.deal_stages,
         )
+
+    @property
+    def baseline_days(self) -> tuple[int, int] | None:
+        """The baseline period as (first, last) UTC day numbers, as the KPI sums count days."""
+        if self.baseline_start is None or self.baseline_end is None:
+            return None
+        return (self.baseline_start - EPOCH).days, (self.baseline_end - EPOCH).days
 
     @property
     def bootstrap_servers(self) -> list[str]:

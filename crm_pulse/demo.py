@@ -72,8 +72,7 @@ def traffic(settings: Settings, speed: float, stop: threading.Event) -> None:
     while not stop.is_set():
         elapsed = time.monotonic() - real_start
         for event in crm.until(sim_start + int(elapsed * speed * 1000)):
-            key = event.get("lead_id") or event["customer_id"]
-            producer.send(settings.input_topic, key=key.encode(), value=orjson.dumps(event))
+            producer.send(settings.input_topic, key=crm.key(event), value=orjson.dumps(event))
         if elapsed - last_garbage >= 60 or not last_garbage:
             producer.send(settings.input_topic, key=b"garbage", value=b"{not json")
             last_garbage = elapsed or 1e-9

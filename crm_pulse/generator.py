@@ -38,6 +38,7 @@ class SyntheticCrm:
         self._ids = itertools.count(1)
         self._queue: list[_Scheduled] = []
         self._next_lead_at = start_ms
+        self._next_day = start_ms
         # An existing customer base, subscribed over the 60 days before the start, so churn has a denominator.
         for _ in range(initial_customers):
             self._subscribe(f"cust-{next(self._ids):06d}", start_ms - self.rng.randint(1, 60) * DAY_MS)
@@ -56,9 +57,14 @@ class SyntheticCrm:
     def _plan_lead(self, at: int) -> None:
         rng = self.rng
         lead = {"id": f"lead-{next(self._ids):06d}", "rep": rng.choice(self.reps)}
+        campaign = rng.choice(CAMPAIGNS)
         self._push(at, self._lead_event(lead, "lead.created", {
-            "source": rng.choice(SOURCES), "campaign": rng.choice(CAMPAIGNS), "score": rng.randint(0, 100),
+            "source": rng.choice(SOURCES), "campaign": campaign, "score": rng.randint(0, 100),
             "stage": STAGES[0]}))  # fmt: skip
+        if campaign:
+            for kind in ("touch", "click", "response")[: rng.randint(1, 3)]:
+                self._push(at - rng.randint(1, 12 * HOUR_MS), self._signal("campaign.touch",
+                           {"campaign": campaign, "kind": kind}))  # fmt: skip
         stalls_in = rng.randrange(len(STAGES)) if rng.random() < self.stall_share else None
         t = at
         for i, stage in enumerate(STAGES):
@@ -72,17 +78,43 @@ class SyntheticCrm:
             t += dwell
             if i + 1 < len(STAGES):
                 self._push(t, self._lead_event(lead, "lead.stage_changed", {"from": stage, "to": STAGES[i + 1]}))
+            if stage == "proposal":
+                quote = {"quote_id": f"q-{lead['id']}", "amount": round(rng.uniform(500, 25_000), 2)}
+                self._push(t - dwell // 2, self._lead_event(lead, "quote.sent", quote))
+                lead["quote"] = quote
         if rng.random() < 0.45:
-            self._push(t, self._lead_event(lead, "deal.won", {"amount": round(rng.uniform(500, 25_000), 2)}))
+            self._push(t - HOUR_MS, self._lead_event(lead, "quote.accepted", {"quote_id": lead["quote"]["quote_id"]}))
+            self._push(t, self._lead_event(lead, "deal.won", {"amount": lead["quote"]["amount"]}))
             self._subscribe(f"cust-{lead['id']}", t + HOUR_MS)
         else:
             self._push(t, self._lead_event(lead, "deal.lost", {"reason": rng.choice(LOSS_REASONS)}))
 
+    def _signal(self, kind: str, payload: dict) -> dict:
+        return {"event_id": self._event_id(), "type": kind, "payload": payload}
+
     def _subscribe(self, customer_id: str, at: int) -> None:
-        def customer_event(kind: str) -> dict:
-            return {"event_id": self._event_id(), "type": kind, "customer_id": customer_id, "payload": {}}
+        rng = self.rng
+
+        def customer_event(kind: str, **payload) -> dict:
+            return {"event_id": self._event_id(), "type": kind, "customer_id": customer_id, "payload": payload}
 
         self._push(at, customer_event("customer.subscribed"))
+        for _ in range(rng.randint(1, 4)):
+            self._push(at + rng.randint(0, 60 * DAY_MS), customer_event("customer.purchase",
+                       amount=round(rng.uniform(20, 2000), 2)))  # fmt: skip
+        if rng.random() < 0.6:
+            self._push(at + rng.randint(1, 40) * DAY_MS, customer_event(
+                "survey.response", nps=rng.choice((3, 6, 7, 8, 9, 9, 10, 10)), effort=rng.randint(1, 7)))  # fmt: skip
+        if rng.random() < 0.4:
+            ticket = {"ticket_id": f"t-{next(self._ids)}"}
+            opened = at + rng.randint(1, 30) * DAY_MS
+            self._push(opened, customer_event("ticket.opened", **ticket))
+            contacts = rng.randint(1, 3)
+            for c in range(contacts):
+                self._push(opened + (c + 1) * 2 * HOUR_MS, customer_event("ticket.contacted", **ticket))
+            self._push(opened + (contacts + 1) * 3 * HOUR_MS, customer_event("ticket.resolved", **ticket))
+            if contacts == 3:
+                self._push(opened + DAY_MS, customer_event("complaint.filed", category="support"))
         t = at
         while True:  # monthly renewals until a cancellation
             t += 30 * DAY_MS + self.rng.randint(-2, 2) * DAY_MS
@@ -93,10 +125,32 @@ class SyntheticCrm:
                 return
             self._push(t, customer_event("customer.renewed"))
 
+    def _plan_day(self, day_start: int) -> None:
+        """Daily marketing spend per campaign and CRM users at work."""
+        rng = self.rng
+        for campaign in filter(None, CAMPAIGNS):
+            self._push(day_start + rng.randint(0, DAY_MS - 1), self._signal("marketing.spend", {
+                "campaign": campaign, "amount": round(rng.uniform(50, 400), 2),
+                "purpose": rng.choice(("acquisition", "acquisition", "retention"))}))  # fmt: skip
+        for user in self.reps + ["manager-1", "manager-2"]:
+            for _ in range(rng.randint(0, 4)):
+                event = self._signal("crm.user_activity", {"action": rng.choice(("view", "edit", "report"))})
+                event["user_id"] = user
+                self._push(day_start + rng.randint(0, DAY_MS - 1), event)
+
+    @staticmethod
+    def key(event: dict) -> bytes:
+        """The message key the contract asks producers for: the event's entity."""
+        entity = event.get("lead_id") or event.get("customer_id") or event.get("user_id")
+        return (entity or event["payload"]["campaign"]).encode()
+
     def until(self, now_ms: int) -> Iterator[dict]:
         """Every event that occurred up to `now_ms`, in event-time order."""
         while self._next_lead_at <= now_ms:
             self._plan_lead(self._next_lead_at)
             self._next_lead_at += int(self.rng.expovariate(self.leads_per_day) * DAY_MS) + 1
+        while self._next_day <= now_ms:
+            self._plan_day(self._next_day)
+            self._next_day += DAY_MS
         while self._queue and self._queue[0].at <= now_ms:
             yield heapq.heappop(self._queue).event

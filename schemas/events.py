@@ -31,7 +31,7 @@ def to_epoch_ms(value: object) -> int:
             raise ValueError(f"unparseable timestamp {value[:64]!r}") from None
         if parsed.tzinfo is None:
             raise ValueError(f"timestamp {value[:64]!r} has no UTC offset")
-        return int(parsed.timestamp() * 1000)
+        return int(parsed.replace(microsecond=0).timestamp()) * 1000 + parsed.microsecond // 1000
     raise ValueError("timestamp must be ISO-8601 with offset or epoch milliseconds")
 
 
@@ -96,6 +96,50 @@ class CustomerCancelled(_Model):
     reason: Annotated[str, Field(max_length=256)] | None = None
 
 
+class Purchase(_Model):
+    amount: float = Field(ge=0, allow_inf_nan=False)
+    currency: Annotated[str, Field(pattern="^[A-Z]{3}$")] = "USD"
+
+
+class QuoteSent(_Model):
+    quote_id: Id
+    amount: float = Field(ge=0, allow_inf_nan=False)
+
+
+class QuoteAccepted(_Model):
+    quote_id: Id
+
+
+class SurveyResponse(_Model):
+    """Net Promoter (0-10) and/or Customer Effort (1-7, lower is easier) answers."""
+
+    nps: int | None = Field(default=None, ge=0, le=10)
+    effort: int | None = Field(default=None, ge=1, le=7)
+
+
+class Ticket(_Model):
+    ticket_id: Id
+
+
+class Complaint(_Model):
+    category: Id | None = None
+
+
+class CampaignTouch(_Model):
+    campaign: Id
+    kind: Literal["touch", "click", "response"]
+
+
+class MarketingSpend(_Model):
+    campaign: Id
+    amount: float = Field(ge=0, allow_inf_nan=False)
+    purpose: Literal["acquisition", "retention"]
+
+
+class UserActivity(_Model):
+    action: Annotated[str, Field(min_length=1, max_length=64)]
+
+
 class _Envelope(_Model):
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: Id
@@ -107,6 +151,7 @@ class _Envelope(_Model):
     rep_id: Id | None = None
     team_id: Id | None = None
     pipeline: Id | None = None
+    user_id: Id | None = None
 
 
 class _LeadEvent(_Envelope):
@@ -123,6 +168,20 @@ class _CustomerEvent(_Envelope):
     @property
     def key(self) -> str:
         return self.customer_id
+
+
+class _CampaignEvent(_Envelope):
+    @property
+    def key(self) -> str:
+        return self.payload.campaign
+
+
+class _UserEvent(_Envelope):
+    user_id: Id
+
+    @property
+    def key(self) -> str:
+        return self.user_id
 
 
 class LeadCreatedEvent(_LeadEvent):
@@ -165,6 +224,61 @@ class CustomerCancelledEvent(_CustomerEvent):
     payload: CustomerCancelled = CustomerCancelled()
 
 
+class QuoteSentEvent(_LeadEvent):
+    type: Literal["quote.sent"]
+    payload: QuoteSent
+
+
+class QuoteAcceptedEvent(_LeadEvent):
+    type: Literal["quote.accepted"]
+    payload: QuoteAccepted
+
+
+class PurchaseEvent(_CustomerEvent):
+    type: Literal["customer.purchase"]
+    payload: Purchase
+
+
+class SurveyResponseEvent(_CustomerEvent):
+    type: Literal["survey.response"]
+    payload: SurveyResponse
+
+
+class TicketOpenedEvent(_CustomerEvent):
+    type: Literal["ticket.opened"]
+    payload: Ticket
+
+
+class TicketContactedEvent(_CustomerEvent):
+    type: Literal["ticket.contacted"]
+    payload: Ticket
+
+
+class TicketResolvedEvent(_CustomerEvent):
+    type: Literal["ticket.resolved"]
+    payload: Ticket
+
+
+class ComplaintEvent(_CustomerEvent):
+    type: Literal["complaint.filed"]
+    payload: Complaint = Complaint()
+
+
+class CampaignTouchEvent(_CampaignEvent):
+    type: Literal["campaign.touch"]
+    payload: CampaignTouch
+
+
+class MarketingSpendEvent(_CampaignEvent):
+    type: Literal["marketing.spend"]
+    payload: MarketingSpend
+
+
+class UserActivityEvent(_UserEvent):
+    type: Literal["crm.user_activity"]
+    payload: UserActivity
+
+
 EVENT_CLASSES = (
     LeadCreatedEvent,
     LeadStageChangedEvent,
@@ -174,6 +288,17 @@ EVENT_CLASSES = (
     CustomerSubscribedEvent,
     CustomerRenewedEvent,
     CustomerCancelledEvent,
+    QuoteSentEvent,
+    QuoteAcceptedEvent,
+    PurchaseEvent,
+    SurveyResponseEvent,
+    TicketOpenedEvent,
+    TicketContactedEvent,
+    TicketResolvedEvent,
+    ComplaintEvent,
+    CampaignTouchEvent,
+    MarketingSpendEvent,
+    UserActivityEvent,
 )
 EVENT_TYPES: tuple[str, ...] = tuple(cls.model_fields["type"].annotation.__args__[0] for cls in EVENT_CLASSES)
 CrmEvent = Annotated[Union[EVENT_CLASSES], Field(discriminator="type")]

@@ -47,17 +47,24 @@ def bucket_index(dwell_ms: int) -> int:
     return len(DWELL_BUCKETS_SECONDS)
 
 
-def apply_dwell(state: dict, day: int, dwell_ms: int, sign: int) -> None:
-    """Add (sign=+1) or retract (sign=-1) one dwell observation that ended on `day`.
+def _empty_cell() -> list[int]:
+    return [0, 0] + [0] * (len(DWELL_BUCKETS_SECONDS) + 1)
 
-    `state["days"][str(day)]` is [count, sum_ms, bucket_0, ..., bucket_inf] (non-cumulative buckets).
+
+def apply_dwell(state: dict, day: int, dwell_ms: int, sign: int, baseline: tuple[int, int] | None = None) -> None:
+    """Add (sign=+1) or retract (sign=-1) one duration observed on `day` (a stage dwell, a sales cycle, a
+    ticket's time to resolution): to the day's cell, the all-time cell and, inside the baseline period,
+    the baseline cell. A cell is [count, sum_ms, bucket_0, ..., bucket_inf] (non-cumulative buckets).
     """
     days = state.setdefault("days", {})
-    cell = days.setdefault(str(day), [0, 0] + [0] * (len(DWELL_BUCKETS_SECONDS) + 1))
-    cell[0] += sign
-    cell[1] += sign * dwell_ms
-    cell[2 + bucket_index(dwell_ms)] += sign
-    if cell[0] == 0:
+    cells = [days.setdefault(str(day), _empty_cell()), state.setdefault("total", _empty_cell())]
+    if baseline and baseline[0] <= day <= baseline[1]:
+        cells.append(state.setdefault("baseline", _empty_cell()))
+    for cell in cells:
+        cell[0] += sign
+        cell[1] += sign * dwell_ms
+        cell[2 + bucket_index(dwell_ms)] += sign
+    if days[str(day)][0] == 0:
         del days[str(day)]
 
 
@@ -75,18 +82,20 @@ class DwellStats:
         return histogram_quantile(q, self.buckets)
 
 
-def dwell_stats(state: dict, now_ms: int, days: int) -> DwellStats:
+def dwell_stats(state: dict, now_ms: int, days: int | None) -> DwellStats:
+    """Statistics of the `days` UTC days ending today, or of all time when `days` is None."""
+    if days is None:
+        return _stats(state.get("total", _empty_cell()))
+    total = _empty_cell()
     cells = state.get("days", {})
-    count = sum_ms = 0
-    buckets = [0] * (len(DWELL_BUCKETS_SECONDS) + 1)
     for day in window_day_range(now_ms, days):
-        cell = cells.get(str(day))
-        if cell:
-            count += cell[0]
-            sum_ms += cell[1]
-            for i, n in enumerate(cell[2:]):
-                buckets[i] += n
-    return DwellStats(count, sum_ms / 1000, tuple(buckets))
+        for i, n in enumerate(cells.get(str(day), ())):
+            total[i] += n
+    return _stats(total)
+
+
+def _stats(cell: list[int]) -> DwellStats:
+    return DwellStats(cell[0], cell[1] / 1000, tuple(cell[2:]))
 
 
 def histogram_quantile(q: float, buckets: Iterable[int]) -> float | None:

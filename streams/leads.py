@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from schemas.events import ms_to_iso
-from streams.kpis import DAY_MS, counter_deltas, dwell_observations, insert_sorted
+from streams.catalogue import lead_facts
+from streams.kpis import DAY_MS, counter_deltas, insert_sorted
 
 ALERT_SCHEMA_VERSION = 1
 ALERT_NAMESPACE = uuid.UUID("5b0c1f3e-6d2a-4f57-9a43-2f1d3c8e7a10")
@@ -30,6 +31,8 @@ class StallPolicy:
     p90_factor: float = 2.0
     p90_min_samples: int = 20
     closed_stages: frozenset[str] = frozenset({"won", "lost"})
+    # A lead becomes a deal on first entering one of these stages (or on being won).
+    deal_stages: frozenset[str] = frozenset({"proposal", "negotiation"})
 
     def threshold(self, stage: str, p90_seconds: float | None, samples: int) -> tuple[int, str]:
         """(threshold_ms, rule): the configured days for the stage, or k × the stage's observed p90
@@ -79,7 +82,7 @@ def _stage_entered(event: dict) -> str | None:
 
 
 def apply_lead_event(lead: dict, event: dict, lead_id: str, policy: StallPolicy, threshold: ThresholdFn):
-    """Fold one validated event into `lead`; return (dwell deltas [(stage, left_at_ms, dwell_ms, ±1)], alerts)."""
+    """Fold one validated event into `lead`; return (fact deltas [(fact, ±1)] from `lead_facts`, alerts)."""
     at = event["occurred_at"]
     alerts: list[dict] = []
     before_idle = idle_since(lead)
@@ -88,18 +91,23 @@ def apply_lead_event(lead: dict, event: dict, lead_id: str, policy: StallPolicy,
         alerts += check_stall(lead, lead_id, at, policy, threshold)
 
     before_stage = current_stage(lead)
-    before = dwell_observations(lead["timeline"])
+    before = lead_facts(lead, policy.deal_stages)
     stage = _stage_entered(event)
     if stage is not None:
         insert_sorted(lead["timeline"], [at, event["event_id"], stage])
-    elif event["type"] == "lead.activity":
+    payload = event["payload"]
+    if event["type"] == "lead.activity":
         lead["last_activity"] = max(lead["last_activity"] or at, at)
-    if event["type"] == "lead.created":
-        lead["created"] = at
+    elif event["type"] == "lead.created":
+        lead.update(created=at, source=payload["source"], campaign=payload.get("campaign"), score=payload.get("score"))
+    elif event["type"] == "deal.won":
+        lead["won_amount"] = payload["amount"]
+    elif event["type"] == "quote.sent":
+        lead["quote_amount"] = payload["amount"]
     for field_name, attr in (("rep", "rep_id"), ("team", "team_id"), ("pipeline", "pipeline")):
         if event.get(attr) is not None:
             lead[field_name] = event[attr]
-    deltas = [(*obs, sign) for obs, sign in counter_deltas(before, dwell_observations(lead["timeline"]))]
+    deltas = list(counter_deltas(before, lead_facts(lead, policy.deal_stages)))
 
     if lead["stall_level"] and (idle_since(lead) != before_idle or not is_open(lead, policy)):
         alerts.append(

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from streams.kpis import counter_deltas, day_of, insert_sorted, subscription_intervals
+from streams.catalogue import actor_facts, customer_facts
+from streams.kpis import counter_deltas, insert_sorted, subscription_intervals
 
-LEAD_TYPES = frozenset({"lead.created", "lead.stage_changed", "lead.activity", "deal.won", "deal.lost"})
-CUSTOMER_TYPES = frozenset({"customer.subscribed", "customer.renewed", "customer.cancelled"})
+LEAD_TYPES = frozenset(
+    {"lead.created", "lead.stage_changed", "lead.activity", "deal.won", "deal.lost", "quote.sent", "quote.accepted"}
+)
+STATUS_TYPES = frozenset({"customer.subscribed", "customer.renewed", "customer.cancelled"})
+CUSTOMER_TYPES = STATUS_TYPES | {
+    "customer.purchase", "survey.response", "ticket.opened", "ticket.contacted", "ticket.resolved", "complaint.filed"
+}  # fmt: skip
+# Keyed by campaign or CRM user: entities whose only state is what de-duplication and "distinct active" need.
+SIGNAL_TYPES = frozenset({"campaign.touch", "marketing.spend", "crm.user_activity"})
 OVERALL = "all"
 
 
@@ -26,19 +34,30 @@ def first_seen(entity: dict, event: dict, watermark_ms: int | None, horizon_ms: 
     return True
 
 
-def outcome_deltas(event: dict) -> list[tuple[str, dict]]:
-    """A won or lost deal counts once overall and once for its rep: [(scope, delta)]."""
-    won = int(event["type"] == "deal.won")
-    delta = {"day": day_of(event["occurred_at"]), "won": won, "lost": 1 - won}
-    scopes = [OVERALL]
-    if event.get("rep_id"):
-        scopes.append(f"rep:{event['rep_id']}")
-    return [(scope, delta) for scope in scopes]
-
-
-def apply_customer_event(customer: dict, event: dict) -> list[tuple[int, int | None, int]]:
-    """Fold a customer status event into its timeline; return spell deltas [(start_day, end_day, ±1)]."""
+def apply_customer_event(customer: dict, event: dict):
+    """Fold a customer event into its state; return (spell deltas [(start_day, end_day, ±1)],
+    fact deltas [(fact, ±1)] from `customer_facts`)."""
+    kind, at = event["type"], event["occurred_at"]
     timeline = customer.setdefault("timeline", [])
-    before = subscription_intervals(timeline)
-    insert_sorted(timeline, [event["occurred_at"], event["event_id"], event["type"].removeprefix("customer.")])
-    return [(start, end, sign) for (start, end), sign in counter_deltas(before, subscription_intervals(timeline))]
+    spells_before, facts_before = subscription_intervals(timeline), customer_facts(customer)
+    if kind in STATUS_TYPES:
+        insert_sorted(timeline, [at, event["event_id"], kind.removeprefix("customer.")])
+    elif kind == "customer.purchase":
+        customer["last_purchase"] = max(customer.get("last_purchase") or at, at)
+    elif kind.startswith("ticket."):
+        ticket = customer.setdefault("tickets", {}).setdefault(event["payload"]["ticket_id"], {})
+        if kind == "ticket.opened":
+            ticket["opened"] = at
+        elif kind == "ticket.contacted":
+            ticket.setdefault("contacts", []).append(at)
+        else:
+            ticket["resolved"] = at
+    spell_deltas = [(start, end, sign) for (start, end), sign in counter_deltas(spells_before, subscription_intervals(timeline))]
+    return spell_deltas, list(counter_deltas(facts_before, customer_facts(customer)))
+
+
+def apply_actor_activity(actor: dict, at: int, field: str) -> list:
+    """A user's or rep's activity at `at`: fact deltas [(fact, ±1)] for the distinct-active counts."""
+    before = actor_facts(actor, field)
+    actor["last_active"] = max(actor.get("last_active") or at, at)
+    return list(counter_deltas(before, actor_facts(actor, field)))

@@ -63,7 +63,7 @@ def test_kpis_from_events_with_duplicates_and_disorder(start_worker):
     # Aggregates trail the per-entity agents by one internal topic: wait until the last deltas are in.
     metrics = worker.wait_for(
         lambda got: sum(v for (name, _), v in got.items() if name == "crm_events_processed_total") == len(events)
-        and got.get(m("crm_deals_lost", window="30d", rep="all")) == 2
+        and got.get(m("crm_deals_lost", window="30d")) == 2
         and got.get(m("crm_stage_dwell_observations", stage="new", window="30d")) == 3
         and got.get(m("crm_customers_active_at_window_start", window="30d")) == 2,
         what="all events and their deltas to be applied",
@@ -79,7 +79,7 @@ def test_kpis_from_events_with_duplicates_and_disorder(start_worker):
     assert metrics[m("crm_win_rate_ratio", window="7d")] == pytest.approx(1 / 3)
     assert metrics[m("crm_rep_win_rate_ratio", window="30d", rep="r1")] == 0.5
     assert metrics[m("crm_rep_win_rate_ratio", window="30d", rep="r2")] == 0.0
-    assert metrics[m("crm_deals_won", window="30d", rep="all")] == 1
+    assert metrics[m("crm_deals_won", window="30d")] == 1
     assert metrics[m("crm_churn_ratio", window="30d")] == 0.5
     assert metrics[m("crm_retention_ratio", window="30d")] == 0.5
     assert metrics[m("crm_customers_active_at_window_start", window="30d")] == 2

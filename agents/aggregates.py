@@ -1,0 +1,144 @@
+"""Keyed aggregates, each owned by the worker holding its key's partition: duration histograms and KPI
+sums. Both take deltas (+1/-1) from the entity agents, so late events retract what they replace."""
+
+from __future__ import annotations
+
+from prometheus_client.core import GaugeMetricFamily
+
+from agents.app import RETENTION_DAYS, app, clock, histogram_deltas_topic, settings, sums_deltas_topic
+from agents.metrics import export_gauges
+from streams.catalogue import KPIS, WINDOWS, apply_sums, event_sums, group_sums, prune_sums, window_sums
+from streams.kpis import apply_dwell, day_of, dwell_stats, prune_days
+
+histograms = app.Table("histograms", default=dict, partitions=settings.partitions, key_type=str)
+kpi_sums = app.Table("kpi-sums", default=dict, partitions=settings.partitions, key_type=str)
+baseline = settings.baseline_days
+
+# Histogram scope prefix → (metric prefix, help subject, label of the scope's value or None).
+HISTOGRAMS = {
+    "dwell": ("crm_stage_dwell", "time spent in a stage, counted when the lead left it", "stage"),
+    "cycle": ("crm_sales_cycle", "sales cycle (lead created → deal won), counted when won", None),
+    "resolution": ("crm_ticket_resolution", "ticket time to resolution, counted when resolved", None),
+}
+
+
+@app.agent(histogram_deltas_topic)
+async def aggregate_histograms(stream):
+    async for scope, delta in stream.items():
+        state = histograms[scope]
+        day = day_of(delta["at"])
+        apply_dwell(state, day, delta["ms"], delta["sign"], baseline)
+        prune_days(state, day - RETENTION_DAYS)
+        histograms[scope] = state
+
+
+@app.agent(sums_deltas_topic)
+async def aggregate_sums(stream):
+    async for scope, delta in stream.items():
+        state = kpi_sums[scope]
+        apply_sums(state, delta["day"], delta["values"], delta["sign"], baseline)
+        prune_sums(state, delta["day"] - RETENTION_DAYS)
+        kpi_sums[scope] = state
+
+
+async def publish_deltas(fact_deltas, event: dict | None = None) -> None:
+    """Send what an applied event changes in the keyed aggregates: the deltas of the facts derived from its
+    entity's history ((fact, ±1) pairs from `streams.catalogue`), and the event's own sums."""
+    contributions = [(scope, event["occurred_at"], values, 1) for scope, values in event_sums(event)] if event else []
+    for fact, sign in fact_deltas:
+        if fact[0] == "hist":
+            _, scope, at, ms = fact
+            await histogram_deltas_topic.send(key=scope, value={"at": at, "ms": ms, "sign": sign})
+        else:
+            _, scope, at, field, value = fact
+            contributions.append((scope, at, {field: value}, sign))
+    for (scope, day, sign), values in group_sums(contributions).items():
+        await sums_deltas_topic.send(key=scope, value={"day": day, "values": values, "sign": sign})
+
+
+def add_baseline_comparison(baseline_sums: dict, today: int, vs_baseline, ratio_to_baseline) -> None:
+    state = kpi_sums["all"]
+    for kpi in KPIS:
+        then = kpi.formula(baseline_sums, {}, None)
+        if then is None or kpi.labels:
+            continue
+        vs_baseline.add_metric([kpi.metric(None)], then)
+        for window, days in WINDOWS.items():
+            now = kpi.formula(window_sums(state, today, days), {}, days)
+            if now is not None and then:
+                ratio_to_baseline.add_metric([kpi.metric(None), window], now / then)
+
+
+def stage_p90(stage: str, now_ms: int) -> tuple[float | None, int]:
+    """(p90 dwell seconds, observations) over the last 30 days, from this worker's copy of the table."""
+    stats = dwell_stats(histograms.get(f"dwell:{stage}") or {}, now_ms, 30)
+    return stats.quantile_seconds(0.9), stats.count
+
+
+@export_gauges
+def collect_histograms():
+    families = {}
+    for prefix, (metric, subject, label) in HISTOGRAMS.items():
+        labels = ([label] if label else []) + ["window"]
+        families[prefix] = (
+            GaugeMetricFamily(f"{metric}_observations", f"Observations of {subject}, in the window.", labels=labels),
+            GaugeMetricFamily(f"{metric}_mean_seconds", f"Mean {subject}.", labels=labels),
+            GaugeMetricFamily(f"{metric}_quantile_seconds", f"Quantile (0.5, 0.9) of {subject}, interpolated "
+                              "within fixed histogram buckets.", labels=[*labels, "quantile"]),  # fmt: skip
+        )
+    now = clock.now_ms()
+    if now is not None:
+        for scope, state in histograms.items():
+            prefix, _, value = scope.partition(":")
+            observations, mean, quantiles = families[prefix]
+            scope_labels = [value] if HISTOGRAMS[prefix][2] else []
+            for window, days in WINDOWS.items():
+                stats = dwell_stats(state, now, days)
+                if not stats.count:
+                    continue
+                observations.add_metric([*scope_labels, window], stats.count)
+                mean.add_metric([*scope_labels, window], stats.mean_seconds)
+                for q in (0.5, 0.9):
+                    quantiles.add_metric([*scope_labels, window, str(q)], stats.quantile_seconds(q))
+    return [metric for trio in families.values() for metric in trio]
+
+
+@export_gauges
+def collect_kpis():
+    families: dict[str, GaugeMetricFamily] = {}
+
+    def family(kpi, dimension):
+        name = kpi.metric(dimension)
+        if name not in families:
+            labels = ([dimension] if dimension else []) + ["window"] + [k for k, _ in kpi.labels]
+            families[name] = GaugeMetricFamily(name, kpi.help, labels=labels)
+        return families[name]
+
+    now = clock.now_ms()
+    for kpi in KPIS:  # every family is described even before it has data
+        for dimension in (None, *kpi.dimensions):
+            family(kpi, dimension)
+    vs_baseline = GaugeMetricFamily(
+        "crm_kpi_baseline", "A KPI over the configured baseline period (e.g. before the CRM went live).", labels=["kpi"]
+    )
+    ratio_to_baseline = GaugeMetricFamily(
+        "crm_kpi_to_baseline_ratio", "A KPI in the window / the same KPI over the baseline period.",
+        labels=["kpi", "window"],
+    )  # fmt: skip
+    if now is not None:
+        today = day_of(now)
+        for scope, state in kpi_sums.items():
+            dimension, _, value = scope.partition(":")
+            dimension = None if scope == "all" else dimension
+            for window, days in WINDOWS.items():
+                sums = window_sums(state, today, days)
+                previous = {} if days is None else window_sums(state, today, days, offset_days=days)
+                for kpi in KPIS:
+                    if dimension is None or dimension in kpi.dimensions:
+                        result = kpi.formula(sums, previous, days)
+                        if result is not None:
+                            labels = [*([value] if dimension else []), window, *(v for _, v in kpi.labels)]
+                            family(kpi, dimension).add_metric(labels, result)
+        if state := kpi_sums.get("all", {}).get("baseline"):
+            add_baseline_comparison(state, today, vs_baseline, ratio_to_baseline)
+    return [*families.values(), vs_baseline, ratio_to_baseline]
