@@ -5,7 +5,7 @@ from __future__ import annotations
 import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 
-from agents import aggregates, customers, ingest, leads, signals  # noqa: F401  (registers agents and tables)
+from agents import aggregates, customers, ingest, leads, signals, web  # noqa: F401  (registers agents, tables, views)
 from agents.app import app, settings
 
 setup_prometheus_sensors(app, pattern="/metrics", name_prefix="crm_pulse_faust")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -91,6 +92,13 @@ class Worker:
             for family in text_string_to_metric_families(text)
             for sample in family.samples
         }
+
+    def get_json(self, path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+                return response.status, orjson.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, orjson.loads(error.read())
 
     def wait_for(self, predicate, what: str, timeout: float = 60.0):
         deadline = time.monotonic() + timeout

@@ -91,6 +91,15 @@ def test_kpis_from_events_with_duplicates_and_disorder(start_worker):
     assert metrics[m("crm_events_received_total")] == len(events) + len(duplicates) + 1
     assert metrics[m("crm_event_time_watermark_seconds")] == now / 1000
 
+    # The query API serves the same numbers as JSON.
+    status, body = worker.get_json("/kpis/win-rate")
+    assert status == 200 and body["watermark"] == "2026-02-10T00:00:00.000Z" and body["partitions"] == [0]
+    assert {(s["labels"]["window"], s["value"]) for s in body["kpis"]["crm_win_rate_ratio"]} == {
+        ("7d", 1 / 3), ("30d", 1 / 3), ("all", 1 / 3)}
+    status, body = worker.get_json("/kpis")
+    assert {s["labels"]["window"]: s["value"] for s in body["kpis"]["crm_churn_ratio"]} == {"30d": 0.5}
+    assert worker.get_json("/kpis/no-such-family")[0] == 404
+
 
 def test_stalled_lead_alerts_once_per_stall_keyed_by_rep(start_worker):
     worker = start_worker(CRM_PULSE_STALL_STAGE_DAYS='{"new": 2}')
@@ -101,6 +110,10 @@ def test_stalled_lead_alerts_once_per_stall_keyed_by_rep(start_worker):
     metrics = worker.wait_for(lambda got: m("crm_leads_stalled", rep="rep-7", stage="new") in got, what="gauge")
     assert metrics[m("crm_leads_stalled", rep="rep-7", stage="new")] == 1
     assert metrics[m("crm_leads_open", stage="new")] == 2
+    status, body = worker.get_json("/leads/stalled?rep=rep-7")
+    assert status == 200 and [(s["lead_id"], s["stage"], s["level"]) for s in body["stalled"]] == [("L1", "new", "stalled")]
+    assert body["stalled"][0]["idle_seconds"] == 3 * 86400  # event-time clock: now is L2's creation
+    assert worker.get_json("/leads/stalled?rep=rep-8")[1]["stalled"] == []
     worker.send(lead_event("l3", "lead.activity", "L2", T0 + 5 * DAY_MS, rep="rep-8", kind="call", direction="inbound"))
     worker.wait_for(lambda got: got[m("crm_alerts_emitted_total", type="lead.stall_escalated")] == 1, what="escalation")
     worker.send(lead_event("l4", "lead.activity", "L1", T0 + 5 * DAY_MS + HOUR, rep="rep-7", kind="email", direction="outbound"))

@@ -1,0 +1,75 @@
+"""Query endpoints on the worker's web server (beside /metrics): current KPIs and stalled leads as JSON.
+
+Each worker answers for the keys it owns; behind several workers, query each (or the one owning the
+"all" partition for the overall KPIs) — the response names the worker's partitions.
+"""
+
+from __future__ import annotations
+
+from faust import web
+
+from agents import aggregates, customers, leads
+from agents.app import app, clock
+from schemas.events import ms_to_iso
+from streams.leads import UNASSIGNED, current_stage, idle_since, is_open
+
+COLLECTORS = (aggregates.collect_kpis, aggregates.collect_histograms, customers.collect, leads.collect)
+
+
+def kpi_snapshot(prefix: str = "crm_") -> dict[str, list[dict]]:
+    """{metric: [{"labels": {...}, "value": v}]} for every KPI gauge whose name starts with `prefix`."""
+    snapshot: dict[str, list[dict]] = {}
+    for collect in COLLECTORS:
+        for family in collect():
+            if family.name.startswith(prefix) and family.samples:
+                snapshot[family.name] = [{"labels": s.labels, "value": s.value} for s in family.samples]
+    return snapshot
+
+
+def _envelope(body: dict) -> dict:
+    now = clock.now_ms()
+    return {
+        "clock": clock.mode,
+        "now": ms_to_iso(now) if now is not None else None,
+        "watermark": ms_to_iso(clock.watermark_ms) if clock.watermark_ms is not None else None,
+        "partitions": sorted(tp.partition for tp in app.assignor.assigned_actives()
+                             if tp.topic == leads.leads.changelog_topic.get_topic_name()),  # fmt: skip
+        **body,
+    }
+
+
+@app.page("/kpis")
+async def all_kpis(self: web.View, request: web.Request) -> web.Response:
+    return self.json(_envelope({"kpis": kpi_snapshot()}))
+
+
+@app.page("/kpis/{family}")
+async def kpi_family(self: web.View, request: web.Request, family: str) -> web.Response:
+    """/kpis/stage-dwell → every crm_stage_dwell_* gauge; /kpis/win-rate → crm_win_rate_ratio; …"""
+    snapshot = kpi_snapshot(f"crm_{family.replace('-', '_')}")
+    if not snapshot:
+        return self.json({"error": f"no KPI family {family!r}; see /kpis for the names"}, status=404)
+    return self.json(_envelope({"kpis": snapshot}))
+
+
+@app.page("/leads/stalled")
+async def stalled_leads(self: web.View, request: web.Request) -> web.Response:
+    """Open leads currently stalled, longest idle first; `?rep=<rep id>` for one rep's."""
+    rep = request.query.get("rep")
+    now = clock.now_ms()
+    found = []
+    for lead_id, lead in leads.leads.items():
+        if not lead["stall_level"] or not is_open(lead, leads.policy):
+            continue
+        owner = lead["rep"] or UNASSIGNED
+        if rep is not None and owner != rep:
+            continue
+        since = idle_since(lead)
+        found.append({
+            "lead_id": lead_id, "rep_id": owner, "stage": current_stage(lead),
+            "level": "escalated" if lead["stall_level"] == 2 else "stalled", "rule": lead["stall_rule"],
+            "threshold_seconds": lead["stall_threshold"] / 1000, "idle_since": ms_to_iso(since),
+            "idle_seconds": None if now is None else (now - since) / 1000,
+        })  # fmt: skip
+    found.sort(key=lambda item: item["idle_since"])
+    return self.json(_envelope({"stalled": found}))
