@@ -9,6 +9,7 @@ from agents.app import RETENTION_DAYS, app, clock, histogram_deltas_topic, setti
 from agents.metrics import export_gauges
 from streams.catalogue import KPIS, WINDOWS, apply_sums, event_sums, group_sums, prune_sums, window_sums
 from streams.kpis import apply_dwell, day_of, dwell_stats, prune_days
+from streams.routing import already_applied
 
 histograms = app.Table("histograms", default=dict, partitions=settings.partitions, key_type=str)
 kpi_sums = app.Table("kpi-sums", default=dict, partitions=settings.partitions, key_type=str)
@@ -26,6 +27,8 @@ HISTOGRAMS = {
 async def aggregate_histograms(stream):
     async for scope, delta in stream.items():
         state = histograms[scope]
+        if already_applied(state, delta):
+            continue
         day = day_of(delta["at"])
         apply_dwell(state, day, delta["ms"], delta["sign"], baseline)
         prune_days(state, day - RETENTION_DAYS)
@@ -36,24 +39,44 @@ async def aggregate_histograms(stream):
 async def aggregate_sums(stream):
     async for scope, delta in stream.items():
         state = kpi_sums[scope]
+        if already_applied(state, delta):
+            continue
         apply_sums(state, delta["day"], delta["values"], delta["sign"], baseline)
         prune_sums(state, delta["day"] - RETENTION_DAYS)
         kpi_sums[scope] = state
 
 
-async def publish_deltas(fact_deltas, event: dict | None = None) -> None:
-    """Send what an applied event changes in the keyed aggregates: the deltas of the facts derived from its
-    entity's history ((fact, ±1) pairs from `streams.catalogue`), and the event's own sums."""
-    contributions = [(scope, event["occurred_at"], values, 1) for scope, values in event_sums(event)] if event else []
-    for fact, sign in fact_deltas:
-        if fact[0] == "hist":
-            _, scope, at, ms = fact
-            await histogram_deltas_topic.send(key=scope, value={"at": at, "ms": ms, "sign": sign})
-        else:
-            _, scope, at, field, value = fact
-            contributions.append((scope, at, {field: value}, sign))
-    for (scope, day, sign), values in group_sums(contributions).items():
-        await sums_deltas_topic.send(key=scope, value={"day": day, "values": values, "sign": sign})
+class DeltaSender:
+    """Sends the deltas caused by one input message, numbered so aggregates can drop re-sent ones
+    (`streams.routing.already_applied`), and waits until the broker has them all: the entity's own state
+    is written only afterwards, so a crash in between replays the message and re-sends the same ids."""
+
+    def __init__(self, message):
+        self.origin = f"{message.topic}:{message.partition}"
+        self.offset = message.offset
+        self.pending = []
+
+    async def send(self, topic, key: str, value: dict) -> None:
+        value.update(origin=self.origin, offset=self.offset, seq=len(self.pending))
+        self.pending.append(await topic.send(key=key, value=value))
+
+    async def facts(self, fact_deltas, event: dict | None = None) -> None:
+        """The deltas of facts derived from an entity's history ((fact, ±1) from `streams.catalogue`), and
+        the event's own sums."""
+        contributions = [(scope, event["occurred_at"], values, 1) for scope, values in event_sums(event)] if event else []
+        for fact, sign in fact_deltas:
+            if fact[0] == "hist":
+                _, scope, at, ms = fact
+                await self.send(histogram_deltas_topic, scope, {"at": at, "ms": ms, "sign": sign})
+            else:
+                _, scope, at, field, value = fact
+                contributions.append((scope, at, {field: value}, sign))
+        for (scope, day, sign), values in group_sums(contributions).items():
+            await self.send(sums_deltas_topic, scope, {"day": day, "values": values, "sign": sign})
+
+    async def delivered(self) -> None:
+        for future in self.pending:
+            await future
 
 
 def add_baseline_comparison(baseline_sums: dict, today: int, vs_baseline, ratio_to_baseline) -> None:

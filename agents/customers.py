@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from prometheus_client.core import GaugeMetricFamily
 
-from agents.aggregates import kpi_sums, publish_deltas
+from agents.aggregates import DeltaSender, kpi_sums
 from agents.app import app, churn_deltas_topic, clock, settings, valid_topic
 from agents.metrics import EVENTS_DUPLICATE, EVENTS_PROCESSED, export_gauges
 from streams.catalogue import customer_base_kpis, window_sums
 from streams.kpis import CHURN_WINDOW_DAYS, advance_churn_horizon, apply_spell, churn, day_of
-from streams.routing import CUSTOMER_TYPES, OVERALL, apply_customer_event, first_seen
+from streams.routing import CUSTOMER_TYPES, OVERALL, already_applied, apply_customer_event, first_seen
 
 dedupe_horizon_ms = int(settings.dedupe_horizon_seconds * 1000)
 HORIZON_SLACK_DAYS = CHURN_WINDOW_DAYS + int(settings.grace_seconds // 86400) + 2
@@ -22,7 +22,8 @@ customer_base = app.Table("customer-base", default=dict, partitions=settings.par
 
 @app.agent(valid_topic)
 async def track_customers(stream):
-    async for customer_id, event in stream.items():
+    async for message in stream.events():
+        customer_id, event = message.key, message.value
         if event["type"] not in CUSTOMER_TYPES:
             continue
         customer = customers[customer_id]
@@ -30,19 +31,22 @@ async def track_customers(stream):
             EVENTS_DUPLICATE.labels(event["type"]).inc()
             continue
         spell_deltas, fact_deltas = apply_customer_event(customer, event)
+        deltas = DeltaSender(message.message)
+        for start_day, end_day, sign in spell_deltas:
+            await deltas.send(churn_deltas_topic, OVERALL,
+                              {"start": start_day, "end": end_day, "sign": sign, "at": event["occurred_at"]})  # fmt: skip
+        await deltas.facts(fact_deltas, event)
+        await deltas.delivered()
         customers[customer_id] = customer
         EVENTS_PROCESSED.labels(event["type"]).inc()
-        for start_day, end_day, sign in spell_deltas:
-            await churn_deltas_topic.send(
-                key=OVERALL, value={"start": start_day, "end": end_day, "sign": sign, "at": event["occurred_at"]}
-            )
-        await publish_deltas(fact_deltas, event)
 
 
 @app.agent(churn_deltas_topic)
 async def aggregate_churn(stream):
     async for scope, delta in stream.items():
         state = customer_base[scope]
+        if already_applied(state, delta):
+            continue
         advance_churn_horizon(state, day_of(delta["at"]) - HORIZON_SLACK_DAYS)
         apply_spell(state, delta["start"], delta["end"], delta["sign"])
         customer_base[scope] = state

@@ -8,7 +8,7 @@ from collections import Counter
 
 from prometheus_client.core import GaugeMetricFamily
 
-from agents.aggregates import publish_deltas, stage_p90
+from agents.aggregates import DeltaSender, stage_p90
 from agents.app import actor_activity_topic, alerts_topic, app, clock, settings, valid_topic
 from agents.metrics import ALERTS_EMITTED, EVENTS_DUPLICATE, EVENTS_PROCESSED, export_gauges
 from streams.leads import UNASSIGNED, apply_lead_event, check_stall, current_stage, is_open, new_lead
@@ -40,7 +40,8 @@ async def publish_alerts(alerts: list[dict]) -> None:
 
 @app.agent(valid_topic)
 async def track_leads(stream):
-    async for lead_id, event in stream.items():
+    async for message in stream.events():
+        lead_id, event = message.key, message.value
         if event["type"] not in LEAD_TYPES:
             continue
         lead = leads.get(lead_id) or new_lead()
@@ -48,12 +49,14 @@ async def track_leads(stream):
             EVENTS_DUPLICATE.labels(event["type"]).inc()
             continue
         fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
+        deltas = DeltaSender(message.message)
+        await deltas.facts(fact_deltas, event)
+        if event["type"] == "lead.activity" and event.get("rep_id"):
+            await deltas.send(actor_activity_topic, f"rep:{event['rep_id']}", {"at": event["occurred_at"]})
+        await publish_alerts(alerts)
+        await deltas.delivered()
         leads[lead_id] = lead
         EVENTS_PROCESSED.labels(event["type"]).inc()
-        await publish_deltas(fact_deltas, event)
-        if event["type"] == "lead.activity" and event.get("rep_id"):
-            await actor_activity_topic.send(key=f"rep:{event['rep_id']}", value={"at": event["occurred_at"]})
-        await publish_alerts(alerts)
 
 
 @app.timer(settings.stall_scan_seconds)

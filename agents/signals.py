@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from agents.aggregates import publish_deltas
+from agents.aggregates import DeltaSender
 from agents.app import actor_activity_topic, app, clock, settings, valid_topic
 from agents.metrics import EVENTS_DUPLICATE, EVENTS_PROCESSED
-from streams.routing import SIGNAL_TYPES, apply_actor_activity, first_seen
+from streams.routing import SIGNAL_TYPES, already_applied, apply_actor_activity, first_seen
 
 dedupe_horizon_ms = int(settings.dedupe_horizon_seconds * 1000)
 
@@ -16,7 +16,8 @@ actors = app.Table("actors", default=dict, partitions=settings.partitions, key_t
 
 @app.agent(valid_topic)
 async def track_signals(stream):
-    async for key, event in stream.items():
+    async for message in stream.events():
+        key, event = message.key, message.value
         if event["type"] not in SIGNAL_TYPES:
             continue
         source = signal_sources[key]
@@ -26,15 +27,21 @@ async def track_signals(stream):
         fact_deltas = []
         if event["type"] == "crm.user_activity":
             fact_deltas = apply_actor_activity(source, event["occurred_at"], "active_users")
+        deltas = DeltaSender(message.message)
+        await deltas.facts(fact_deltas, event)
+        await deltas.delivered()
         signal_sources[key] = source
         EVENTS_PROCESSED.labels(event["type"]).inc()
-        await publish_deltas(fact_deltas, event)
 
 
 @app.agent(actor_activity_topic)
 async def track_active_reps(stream):
-    async for key, activity in stream.items():
-        actor = actors[key]
-        fact_deltas = apply_actor_activity(actor, activity["at"], "active_reps")
-        actors[key] = actor
-        await publish_deltas(fact_deltas)
+    async for message in stream.events():
+        actor = actors[message.key]
+        if already_applied(actor, message.value):
+            continue
+        fact_deltas = apply_actor_activity(actor, message.value["at"], "active_reps")
+        deltas = DeltaSender(message.message)
+        await deltas.facts(fact_deltas)
+        await deltas.delivered()
+        actors[message.key] = actor

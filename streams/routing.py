@@ -34,6 +34,18 @@ def first_seen(entity: dict, event: dict, watermark_ms: int | None, horizon_ms: 
     return True
 
 
+def already_applied(state: dict, delta: dict) -> bool:
+    """Idempotence for re-sent deltas: each names its origin (the entity agent's input partition and offset)
+    and its sequence number within that input event. An aggregate records, atomically with its value, the
+    highest (offset, seq) applied per origin partition; a replay after a crash re-sends the same ids."""
+    marks = state.setdefault("applied", {})
+    position = [delta["offset"], delta["seq"]]
+    if delta["origin"] in marks and position <= marks[delta["origin"]]:
+        return True
+    marks[delta["origin"]] = position
+    return False
+
+
 def apply_customer_event(customer: dict, event: dict):
     """Fold a customer event into its state; return (spell deltas [(start_day, end_day, ±1)],
     fact deltas [(fact, ±1)] from `customer_facts`)."""
