@@ -51,8 +51,9 @@ class DeltaSender:
     (`streams.routing.already_applied`), and waits until the broker has them all: the entity's own state
     is written only afterwards, so a crash in between replays the message and re-sends the same ids."""
 
-    def __init__(self, message):
-        self.origin = f"{message.topic}:{message.partition}"
+    def __init__(self, sender: str, message):
+        # Several agents read the same partition at their own pace: each is an origin of its own.
+        self.origin = f"{sender}@{message.topic}:{message.partition}"
         self.offset = message.offset
         self.pending = []
 
@@ -82,8 +83,8 @@ class DeltaSender:
 def add_baseline_comparison(baseline_sums: dict, today: int, vs_baseline, ratio_to_baseline) -> None:
     state = kpi_sums["all"]
     for kpi in KPIS:
-        then = kpi.formula(baseline_sums, {}, None)
-        if then is None or kpi.labels:
+        then = kpi.formula(baseline_sums, {}, None) if kpi.has_baseline and not kpi.labels else None
+        if then is None:
             continue
         vs_baseline.add_metric([kpi.metric(None)], then)
         for window, days in WINDOWS.items():

@@ -8,6 +8,8 @@ import faust
 import orjson
 from faust.serializers import codecs
 
+from kafka.partitioner.default import murmur2
+
 from crm_pulse.config import Settings
 from streams.clock import Clock
 
@@ -66,7 +68,30 @@ app = faust.App(
     autodiscover=False,
 )
 
-clock = Clock(settings.clock, int(settings.grace_seconds * 1000))
+
+def key_partition(key: str, partitions: int) -> int:
+    """The partition the producers' default (murmur2) partitioner gives a key: every table here is
+    written in the context of messages keyed like the table, so this is also the key's changelog partition."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+@app.on_partitions_assigned.connect
+async def drop_keys_now_owned_elsewhere(sender, assigned, **kwargs) -> None:
+    """The in-memory store keeps every key it ever held; after a rebalance, keys of partitions another
+    worker now owns would be exported and scanned twice. (RocksDB stores filter by partition themselves.)"""
+    mine = {tp.partition for tp in assigned}
+    for table in app.tables.values():
+        local = getattr(table.data, "data", None)
+        if isinstance(local, dict):
+            partition_of = int if table is event_time else lambda key: key_partition(key, table.partitions)
+            for key in [k for k in local if partition_of(k) not in mine]:
+                del local[key]
+
+
+# Latest event time per input partition, keyed by the partition it describes and written while reading
+# it, so it is restored with that partition when a worker restarts or takes it over.
+event_time = app.Table("event-time", default=None, partitions=settings.partitions, key_type=str)
+clock = Clock(settings.clock, int(settings.grace_seconds * 1000), marks=event_time)
 
 
 def internal_topic(suffix: str) -> faust.TopicT:

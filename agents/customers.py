@@ -31,7 +31,7 @@ async def track_customers(stream):
             EVENTS_DUPLICATE.labels(event["type"]).inc()
             continue
         spell_deltas, fact_deltas = apply_customer_event(customer, event)
-        deltas = DeltaSender(message.message)
+        deltas = DeltaSender("customers", message.message)
         for start_day, end_day, sign in spell_deltas:
             await deltas.send(churn_deltas_topic, OVERALL,
                               {"start": start_day, "end": end_day, "sign": sign, "at": event["occurred_at"]})  # fmt: skip

@@ -26,11 +26,6 @@ def dead_letter(error: InvalidEvent, message) -> dict:
     }
 
 
-@app.on_partitions_revoked.connect
-async def forget_revoked_partitions(sender, revoked, **kwargs) -> None:
-    clock.forget(tp.partition for tp in revoked if tp.topic == input_topic.get_topic_name())
-
-
 @app.agent(input_topic)
 async def ingest(stream):
     async for event in stream.events():

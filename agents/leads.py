@@ -49,7 +49,7 @@ async def track_leads(stream):
             EVENTS_DUPLICATE.labels(event["type"]).inc()
             continue
         fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
-        deltas = DeltaSender(message.message)
+        deltas = DeltaSender("leads", message.message)
         await deltas.facts(fact_deltas, event)
         if event["type"] == "lead.activity" and event.get("rep_id"):
             await deltas.send(actor_activity_topic, f"rep:{event['rep_id']}", {"at": event["occurred_at"]})
@@ -61,7 +61,7 @@ async def track_leads(stream):
 
 @app.timer(settings.stall_scan_seconds)
 async def scan_for_stalls():
-    now = clock.now_ms()
+    now = clock.stall_now_ms()
     if now is None:
         return
     threshold = threshold_at(now)

@@ -27,7 +27,7 @@ async def track_signals(stream):
         fact_deltas = []
         if event["type"] == "crm.user_activity":
             fact_deltas = apply_actor_activity(source, event["occurred_at"], "active_users")
-        deltas = DeltaSender(message.message)
+        deltas = DeltaSender("signals", message.message)
         await deltas.facts(fact_deltas, event)
         await deltas.delivered()
         signal_sources[key] = source
@@ -41,7 +41,7 @@ async def track_active_reps(stream):
         if already_applied(actor, message.value):
             continue
         fact_deltas = apply_actor_activity(actor, message.value["at"], "active_reps")
-        deltas = DeltaSender(message.message)
+        deltas = DeltaSender("reps", message.message)
         await deltas.facts(fact_deltas)
         await deltas.delivered()
         actors[message.key] = actor

@@ -32,6 +32,7 @@ def _envelope(body: dict) -> dict:
         "clock": clock.mode,
         "now": ms_to_iso(now) if now is not None else None,
         "watermark": ms_to_iso(clock.watermark_ms) if clock.watermark_ms is not None else None,
+        "latest_event": ms_to_iso(clock.latest_ms) if clock.latest_ms is not None else None,
         "partitions": sorted(tp.partition for tp in app.assignor.assigned_actives()
                              if tp.topic == leads.leads.changelog_topic.get_topic_name()),  # fmt: skip
         **body,
@@ -56,7 +57,7 @@ async def kpi_family(self: web.View, request: web.Request, family: str) -> web.R
 async def stalled_leads(self: web.View, request: web.Request) -> web.Response:
     """Open leads currently stalled, longest idle first; `?rep=<rep id>` for one rep's."""
     rep = request.query.get("rep")
-    now = clock.now_ms()
+    now = clock.stall_now_ms()
     found = []
     for lead_id, lead in leads.leads.items():
         if not lead["stall_level"] or not is_open(lead, leads.policy):

@@ -111,6 +111,9 @@ class Kpi:
     formula: Formula
     dimensions: tuple[str, ...] = ()
     labels: tuple[tuple[str, str], ...] = ()  # constant labels, e.g. a call's direction
+    # Distinct counts (purchasers, active users/reps) count an actor on its latest active day only,
+    # which is right for windows ending today but not for a baseline period in the past.
+    has_baseline: bool = True
 
     def metric(self, dimension: str | None) -> str:
         return f"crm_{dimension}_{self.name}" if dimension else f"crm_{self.name}"
@@ -157,7 +160,7 @@ KPIS = (
     Kpi("purchase_revenue", "Purchase amounts in the window.", count("purchase_amount")),
     Kpi("average_purchase_value", "Purchase revenue / purchases in the window.", per("purchase_amount", "purchases")),
     Kpi("purchase_frequency", "Purchases / distinct purchasing customers in the window.",
-        per("purchases", "purchasers")),  # fmt: skip
+        per("purchases", "purchasers"), has_baseline=False),  # fmt: skip
     Kpi("nps_score", "Net Promoter Score: % promoters (9-10) − % detractors (0-6) of responses in the window.", nps),
     Kpi("nps_responses", "Survey responses with an NPS answer in the window.", count("nps_responses")),
     Kpi("customer_effort_score", "Mean customer effort answer (1 easy - 7 hard) in the window.",
@@ -168,13 +171,13 @@ KPIS = (
         per("first_contact_resolutions", "tickets_resolved")),  # fmt: skip
     Kpi("complaints", "Complaints filed in the window.", count("complaints")),
     # Adoption of the CRM itself
-    Kpi("active_users", "Distinct CRM users with activity in the window.", count("active_users")),
-    Kpi("active_reps", "Distinct reps who logged a lead activity in the window.", count("active_reps")),
+    Kpi("active_users", "Distinct CRM users with activity in the window.", count("active_users"), has_baseline=False),
+    Kpi("active_reps", "Distinct reps who logged a lead activity in the window.", count("active_reps"), has_baseline=False),
     Kpi("user_actions", "CRM user actions in the window.", count("user_actions")),
     Kpi("activities", "Lead activities (calls, e-mails, meetings, notes) logged in the window.", count("activities"),
         ("rep",)),  # fmt: skip
     Kpi("activities_per_rep_per_day", "Lead activities / active reps / days in the window.",
-        activities_per_rep_per_day),  # fmt: skip
+        activities_per_rep_per_day, has_baseline=False),  # fmt: skip
 )
 
 
@@ -244,10 +247,11 @@ def event_sums(event: dict) -> list[tuple[str, dict[str, float]]]:
     elif kind == "complaint.filed":
         values["complaints"] = 1
     elif kind == "campaign.touch":
-        return [(f"campaign:{payload['campaign']}", {TOUCH_FIELDS[payload["kind"]]: 1})]
+        return [(scope, {TOUCH_FIELDS[payload["kind"]]: 1}) for scope in ("all", f"campaign:{payload['campaign']}")]
     elif kind == "marketing.spend":
-        return [("all", {f"{payload['purpose']}_spend": payload["amount"]}),
-                (f"campaign:{payload['campaign']}", {"spend": payload["amount"]})]  # fmt: skip
+        amount = payload["amount"]
+        return [("all", {"spend": amount, f"{payload['purpose']}_spend": amount}),
+                (f"campaign:{payload['campaign']}", {"spend": amount})]  # fmt: skip
     elif kind == "crm.user_activity":
         values["user_actions"] = 1
     if not values:
@@ -265,8 +269,8 @@ def lead_facts(lead: dict, deal_stages: frozenset[str]) -> Counter:
     """Everything a lead's history contributes beyond its single events: stage dwell, sales cycle,
     its becoming a deal (by rep and source), and its win credited to its score band and campaign."""
     facts: Counter = Counter()
-    for stage, left_at, dwell_ms in dwell_observations(lead["timeline"]):
-        facts[("hist", f"dwell:{stage}", left_at, dwell_ms)] += 1
+    for (stage, left_at, dwell_ms), n in dwell_observations(lead["timeline"]).items():
+        facts[("hist", f"dwell:{stage}", left_at, dwell_ms)] += n
     won_at = next((at for at, _, stage in lead["timeline"] if stage == "won"), None)
     became_deal_at = next((at for at, _, stage in lead["timeline"] if stage in deal_stages or stage == "won"), None)
     if became_deal_at is not None:

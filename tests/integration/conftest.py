@@ -17,6 +17,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from crm_pulse.broker import EmbeddedBroker, free_port
+from crm_pulse.generator import SyntheticCrm
 
 _names = itertools.count(1)
 
@@ -79,8 +80,7 @@ class Worker:
             if isinstance(event, bytes):
                 self.producer.send(self.topic("input"), key=key, value=event)
             else:
-                entity = event.get("lead_id") or event.get("customer_id")
-                self.producer.send(self.topic("input"), key=entity.encode(), value=orjson.dumps(event))
+                self.producer.send(self.topic("input"), key=SyntheticCrm.key(event), value=orjson.dumps(event))
         self.producer.flush()
 
     def metrics(self) -> dict[tuple, float]:
