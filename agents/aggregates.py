@@ -7,7 +7,16 @@ from prometheus_client.core import GaugeMetricFamily
 
 from agents.app import RETENTION_DAYS, app, clock, histogram_deltas_topic, settings, sums_deltas_topic
 from agents.metrics import export_gauges
-from streams.catalogue import KPIS, WINDOWS, apply_sums, event_sums, group_sums, prune_sums, window_sums
+from streams.catalogue import (
+    KPIS,
+    WINDOWS,
+    apply_sums,
+    baseline_comparison,
+    event_sums,
+    group_sums,
+    prune_sums,
+    window_sums,
+)
 from streams.kpis import apply_dwell, day_of, dwell_stats, prune_days
 from streams.routing import already_applied
 
@@ -80,19 +89,6 @@ class DeltaSender:
             await future
 
 
-def add_baseline_comparison(baseline_sums: dict, today: int, vs_baseline, ratio_to_baseline) -> None:
-    state = kpi_sums["all"]
-    for kpi in KPIS:
-        then = kpi.formula(baseline_sums, {}, None) if kpi.has_baseline and not kpi.labels else None
-        if then is None:
-            continue
-        vs_baseline.add_metric([kpi.metric(None)], then)
-        for window, days in WINDOWS.items():
-            now = kpi.formula(window_sums(state, today, days), {}, days)
-            if now is not None and then:
-                ratio_to_baseline.add_metric([kpi.metric(None), window], now / then)
-
-
 def stage_p90(stage: str, now_ms: int) -> tuple[float | None, int]:
     """(p90 dwell seconds, observations) over the last 30 days, from this worker's copy of the table."""
     stats = dwell_stats(histograms.get(f"dwell:{stage}") or {}, now_ms, 30)
@@ -163,6 +159,10 @@ def collect_kpis():
                         if result is not None:
                             labels = [*([value] if dimension else []), window, *(v for _, v in kpi.labels)]
                             family(kpi, dimension).add_metric(labels, result)
-        if state := kpi_sums.get("all", {}).get("baseline"):
-            add_baseline_comparison(state, today, vs_baseline, ratio_to_baseline)
+        if "baseline" in (overall := kpi_sums.get("all", {})):
+            baseline_values, ratios = baseline_comparison(overall, today)
+            for metric, value in baseline_values.items():
+                vs_baseline.add_metric([metric], value)
+            for (metric, window), value in ratios.items():
+                ratio_to_baseline.add_metric([metric, window], value)
     return [*families.values(), vs_baseline, ratio_to_baseline]

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from crm_pulse.broker import broker_for, ensure_topics
 from crm_pulse.config import Settings
@@ -28,6 +29,23 @@ def main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="embedded broker + worker + synthetic CRM traffic, with a live summary")
     demo.add_argument("--speed", type=float, default=3 * 3600, help="simulated seconds per real second")
     demo.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    alerts = commands.add_parser("alerts", help="example consumers of the alerts topic (docs/alerts.md)")
+    alert_commands = alerts.add_subparsers(dest="alerts_command", required=True)
+    tail = alert_commands.add_parser("tail", help="print alerts one per line; invalid records go to stderr")
+    tail.add_argument("--from-beginning", action="store_true", help="start at the oldest alert, not the newest")
+    tail.add_argument("--no-follow", action="store_true", help="stop at the end of the topic instead of waiting")
+    notify = alert_commands.add_parser("notify", help="post alerts to a Slack-compatible webhook")
+    webhook = os.environ.get("CRM_PULSE_WEBHOOK_URL")
+    notify.add_argument("--webhook-url", default=webhook, required=not webhook, help="default: $CRM_PULSE_WEBHOOK_URL")
+    notify.add_argument("--group", help="consumer group (default: <app id>-alerts-notify); one per webhook")
+    notify.add_argument("--from-beginning", action="store_true", help="a new group starts at the oldest alert")
+    notify.add_argument("--max-attempts", type=int, default=5, help="posts per alert before giving up")
+    notify.add_argument("--max-idle", type=float, default=None, help="stop after this many seconds without alerts")
+    importer = commands.add_parser("import", help="publish a CSV export as CRM events (see docs/importer.md)")
+    importer.add_argument("file", type=Path, help="the CSV export")
+    importer.add_argument("--mapping", type=Path, required=True, help="TOML mapping: columns → events")
+    importer.add_argument("--dry-run", type=Path, metavar="OUT.jsonl", help="write events here, don't publish")
+    importer.add_argument("--rejects", type=Path, help="rejected rows (default: OUT.rejects.csv, ./FILE.rejects.csv)")
     args = parser.parse_args(argv)
 
     settings = Settings()
@@ -39,6 +57,22 @@ def main(argv: list[str] | None = None) -> None:
         from crm_pulse.demo import run_demo
 
         sys.exit(run_demo(settings, speed=args.speed, seconds=args.seconds))
+    elif args.command == "import":
+        from crm_pulse.importer import cli_import
+
+        sys.exit(cli_import(settings, args.file, args.mapping, args.dry_run, args.rejects))
+    elif args.command == "alerts" and args.alerts_command == "tail":
+        from crm_pulse.alerts import tail
+
+        tail(settings, from_beginning=args.from_beginning, follow=not args.no_follow, out=sys.stdout)
+    elif args.command == "alerts" and args.alerts_command == "notify":
+        from crm_pulse.alerts import notify
+
+        counts = notify(
+            settings, args.webhook_url, group=args.group, from_beginning=args.from_beginning,
+            max_attempts=args.max_attempts, max_idle_seconds=args.max_idle,
+        )  # fmt: skip
+        sys.exit(1 if counts["failed"] else 0)
 
 
 if __name__ == "__main__":

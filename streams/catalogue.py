@@ -181,6 +181,22 @@ KPIS = (
 )
 
 
+def baseline_comparison(state: dict, today: int) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+    """For the "all" sums: ({metric: value over the baseline period}, {(metric, window): now / baseline})."""
+    baseline_values: dict[str, float] = {}
+    ratios: dict[tuple[str, str], float] = {}
+    for kpi in KPIS:
+        then = kpi.formula(state.get("baseline", {}), {}, None) if kpi.has_baseline and not kpi.labels else None
+        if then is None:
+            continue
+        baseline_values[kpi.metric(None)] = then
+        for window, days in WINDOWS.items():
+            now = kpi.formula(window_sums(state, today, days), {}, days)
+            if now is not None and then:
+                ratios[(kpi.metric(None), window)] = now / then
+    return baseline_values, ratios
+
+
 def customer_base_kpis(base, sums: Mapping[str, float]) -> dict[str, float | None]:
     """KPIs over one window that combine the customer base (a `streams.kpis.Churn`) with its KPI sums."""
     churn_ratio = base.churn_ratio
