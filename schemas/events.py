@@ -53,7 +53,7 @@ EventTime = Annotated[
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class LeadCreated(_Model):
@@ -66,7 +66,7 @@ class LeadCreated(_Model):
 class LeadStageChanged(_Model):
     from_stage: Id = Field(alias="from")
     to_stage: Id = Field(alias="to")
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
 
 class LeadActivity(_Model):

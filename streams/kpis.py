@@ -143,38 +143,6 @@ def counter_deltas(before: Counter, after: Counter) -> Iterator[tuple[tuple, int
             yield item, -1
 
 
-# --- win rate ----------------------------------------------------------------------------------
-
-
-def apply_outcome(state: dict, day: int, won: int, lost: int) -> None:
-    """`state["days"][str(day)]` is [won, lost]."""
-    cell = state.setdefault("days", {}).setdefault(str(day), [0, 0])
-    cell[0] += won
-    cell[1] += lost
-
-
-@dataclass(frozen=True)
-class WinRate:
-    won: int
-    lost: int
-
-    @property
-    def ratio(self) -> float | None:
-        decided = self.won + self.lost
-        return self.won / decided if decided else None
-
-
-def win_rate(state: dict, now_ms: int, days: int) -> WinRate:
-    cells = state.get("days", {})
-    won = lost = 0
-    for day in window_day_range(now_ms, days):
-        cell = cells.get(str(day))
-        if cell:
-            won += cell[0]
-            lost += cell[1]
-    return WinRate(won, lost)
-
-
 def prune_days(state: dict, oldest_day: int) -> None:
     days = state.get("days", {})
     for key in [k for k in days if int(k) < oldest_day]:

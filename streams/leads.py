@@ -104,9 +104,11 @@ def apply_lead_event(lead: dict, event: dict, lead_id: str, policy: StallPolicy,
         lead["won_amount"] = payload["amount"]
     elif event["type"] == "quote.sent":
         lead["quote_amount"] = payload["amount"]
-    for field_name, attr in (("rep", "rep_id"), ("team", "team_id"), ("pipeline", "pipeline")):
-        if event.get(attr) is not None:
-            lead[field_name] = event[attr]
+    if at >= (lead.get("owner_at") or 0):  # the latest event in event time says who owns the lead
+        for field_name, attr in (("rep", "rep_id"), ("team", "team_id"), ("pipeline", "pipeline")):
+            if event.get(attr) is not None:
+                lead[field_name] = event[attr]
+                lead["owner_at"] = at
     deltas = list(counter_deltas(before, lead_facts(lead, policy.deal_stages)))
 
     if lead["stall_level"] and (idle_since(lead) != before_idle or not is_open(lead, policy)):
