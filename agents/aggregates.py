@@ -24,6 +24,8 @@ histograms = app.Table("histograms", default=dict, partitions=settings.partition
 kpi_sums = app.Table("kpi-sums", default=dict, partitions=settings.partitions, key_type=str)
 baseline = settings.baseline_days
 
+# Percentiles as gauges of their own: a "quantile" label is reserved for summaries.
+PERCENTILES = (50, 90)
 # Histogram scope prefix → (metric prefix, help subject, label of the scope's value or None).
 HISTOGRAMS = {
     "dwell": ("crm_stage_dwell", "time spent in a stage, counted when the lead left it", "stage"),
@@ -103,14 +105,15 @@ def collect_histograms():
         families[prefix] = (
             GaugeMetricFamily(f"{metric}_observations", f"Observations of {subject}, in the window.", labels=labels),
             GaugeMetricFamily(f"{metric}_mean_seconds", f"Mean {subject}.", labels=labels),
-            GaugeMetricFamily(f"{metric}_quantile_seconds", f"Quantile (0.5, 0.9) of {subject}, interpolated "
-                              "within fixed histogram buckets.", labels=[*labels, "quantile"]),  # fmt: skip
+            *(GaugeMetricFamily(f"{metric}_p{percent}_seconds", f"{percent}th percentile of {subject}, "
+                                "interpolated within fixed histogram buckets.", labels=labels)
+              for percent in PERCENTILES),
         )
     now = clock.now_ms()
     if now is not None:
         for scope, state in histograms.items():
             prefix, _, value = scope.partition(":")
-            observations, mean, quantiles = families[prefix]
+            observations, mean, *percentiles = families[prefix]
             scope_labels = [value] if HISTOGRAMS[prefix][2] else []
             for window, days in WINDOWS.items():
                 stats = dwell_stats(state, now, days)
@@ -118,9 +121,9 @@ def collect_histograms():
                     continue
                 observations.add_metric([*scope_labels, window], stats.count)
                 mean.add_metric([*scope_labels, window], stats.mean_seconds)
-                for q in (0.5, 0.9):
-                    quantiles.add_metric([*scope_labels, window, str(q)], stats.quantile_seconds(q))
-    return [metric for trio in families.values() for metric in trio]
+                for percent, family in zip(PERCENTILES, percentiles):
+                    family.add_metric([*scope_labels, window], stats.quantile_seconds(percent / 100))
+    return [metric for group in families.values() for metric in group]
 
 
 @export_gauges

@@ -80,6 +80,7 @@ async def drop_keys_now_owned_elsewhere(sender, assigned, **kwargs) -> None:
     """The in-memory store keeps every key it ever held; after a rebalance, keys of partitions another
     worker now owns would be exported and scanned twice. (RocksDB stores filter by partition themselves.)"""
     mine = {tp.partition for tp in assigned}
+    clock.keep_only(mine)
     for table in app.tables.values():
         local = getattr(table.data, "data", None)
         if isinstance(local, dict):
@@ -91,7 +92,7 @@ async def drop_keys_now_owned_elsewhere(sender, assigned, **kwargs) -> None:
 # Latest event time per input partition, keyed by the partition it describes and written while reading
 # it, so it is restored with that partition when a worker restarts or takes it over.
 event_time = app.Table("event-time", default=None, partitions=settings.partitions, key_type=str)
-clock = Clock(settings.clock, int(settings.grace_seconds * 1000), marks=event_time)
+clock = Clock(settings.clock, int(settings.grace_seconds * 1000), saved=event_time)
 
 
 def internal_topic(suffix: str) -> faust.TopicT:

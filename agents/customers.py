@@ -27,7 +27,7 @@ async def track_customers(stream):
         if event["type"] not in CUSTOMER_TYPES:
             continue
         customer = customers[customer_id]
-        if not first_seen(customer, event, clock.watermark_ms, dedupe_horizon_ms):
+        if not first_seen(customer, event, dedupe_horizon_ms):
             EVENTS_DUPLICATE.labels(event["type"]).inc()
             continue
         spell_deltas, fact_deltas = apply_customer_event(customer, event)

@@ -45,7 +45,7 @@ async def track_leads(stream):
         if event["type"] not in LEAD_TYPES:
             continue
         lead = leads.get(lead_id) or new_lead()
-        if not first_seen(lead, event, clock.watermark_ms, dedupe_horizon_ms):
+        if not first_seen(lead, event, dedupe_horizon_ms):
             EVENTS_DUPLICATE.labels(event["type"]).inc()
             continue
         fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))

@@ -21,7 +21,7 @@ async def track_signals(stream):
         if event["type"] not in SIGNAL_TYPES:
             continue
         source = signal_sources[key]
-        if not first_seen(source, event, clock.watermark_ms, dedupe_horizon_ms):
+        if not first_seen(source, event, dedupe_horizon_ms):
             EVENTS_DUPLICATE.labels(event["type"]).inc()
             continue
         fact_deltas = []

@@ -10,31 +10,46 @@ so that no lead is declared stalled by a partition that is merely read faster th
 from __future__ import annotations
 
 import time
-from typing import MutableMapping
+from typing import Iterable, MutableMapping
 
 
 class Clock:
-    def __init__(self, mode: str, grace_ms: int, marks: MutableMapping[str, int] | None = None):
+    def __init__(self, mode: str, grace_ms: int, saved: MutableMapping[str, int] | None = None):
         self.mode = mode
         self.grace_ms = grace_ms
-        # {partition: latest event time}; the worker passes a table so that a restart resumes from it.
-        self.marks: MutableMapping[str, int] = {} if marks is None else marks
+        # {partition: latest event time} seen by this process: lateness is judged against these only, so
+        # a message re-read after a crash is never rejected for an event forwarded before the crash.
+        self.seen: dict[str, int] = {}
+        # The same marks kept across restarts (the worker passes a table): "now" resumes where it was.
+        self.saved: MutableMapping[str, int] = {} if saved is None else saved
 
     def observe(self, partition: int, event_ms: int) -> None:
-        if event_ms > self.marks.get(str(partition), event_ms - 1):
-            self.marks[str(partition)] = event_ms
+        key = str(partition)
+        if event_ms > self.seen.get(key, event_ms - 1):
+            self.seen[key] = event_ms
+        if event_ms > self.saved.get(key, event_ms - 1):
+            self.saved[key] = event_ms
 
     def is_late(self, partition: int, event_ms: int) -> bool:
-        high = self.marks.get(str(partition))
+        high = self.seen.get(str(partition))
         return high is not None and event_ms < high - self.grace_ms
+
+    def keep_only(self, partitions: Iterable[int]) -> None:
+        """After a rebalance: forget partitions another worker reads now."""
+        mine = {str(p) for p in partitions}
+        for key in [k for k in self.seen if k not in mine]:
+            del self.seen[key]
+
+    def _marks(self) -> list[int]:
+        return [max(ms, self.seen.get(key, ms)) for key, ms in self.saved.items()]
 
     @property
     def watermark_ms(self) -> int | None:
-        return min(self.marks.values(), default=None)
+        return min(self._marks(), default=None)
 
     @property
     def latest_ms(self) -> int | None:
-        return max(self.marks.values(), default=None)
+        return max(self._marks(), default=None)
 
     def now_ms(self) -> int | None:
         """Where windows end."""

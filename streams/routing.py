@@ -17,20 +17,21 @@ SIGNAL_TYPES = frozenset({"campaign.touch", "marketing.spend", "crm.user_activit
 OVERALL = "all"
 
 
-def first_seen(entity: dict, event: dict, watermark_ms: int | None, horizon_ms: int) -> bool:
+def first_seen(entity: dict, event: dict, horizon_ms: int) -> bool:
     """Record the event_id in the entity's state; False if it was already applied.
 
-    Ids older than the horizon behind the watermark are forgotten: an event that old is dead-lettered as
-    late before it gets here (the horizon is at least the grace period).
+    Ids older than the horizon behind the entity's own latest event are forgotten: a duplicate that old
+    is dead-lettered as late before it gets here, since the entity's input partition has read at least
+    that far (the horizon is at least the grace period). Not the global watermark: input is read far
+    ahead of this agent, which would forget ids whose duplicates are still on their way.
     """
     seen = entity.setdefault("seen", {})
     if event["event_id"] in seen:
         return False
     seen[event["event_id"]] = event["occurred_at"]
-    if watermark_ms is not None:
-        oldest = watermark_ms - horizon_ms
-        for event_id in [e for e, at in seen.items() if at < oldest]:
-            del seen[event_id]
+    latest = entity["seen_latest"] = max(entity.get("seen_latest", event["occurred_at"]), event["occurred_at"])
+    for event_id in [e for e, at in seen.items() if at < latest - horizon_ms]:
+        del seen[event_id]
     return True
 
 

@@ -392,17 +392,18 @@ def test_alert_ids_are_deterministic():
 # --- routing: de-duplication -------------------------------------------------------------------
 
 
-def test_first_seen_dedupes_and_prunes_behind_the_horizon():
+def test_first_seen_dedupes_and_prunes_behind_the_entitys_latest_event():
     entity: dict = {}
     old, edge, new = (ev(name, "lead.activity", at(day), CALL) for name, day in (("old", 1), ("edge", 8), ("new", 10)))
-    assert first_seen(entity, old, None, 2 * DAY_MS)
-    assert not first_seen(entity, old, None, 2 * DAY_MS)
-    assert first_seen(entity, edge, None, 2 * DAY_MS)
-    # Watermark day 10, horizon 2 d: ids older than day 8 are forgotten, day 8 itself is kept.
-    assert first_seen(entity, new, at(10), 2 * DAY_MS)
+    assert first_seen(entity, old, 2 * DAY_MS)
+    assert not first_seen(entity, old, 2 * DAY_MS)
+    assert first_seen(entity, edge, 2 * DAY_MS)  # latest day 8: "old" (day 1) is forgotten
+    assert entity["seen"] == {"edge": at(8)}
+    # Latest day 10, horizon 2 d: ids older than day 8 are forgotten, day 8 itself is kept.
+    assert first_seen(entity, new, 2 * DAY_MS)
     assert entity["seen"] == {"edge": at(8), "new": at(10)}
-    assert not first_seen(entity, edge, at(10), 2 * DAY_MS)
-    assert first_seen(entity, old, at(10), 2 * DAY_MS)  # forgotten: only a late event could repeat it
+    assert not first_seen(entity, edge, 2 * DAY_MS)
+    assert first_seen(entity, old, 2 * DAY_MS)  # forgotten: only a late event could repeat it
     assert "old" not in entity["seen"]
 
 
@@ -415,7 +416,7 @@ def test_clock_lateness_is_per_partition_windows_end_at_the_latest_and_stalls_us
     clock.observe(0, at(10))
     clock.observe(1, at(5))
     clock.observe(0, at(9))  # older events never lower a partition's mark
-    assert clock.marks == {"0": at(10), "1": at(5)}
+    assert clock.seen == clock.saved == {"0": at(10), "1": at(5)}
     assert clock.now_ms() == clock.latest_ms == at(10)
     assert clock.stall_now_ms() == clock.watermark_ms == at(5)
     assert clock.is_late(0, at(8) - 1)  # more than 2 d behind partition 0's day 10
@@ -424,12 +425,17 @@ def test_clock_lateness_is_per_partition_windows_end_at_the_latest_and_stalls_us
     assert not clock.is_late(2, at(0))  # nothing seen on partition 2
 
 
-def test_clock_resumes_from_and_writes_through_persisted_marks():
-    marks = {"0": at(10)}  # the worker passes its event-time table
-    clock = Clock("event", grace_ms=2 * DAY_MS, marks=marks)
-    assert clock.is_late(0, at(8) - 1)
+def test_clock_resumes_from_saved_marks_but_judges_lateness_on_what_it_has_read():
+    saved = {"0": at(10), "1": at(7)}  # the worker passes its event-time table
+    clock = Clock("event", grace_ms=2 * DAY_MS, saved=saved)
+    assert (clock.now_ms(), clock.stall_now_ms()) == (at(10), at(7))
+    # A message re-read after a restart is not late against marks of events read before the crash.
+    assert not clock.is_late(0, at(1))
     clock.observe(0, at(11))
-    assert marks == {"0": at(11)}
+    assert saved == {"0": at(11), "1": at(7)}
+    assert clock.is_late(0, at(9) - 1)
+    clock.keep_only([1])  # partition 0 moved to another worker
+    assert not clock.is_late(0, at(1))
 
 
 def test_wall_clock_reads_the_system_time(monkeypatch):

@@ -102,7 +102,7 @@ def stream(order):
         is_lead = event["type"] in LEAD_TYPES
         key = event["lead_id"] if is_lead else event["customer_id"]
         entity = entities.setdefault(key, new_lead() if is_lead else {})
-        if not first_seen(entity, event, clock.watermark_ms, DEDUPE_HORIZON_MS):
+        if not first_seen(entity, event, DEDUPE_HORIZON_MS):
             duplicates += 1
             continue
         if is_lead:  # alerts are not compared here: a fixed threshold will do

@@ -74,7 +74,7 @@ def test_kpis_from_events_with_duplicates_and_disorder(start_worker):
     assert metrics[m("crm_stage_dwell_mean_seconds", stage="qualified", window="30d")] == 30 * 3600
     # 3 new-stage exits of 2 h, 10 h, 20 h: buckets (6h]=1, (12h]=1, (1d]=1; p50 rank 1.5 falls in (6h, 12h]
     # at half way: 6 h + 0.5 × 6 h = 9 h.
-    assert metrics[m("crm_stage_dwell_quantile_seconds", stage="new", window="7d", quantile="0.5")] == 9 * 3600
+    assert metrics[m("crm_stage_dwell_p50_seconds", stage="new", window="7d")] == 9 * 3600
     # Win rate: 1 won, 2 lost overall; r1: 1 won 1 lost; r2: 0 won 1 lost.
     assert metrics[m("crm_win_rate_ratio", window="7d")] == pytest.approx(1 / 3)
     assert metrics[m("crm_rep_win_rate_ratio", window="30d", rep="r1")] == 0.5
