@@ -18,7 +18,7 @@ from streams.catalogue import (
     window_sums,
 )
 from streams.kpis import apply_dwell, day_of, dwell_stats, prune_days
-from streams.routing import already_applied
+from agents.loops import unapplied_deltas
 
 histograms = app.Table("histograms", default=dict, partitions=settings.partitions, key_type=str)
 kpi_sums = app.Table("kpi-sums", default=dict, partitions=settings.partitions, key_type=str)
@@ -36,10 +36,7 @@ HISTOGRAMS = {
 
 @app.agent(histogram_deltas_topic)
 async def aggregate_histograms(stream):
-    async for scope, delta in stream.items():
-        state = histograms[scope]
-        if already_applied(state, delta):
-            continue
+    async for scope, delta, state in unapplied_deltas(stream, histograms):
         day = day_of(delta["at"])
         apply_dwell(state, day, delta["ms"], delta["sign"], baseline)
         prune_days(state, day - RETENTION_DAYS)
@@ -48,10 +45,7 @@ async def aggregate_histograms(stream):
 
 @app.agent(sums_deltas_topic)
 async def aggregate_sums(stream):
-    async for scope, delta in stream.items():
-        state = kpi_sums[scope]
-        if already_applied(state, delta):
-            continue
+    async for scope, delta, state in unapplied_deltas(stream, kpi_sums):
         apply_sums(state, delta["day"], delta["values"], delta["sign"], baseline)
         prune_sums(state, delta["day"] - RETENTION_DAYS)
         kpi_sums[scope] = state

@@ -105,7 +105,7 @@ dlq_topic = app.topic(settings.dlq_topic, value_serializer="orjson")
 # Validated events, re-keyed by their own entity (lead or customer) whatever key the producer used.
 valid_topic = internal_topic("valid-events")
 # Deltas for the keyed aggregates: histograms by "dwell:<stage>" / "cycle:all" / "resolution:all",
-# KPI sums by scope ("all", "rep:<id>", "source:<s>", ...), churn spells by "all", actors by "user:"/"rep:".
+# KPI sums by scope ("all", "rep:<id>", "source:<s>", ...), churn spells by "all", rep activity by "rep:<id>".
 histogram_deltas_topic = internal_topic("histogram-deltas")
 sums_deltas_topic = internal_topic("kpi-sum-deltas")
 churn_deltas_topic = internal_topic("churn-deltas")

@@ -7,12 +7,12 @@ from prometheus_client.core import GaugeMetricFamily
 
 from agents.aggregates import DeltaSender, kpi_sums
 from agents.app import app, churn_deltas_topic, clock, settings, valid_topic
-from agents.metrics import EVENTS_DUPLICATE, EVENTS_PROCESSED, export_gauges
+from agents.loops import first_seen_events, unapplied_deltas
+from agents.metrics import EVENTS_PROCESSED, export_gauges
 from streams.catalogue import customer_base_kpis, window_sums
 from streams.kpis import CHURN_WINDOW_DAYS, advance_churn_horizon, apply_spell, churn, day_of
-from streams.routing import CUSTOMER_TYPES, OVERALL, already_applied, apply_customer_event, first_seen
+from streams.routing import CUSTOMER_TYPES, OVERALL, apply_customer_event
 
-dedupe_horizon_ms = int(settings.dedupe_horizon_seconds * 1000)
 HORIZON_SLACK_DAYS = CHURN_WINDOW_DAYS + int(settings.grace_seconds // 86400) + 2
 
 customers = app.Table("customers", default=dict, partitions=settings.partitions, key_type=str)
@@ -22,14 +22,7 @@ customer_base = app.Table("customer-base", default=dict, partitions=settings.par
 
 @app.agent(valid_topic)
 async def track_customers(stream):
-    async for message in stream.events():
-        customer_id, event = message.key, message.value
-        if event["type"] not in CUSTOMER_TYPES:
-            continue
-        customer = customers[customer_id]
-        if not first_seen(customer, event, dedupe_horizon_ms):
-            EVENTS_DUPLICATE.labels(event["type"]).inc()
-            continue
+    async for message, customer_id, event, customer in first_seen_events(stream, CUSTOMER_TYPES, customers):
         spell_deltas, fact_deltas = apply_customer_event(customer, event)
         deltas = DeltaSender("customers", message.message)
         for start_day, end_day, sign in spell_deltas:
@@ -43,10 +36,7 @@ async def track_customers(stream):
 
 @app.agent(churn_deltas_topic)
 async def aggregate_churn(stream):
-    async for scope, delta in stream.items():
-        state = customer_base[scope]
-        if already_applied(state, delta):
-            continue
+    async for scope, delta, state in unapplied_deltas(stream, customer_base):
         advance_churn_horizon(state, day_of(delta["at"]) - HORIZON_SLACK_DAYS)
         apply_spell(state, delta["start"], delta["end"], delta["sign"])
         customer_base[scope] = state

@@ -10,13 +10,13 @@ from prometheus_client.core import GaugeMetricFamily
 
 from agents.aggregates import DeltaSender, stage_p90
 from agents.app import actor_activity_topic, alerts_topic, app, clock, settings, valid_topic
-from agents.metrics import ALERTS_EMITTED, EVENTS_DUPLICATE, EVENTS_PROCESSED, export_gauges
+from agents.loops import first_seen_events
+from agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, export_gauges
 from streams.leads import UNASSIGNED, apply_lead_event, check_stall, current_stage, is_open, new_lead
-from streams.routing import LEAD_TYPES, first_seen
+from streams.routing import LEAD_TYPES
 
 log = logging.getLogger(__name__)
 policy = settings.stall_policy
-dedupe_horizon_ms = int(settings.dedupe_horizon_seconds * 1000)
 
 # use_partitioner: the stall timer updates leads outside any event; the key's hash picks the partition,
 # which is the lead's partition of the valid-events topic, keyed the same way.
@@ -33,21 +33,17 @@ def threshold_at(now_ms: int):
 
 
 async def publish_alerts(alerts: list[dict]) -> None:
-    for alert in alerts:
-        await alerts_topic.send(key=alert["rep_id"], value=alert)
+    """Publish and wait until the broker has them: the lead's stall level is saved only afterwards, so a
+    crash in between raises an alert again (same alert_id) rather than losing it."""
+    pending = [await alerts_topic.send(key=alert["rep_id"], value=alert) for alert in alerts]
+    for future, alert in zip(pending, alerts):
+        await future
         ALERTS_EMITTED.labels(alert["type"]).inc()
 
 
 @app.agent(valid_topic)
 async def track_leads(stream):
-    async for message in stream.events():
-        lead_id, event = message.key, message.value
-        if event["type"] not in LEAD_TYPES:
-            continue
-        lead = leads.get(lead_id) or new_lead()
-        if not first_seen(lead, event, dedupe_horizon_ms):
-            EVENTS_DUPLICATE.labels(event["type"]).inc()
-            continue
+    async for message, lead_id, event, lead in first_seen_events(stream, LEAD_TYPES, leads, new=new_lead):
         fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
         deltas = DeltaSender("leads", message.message)
         await deltas.facts(fact_deltas, event)
@@ -66,13 +62,14 @@ async def scan_for_stalls():
         return
     threshold = threshold_at(now)
     alerts: list[dict] = []
+    raised_for: dict[str, dict] = {}
     gauges = {name: Counter() for name in lead_gauges}
     for lead_id, lead in list(leads.items()):
         if not is_open(lead, policy):
             continue
         raised = check_stall(lead, lead_id, now, policy, threshold)
         if raised:
-            leads[lead_id] = lead
+            raised_for[lead_id] = lead
             alerts += raised
         stage = current_stage(lead)
         gauges["open"][stage] += 1
@@ -81,6 +78,8 @@ async def scan_for_stalls():
             gauges["stalled"][(lead["rep"] or UNASSIGNED, stage)] += 1
     lead_gauges.update(gauges)
     await publish_alerts(alerts)
+    for lead_id, lead in raised_for.items():
+        leads[lead_id] = lead
 
 
 @export_gauges

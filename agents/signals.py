@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 from agents.aggregates import DeltaSender
-from agents.app import actor_activity_topic, app, clock, settings, valid_topic
-from agents.metrics import EVENTS_DUPLICATE, EVENTS_PROCESSED
-from streams.routing import SIGNAL_TYPES, already_applied, apply_actor_activity, first_seen
-
-dedupe_horizon_ms = int(settings.dedupe_horizon_seconds * 1000)
+from agents.app import actor_activity_topic, app, settings, valid_topic
+from agents.loops import first_seen_events, unapplied_deltas
+from agents.metrics import EVENTS_PROCESSED
+from streams.routing import SIGNAL_TYPES, apply_actor_activity
 
 signal_sources = app.Table("signal-sources", default=dict, partitions=settings.partitions, key_type=str)
 actors = app.Table("actors", default=dict, partitions=settings.partitions, key_type=str)
@@ -16,14 +15,7 @@ actors = app.Table("actors", default=dict, partitions=settings.partitions, key_t
 
 @app.agent(valid_topic)
 async def track_signals(stream):
-    async for message in stream.events():
-        key, event = message.key, message.value
-        if event["type"] not in SIGNAL_TYPES:
-            continue
-        source = signal_sources[key]
-        if not first_seen(source, event, dedupe_horizon_ms):
-            EVENTS_DUPLICATE.labels(event["type"]).inc()
-            continue
+    async for message, key, event, source in first_seen_events(stream, SIGNAL_TYPES, signal_sources):
         fact_deltas = []
         if event["type"] == "crm.user_activity":
             fact_deltas = apply_actor_activity(source, event["occurred_at"], "active_users")
@@ -36,12 +28,9 @@ async def track_signals(stream):
 
 @app.agent(actor_activity_topic)
 async def track_active_reps(stream):
-    async for message in stream.events():
-        actor = actors[message.key]
-        if already_applied(actor, message.value):
-            continue
-        fact_deltas = apply_actor_activity(actor, message.value["at"], "active_reps")
-        deltas = DeltaSender("reps", message.message)
+    async for key, activity, actor in unapplied_deltas(stream, actors):
+        fact_deltas = apply_actor_activity(actor, activity["at"], "active_reps")
+        deltas = DeltaSender("reps", stream.current_event.message)
         await deltas.facts(fact_deltas)
         await deltas.delivered()
-        actors[message.key] = actor
+        actors[key] = actor

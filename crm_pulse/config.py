@@ -69,6 +69,14 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _baseline_is_a_period(self) -> "Settings":
+        if (self.baseline_start is None) != (self.baseline_end is None):
+            raise ValueError("set both CRM_PULSE_BASELINE_START and CRM_PULSE_BASELINE_END, or neither")
+        if self.baseline_start and self.baseline_start > self.baseline_end:
+            raise ValueError("CRM_PULSE_BASELINE_START is after CRM_PULSE_BASELINE_END")
+        return self
+
+    @model_validator(mode="after")
     def _sasl_needs_mechanism(self) -> "Settings":
         if self.security_protocol.startswith("SASL_") and not self.sasl_mechanism:
             raise ValueError(f"CRM_PULSE_SECURITY_PROTOCOL={self.security_protocol} needs CRM_PULSE_SASL_MECHANISM")
