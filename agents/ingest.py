@@ -43,5 +43,8 @@ async def ingest(stream):
                         event.message.offset, error)  # fmt: skip
             await dlq_topic.send(key=event.key, value=dead_letter(error, event.message))
             continue
-        clock.observe(event.message.partition, crm_event.occurred_at)
-        await valid_topic.send(key=crm_event.key, value=crm_event.model_dump(by_alias=True))
+        partition = event.message.partition
+        clock.observe(partition, crm_event.occurred_at)
+        forwarded = {"event": crm_event.model_dump(by_alias=True), "source": partition,
+                     "watermark": clock.partition_watermark(partition)}  # fmt: skip
+        await valid_topic.send(key=crm_event.key, value=forwarded)

@@ -12,6 +12,7 @@ from agents.aggregates import DeltaSender, stage_p90
 from agents.app import actor_activity_topic, alerts_topic, app, clock, settings, valid_topic
 from agents.loops import first_seen_events
 from agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, export_gauges
+from streams.clock import UpstreamWatermark
 from streams.leads import UNASSIGNED, apply_lead_event, check_stall, current_stage, is_open, new_lead
 from streams.routing import LEAD_TYPES
 
@@ -23,6 +24,17 @@ policy = settings.stall_policy
 leads = app.Table("leads", default=None, partitions=settings.partitions, key_type=str, use_partitioner=True)
 # Refreshed by each stall scan, so scrapes never walk every lead.
 lead_gauges: dict[str, Counter] = {"open": Counter(), "stalled": Counter(), "value": Counter()}
+processed = UpstreamWatermark()
+
+
+def stall_now_ms() -> int | None:
+    """The time idle leads are compared against: the wall clock live, else how far this agent has got."""
+    return clock.now_ms() if clock.mode == "wall" else processed.watermark_ms
+
+
+@app.on_partitions_assigned.connect
+async def forget_moved_partitions(sender, assigned, **kwargs) -> None:
+    processed.keep_only(tp.partition for tp in assigned if tp.topic == valid_topic.get_topic_name())
 
 
 def threshold_at(now_ms: int):
@@ -43,7 +55,7 @@ async def publish_alerts(alerts: list[dict]) -> None:
 
 @app.agent(valid_topic)
 async def track_leads(stream):
-    async for message, lead_id, event, lead in first_seen_events(stream, LEAD_TYPES, leads, new=new_lead):
+    async for message, lead_id, event, lead in first_seen_events(stream, LEAD_TYPES, leads, new_lead, processed):
         fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
         deltas = DeltaSender("leads", message.message)
         await deltas.facts(fact_deltas, event)
@@ -57,7 +69,7 @@ async def track_leads(stream):
 
 @app.timer(settings.stall_scan_seconds)
 async def scan_for_stalls():
-    now = clock.stall_now_ms()
+    now = stall_now_ms()
     if now is None:
         return
     threshold = threshold_at(now)

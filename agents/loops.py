@@ -12,10 +12,14 @@ from streams.routing import already_applied, first_seen
 DEDUPE_HORIZON_MS = int(settings.dedupe_horizon_seconds * 1000)
 
 
-async def first_seen_events(stream, types: frozenset[str], table, new=dict) -> AsyncIterator:
-    """(event, key, value, state) for every event of `types` whose event_id the entity has not applied."""
+async def first_seen_events(stream, types: frozenset[str], table, new=dict, upstream=None) -> AsyncIterator:
+    """(event, key, value, state) for every event of `types` whose event_id the entity has not applied;
+    `upstream` (an UpstreamWatermark) follows the watermarks forwarded with every event, of any type."""
     async for event in stream.events():
-        value = event.value
+        forwarded = event.value
+        if upstream is not None:
+            upstream.observe(event.message.partition, forwarded["source"], forwarded["watermark"])
+        value = forwarded["event"]
         if value["type"] not in types:
             continue
         state = table.get(event.key) or new()

@@ -57,7 +57,7 @@ async def kpi_family(self: web.View, request: web.Request, family: str) -> web.R
 async def stalled_leads(self: web.View, request: web.Request) -> web.Response:
     """Open leads currently stalled, longest idle first; `?rep=<rep id>` for one rep's."""
     rep = request.query.get("rep")
-    now = clock.stall_now_ms()
+    now = leads.stall_now_ms()
     found = []
     for lead_id, lead in leads.leads.items():
         if not lead["stall_level"] or not is_open(lead, leads.policy):

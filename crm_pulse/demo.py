@@ -119,6 +119,8 @@ def run_demo(settings: Settings, speed: float, seconds: float | None) -> int:
     console.print(f"embedded Tansu broker at [bold]{broker.url}[/]; starting the worker…")
     env = {**os.environ, "CRM_PULSE_BROKER": broker.url, "CRM_PULSE_CLOCK": "event",
            "CRM_PULSE_STALL_SCAN_SECONDS": "1", "CRM_PULSE_LOG_LEVEL": "warning",
+           # Synthetic events arrive in order: a short grace period lets stall checks follow closely.
+           "CRM_PULSE_GRACE_SECONDS": os.environ.get("CRM_PULSE_GRACE_SECONDS", "21600"),
            # Synthetic leads spend 0.3-1.8 days per stage: tight thresholds make some rot within the minute.
            "CRM_PULSE_STALL_STAGE_DAYS": os.environ.get("CRM_PULSE_STALL_STAGE_DAYS",
                                                         '{"new": 1.5, "qualified": 2, "proposal": 2, "negotiation": 2.5}'),

@@ -63,7 +63,7 @@ class SyntheticCrm:
             "stage": STAGES[0]}))  # fmt: skip
         if campaign:
             for kind in ("touch", "click", "response")[: rng.randint(1, 3)]:
-                self._push(at - rng.randint(1, 12 * HOUR_MS), self._signal("campaign.touch",
+                self._push(at + rng.randint(1, 12 * HOUR_MS), self._signal("campaign.touch",
                            {"campaign": campaign, "kind": kind}))  # fmt: skip
         stalls_in = rng.randrange(len(STAGES)) if rng.random() < self.stall_share else None
         t = at

@@ -3,8 +3,8 @@
 Event time is tracked per input partition, as in Flink and Kafka Streams: events of one entity share a
 partition and arrive in order there, while partitions are read at different speeds. An event is late
 when it is older than its own partition's latest event by more than the grace period. Windows end at
-the latest event time seen; stall checks use the watermark — the slowest partition's latest event time —
-so that no lead is declared stalled by a partition that is merely read faster than its own.
+the latest event time seen. Stall checks need more: a lead may be declared stalled only once every event
+that could still move it has been processed, which `UpstreamWatermark` tells behind the re-keying hop.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ class Clock:
         high = self.seen.get(str(partition))
         return high is not None and event_ms < high - self.grace_ms
 
+    def partition_watermark(self, partition: int) -> int:
+        """No event older than this will be accepted from the partition any more."""
+        return self.seen[str(partition)] - self.grace_ms
+
     def keep_only(self, partitions: Iterable[int]) -> None:
         """After a rebalance: forget partitions another worker reads now."""
         mine = {str(p) for p in partitions}
@@ -55,6 +59,24 @@ class Clock:
         """Where windows end."""
         return int(time.time() * 1000) if self.mode == "wall" else self.latest_ms
 
-    def stall_now_ms(self) -> int | None:
-        """The time stall checks compare idle leads against."""
-        return int(time.time() * 1000) if self.mode == "wall" else self.watermark_ms
+
+class UpstreamWatermark:
+    """Event time as far as an agent behind the re-keying hop has got, as in Flink: every forwarded event
+    carries its input partition's watermark (latest event time − grace; anything older is rejected as
+    late there, so it was forwarded already). Per (own partition, input partition) the agent keeps the
+    highest it has processed; the minimum is a time before which it has seen every event it ever will."""
+
+    def __init__(self):
+        self.marks: dict[tuple[int, int], int] = {}
+
+    def observe(self, partition: int, source: int, watermark_ms: int) -> None:
+        if watermark_ms > self.marks.get((partition, source), watermark_ms - 1):
+            self.marks[(partition, source)] = watermark_ms
+
+    def keep_only(self, partitions: Iterable[int]) -> None:
+        mine = set(partitions)
+        self.marks = {key: ms for key, ms in self.marks.items() if key[0] in mine}
+
+    @property
+    def watermark_ms(self) -> int | None:
+        return min(self.marks.values(), default=None)

@@ -9,7 +9,7 @@ from collections import defaultdict
 import pytest
 
 from streams.catalogue import KPIS, apply_sums, event_sums, window_sums
-from streams.clock import Clock
+from streams.clock import Clock, UpstreamWatermark
 from streams.kpis import (
     DAY_MS,
     Churn,
@@ -412,13 +412,14 @@ def test_first_seen_dedupes_and_prunes_behind_the_entitys_latest_event():
 
 def test_clock_lateness_is_per_partition_windows_end_at_the_latest_and_stalls_use_the_slowest():
     clock = Clock("event", grace_ms=2 * DAY_MS)
-    assert (clock.now_ms(), clock.stall_now_ms()) == (None, None)
+    assert (clock.now_ms(), clock.watermark_ms) == (None, None)
     clock.observe(0, at(10))
     clock.observe(1, at(5))
     clock.observe(0, at(9))  # older events never lower a partition's mark
     assert clock.seen == clock.saved == {"0": at(10), "1": at(5)}
     assert clock.now_ms() == clock.latest_ms == at(10)
-    assert clock.stall_now_ms() == clock.watermark_ms == at(5)
+    assert clock.watermark_ms == at(5)
+    assert clock.partition_watermark(0) == at(8)  # nothing older than day 8 is accepted from partition 0
     assert clock.is_late(0, at(8) - 1)  # more than 2 d behind partition 0's day 10
     assert not clock.is_late(0, at(8))
     assert not clock.is_late(1, at(4))  # partition 1 is only at day 5
@@ -428,7 +429,7 @@ def test_clock_lateness_is_per_partition_windows_end_at_the_latest_and_stalls_us
 def test_clock_resumes_from_saved_marks_but_judges_lateness_on_what_it_has_read():
     saved = {"0": at(10), "1": at(7)}  # the worker passes its event-time table
     clock = Clock("event", grace_ms=2 * DAY_MS, saved=saved)
-    assert (clock.now_ms(), clock.stall_now_ms()) == (at(10), at(7))
+    assert (clock.now_ms(), clock.watermark_ms) == (at(10), at(7))
     # A message re-read after a restart is not late against marks of events read before the crash.
     assert not clock.is_late(0, at(1))
     clock.observe(0, at(11))
@@ -438,9 +439,22 @@ def test_clock_resumes_from_saved_marks_but_judges_lateness_on_what_it_has_read(
     assert not clock.is_late(0, at(1))
 
 
+def test_upstream_watermark_is_the_least_advanced_pair_of_own_and_input_partition():
+    upstream = UpstreamWatermark()
+    assert upstream.watermark_ms is None
+    upstream.observe(0, 0, at(5))
+    upstream.observe(1, 1, at(9))
+    upstream.observe(0, 0, at(4))  # an older watermark on the same path never lowers it
+    assert upstream.watermark_ms == at(5)
+    upstream.observe(1, 0, at(3))  # input partition 0 reached own partition 1 with an older watermark
+    assert upstream.watermark_ms == at(3)
+    upstream.keep_only([0])  # own partition 1 moved to another worker
+    assert upstream.marks == {(0, 0): at(5)}
+
+
 def test_wall_clock_reads_the_system_time(monkeypatch):
     monkeypatch.setattr("streams.clock.time.time", lambda: 1_767_225_600.25)
     clock = Clock("wall", grace_ms=0)
     clock.observe(0, at(-30))
-    assert clock.now_ms() == clock.stall_now_ms() == 1_767_225_600_250
+    assert clock.now_ms() == 1_767_225_600_250
     assert clock.watermark_ms == at(-30)

@@ -102,7 +102,8 @@ def test_kpis_from_events_with_duplicates_and_disorder(start_worker):
 
 
 def test_stalled_lead_alerts_once_per_stall_keyed_by_rep(start_worker):
-    worker = start_worker(CRM_PULSE_STALL_STAGE_DAYS='{"new": 2}')
+    # Stall checks trail the newest event by the grace period (1 h here): only then is nothing left to arrive.
+    worker = start_worker(CRM_PULSE_STALL_STAGE_DAYS='{"new": 2}', CRM_PULSE_GRACE_SECONDS="3600")
     # L1 is created and left alone; L2's events move the event-time clock forward.
     worker.send(lead_event("l1", "lead.created", "L1", T0, rep="rep-7", source="web"))
     worker.send(lead_event("l2", "lead.created", "L2", T0 + 3 * DAY_MS, rep="rep-8", source="web"))
@@ -112,7 +113,7 @@ def test_stalled_lead_alerts_once_per_stall_keyed_by_rep(start_worker):
     assert metrics[m("crm_leads_open", stage="new")] == 2
     status, body = worker.get_json("/leads/stalled?rep=rep-7")
     assert status == 200 and [(s["lead_id"], s["stage"], s["level"]) for s in body["stalled"]] == [("L1", "new", "stalled")]
-    assert body["stalled"][0]["idle_seconds"] == 3 * 86400  # event-time clock: now is L2's creation
+    assert body["stalled"][0]["idle_seconds"] == 3 * 86400 - 3600  # now: L2's creation − the grace period
     assert worker.get_json("/leads/stalled?rep=rep-8")[1]["stalled"] == []
     worker.send(lead_event("l3", "lead.activity", "L2", T0 + 5 * DAY_MS, rep="rep-8", kind="call", direction="inbound"))
     worker.wait_for(lambda got: got[m("crm_alerts_emitted_total", type="lead.stall_escalated")] == 1, what="escalation")
