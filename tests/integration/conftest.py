@@ -34,6 +34,7 @@ class Worker:
 
     def __init__(self, broker: EmbeddedBroker, tmp_path: Path, **overrides: str):
         n = next(_names)
+        self.broker, self.tmp_path = broker, tmp_path
         self.bootstrap = [broker.url.removeprefix("kafka://")]
         self.port = free_port()
         self.env = {
@@ -54,6 +55,14 @@ class Worker:
         self.log_path = tmp_path / f"worker-{n}.log"
         self.process: subprocess.Popen | None = None
         self.producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5)
+
+    def sibling(self) -> "Worker":
+        """A second worker of the same app (same group, topics and tables), with its own port and disk."""
+        n = next(_names)
+        return Worker(self.broker, self.tmp_path, **{
+            **{k: v for k, v in self.env.items() if k.startswith("CRM_PULSE_")},
+            "CRM_PULSE_METRICS_PORT": str(free_port()), "CRM_PULSE_DATA_DIR": str(self.tmp_path / f"data-{n}"),
+        })  # fmt: skip
 
     def topic(self, role: str) -> str:
         return self.env[f"CRM_PULSE_{role.upper()}_TOPIC"]
@@ -133,8 +142,8 @@ class Worker:
 def start_worker(broker, tmp_path):
     workers = []
 
-    def start(**overrides: str) -> Worker:
-        worker = Worker(broker, tmp_path, **overrides).start()
+    def start(sibling_of: Worker | None = None, **overrides: str) -> Worker:
+        worker = (sibling_of.sibling() if sibling_of else Worker(broker, tmp_path, **overrides)).start()
         workers.append(worker)
         return worker
 

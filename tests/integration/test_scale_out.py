@@ -1,0 +1,64 @@
+"""Two workers in one group give the same KPIs and alerts as one; when one stops, its series move to the
+survivor — none lost, none stale, none exported twice."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.integration.test_reliability import STABLE, alerts, by_id, kpis, run_to_end, settled, synthetic_events
+
+pytestmark = pytest.mark.integration
+
+# Per-worker series: each worker counts its own leads (sum them) and has its own watermark.
+SUMMABLE = {"crm_leads_open", "crm_pipeline_open_value", "crm_leads_stalled"}
+PER_WORKER = {"crm_event_time_watermark_seconds"}
+
+
+def partitions(worker) -> list[int]:
+    return worker.get_json("/kpis")[1]["partitions"]
+
+
+def merged(*snapshots: dict) -> dict:
+    """One view of several workers' /kpis: owned series must come from exactly one worker."""
+    owned: dict[str, dict] = {}
+    summed: dict[str, dict] = {}
+    for snapshot in snapshots:
+        for name, samples in snapshot.items():
+            if name in PER_WORKER:
+                continue
+            for labels, value in samples:
+                if name in SUMMABLE:
+                    summed.setdefault(name, {})[labels] = round(summed.get(name, {}).get(labels, 0) + value, 6)
+                else:
+                    assert labels not in owned.setdefault(name, {}), f"{name}{dict(labels)} exported twice"
+                    owned[name][labels] = value
+    return {name: sorted(series.items()) for name, series in {**owned, **summed}.items()}
+
+
+def test_two_workers_equal_one_and_a_stopped_worker_hands_over(start_worker):
+    events = synthetic_events(days=20, seed=5)
+    reference = start_worker(**STABLE)
+    reference.send(*events)
+    expected = merged(run_to_end(reference, len(events)))
+    expected_alerts = by_id(alerts(reference))
+
+    first = start_worker(**STABLE)
+    second = start_worker(sibling_of=first)
+    first.send(*events)
+    for worker in (first, second):
+        worker.wait_for(lambda m: len(partitions(worker)) == 2, what="two partitions each", timeout=120)
+        worker.wait_for(settled, what="both workers caught up", timeout=300)
+    time.sleep(2)  # a few stall scans at the final watermark
+    two = merged(kpis(first), kpis(second))
+    assert two == expected
+    assert by_id(alerts(first)) == expected_alerts
+    assert kpis(first) and kpis(second), "both workers own part of the work"
+
+    second.stop()
+    first.wait_for(lambda m: partitions(first) == [0, 1, 2, 3], what="the survivor to take over", timeout=120)
+    first.wait_for(settled, what="the survivor caught up", timeout=300)
+    time.sleep(2)
+    assert merged(kpis(first)) == expected
+    assert by_id(alerts(first)) == expected_alerts
