@@ -250,8 +250,9 @@ def dead_letters(worker: Worker) -> int:
 
 @pytest.mark.parametrize("mode", ["refuse", "blackhole"])
 def test_worker_rides_out_a_30s_broker_outage(start_worker, tmp_path, mode):
-    timings: dict[str, float] = {}
     began = time.monotonic()
+    timings: dict[str, float] = {}
+    seen = {"scrapes": 0, "slowest /metrics": 0.0}
     events = synthetic_events(days=6)
     split = next(i for i, e in enumerate(events) if e["occurred_at"] >= START + 3 * DAY_MS)
     before, after = events[:split], events[split:]
@@ -261,47 +262,45 @@ def test_worker_rides_out_a_30s_broker_outage(start_worker, tmp_path, mode):
     reference.send(*events)
 
     broker = ProxiedBroker(mode)
-    worker = Worker(SimpleNamespace(url=broker.url), tmp_path, **SETTINGS)
+    worker = None
     try:
+        worker = Worker(SimpleNamespace(url=broker.url), tmp_path, **SETTINGS)
         worker.start()
         pid = worker.process.pid
         worker.send(*before)
-        run_to_end(worker, len(before))
-        timings["first half processed"] = time.monotonic() - began
+        run_to_end(worker, len(before))  # settled: nothing uncommitted that a reconnect could re-read
+        timings["first half settled"] = time.monotonic() - began
         assert broker.proxy.open_links > 0, "the worker holds no connection through the proxy"
 
         # The outage: every connection reset, no broker for 30 s; the worker must stay up and answer.
         broker.proxy.cut()
         cut_at = time.monotonic()
         forwarded_at_cut = broker.proxy.forwarded
-        scrapes, slowest = 0, 0.0
         while time.monotonic() - cut_at < OUTAGE_SECONDS:
-            assert worker.process.poll() is None, f"worker exited during the outage: {worker.log_path.read_text()[-5000:]}"
+            assert worker.process.poll() is None, f"worker exited in the outage: {worker.log_path.read_text()[-5000:]}"
             asked = time.monotonic()
             metrics = worker.metrics()  # raises if /metrics does not answer within 5 s
-            slowest = max(slowest, time.monotonic() - asked)
-            scrapes += 1
+            seen["slowest /metrics"] = max(seen["slowest /metrics"], time.monotonic() - asked)
+            seen["scrapes"] += 1
             assert metrics[("crm_events_received_total", ())] == len(before)
             time.sleep(1)
         assert broker.proxy.aborted > 0 and broker.proxy.forwarded == forwarded_at_cut
-        forwarded_at_restore = broker.proxy.forwarded
         broker.proxy.restore()
-        timings["outage"] = time.monotonic() - cut_at
+        restored_at = time.monotonic()
+        timings["outage"] = restored_at - cut_at
         assert worker.process.poll() is None
 
         worker.send(*after)
-        restored_at = time.monotonic()
         final = run_to_end(worker, len(events))
-        timings["recovery and second half"] = time.monotonic() - restored_at
-        timings["reference settled"] = 0.0
+        timings["recovery and second half settled"] = time.monotonic() - restored_at
+        assert broker.proxy.forwarded > forwarded_at_cut  # it reconnected through the proxy
         reference_final = run_to_end(reference, len(events))
-        timings["reference settled"] = time.monotonic() - began
 
-        # Same process all along, started once.
+        # One process all along, started once, no agent crashed.
         assert worker.process.poll() is None and worker.process.pid == pid
         log = worker.log_path.read_text()
-        assert log.count("Worker ready") <= 1 and log.count("[^Worker]: Starting...") <= 1, log[-5000:]
-        assert broker.proxy.forwarded > forwarded_at_restore  # it reconnected through the proxy
+        assert log.count("[^Worker]: Starting...") == 1 and log.count("[^Worker]: Ready") == 1, log[-5000:]
+        assert "Crashed" not in log, log[log.index("Crashed") - 3000 :][:6000]
 
         # Nothing lost, nothing counted twice, nothing dead-lettered.
         assert final[("crm_events_received_total", ())] == len(events)
@@ -315,11 +314,15 @@ def test_worker_rides_out_a_30s_broker_outage(start_worker, tmp_path, mode):
         outage_kpis = kpis(worker)
         assert outage_kpis["crm_deals_won"]  # the scenario exercises the KPIs
         assert outage_kpis == kpis(reference)
-        assert alert_ids(worker) == alert_ids(reference)
+        reference_alerts = alert_ids(reference)
+        assert reference_alerts  # ... and the alerts
+        assert alert_ids(worker) == reference_alerts
     finally:
-        worker.stop()
+        if worker:
+            worker.stop()
         broker.stop()
         timings["total"] = time.monotonic() - began
-        print(f"\n[{mode}] events {len(before)}+{len(after)}, cut links {broker.proxy.aborted}, blackholed "
-              f"{broker.proxy.held}, /metrics during outage: {locals().get('scrapes')} scrapes, slowest "
-              f"{locals().get('slowest', 0):.2f}s; timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        print(f"\n[{mode}] events {len(before)}+{len(after)}; proxy: {broker.proxy.aborted} links cut, "
+              f"{broker.proxy.held} connects blackholed, {broker.proxy.forwarded} forwarded; /metrics in the outage: "
+              f"{seen['scrapes']} answers, slowest {seen['slowest /metrics']:.2f} s; "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
