@@ -27,7 +27,8 @@ class Settings(BaseSettings):
 
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 6066
-    store: str = "memory://"
+    # Faust's RocksDB store refuses the table writes the stall timer makes outside an event.
+    store: Literal["memory://"] = "memory://"
     data_dir: str = "data"
 
     clock: Literal["wall", "event"] = "wall"
