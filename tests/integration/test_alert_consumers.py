@@ -62,7 +62,7 @@ def crm_pulse(worker, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_tail_prints_each_alert_and_reports_invalid_records_on_stderr(start_worker):
-    worker = start_worker(CRM_PULSE_STALL_STAGE_DAYS='{"new": 2}')
+    worker = start_worker(CRM_PULSE_STALL_STAGE_DAYS='{"new": 2}', CRM_PULSE_GRACE_SECONDS="3600")
     stall(worker)
     stalled = orjson.loads(worker.read("alerts", 1)[0].value)
     produce(worker, b"{not json", orjson.dumps({**stalled, "schema_version": 2}))  # offsets 1 and 2
@@ -160,7 +160,7 @@ def slack(headline: str, facts: str, details: str) -> dict:
 
 def test_notify_posts_each_alert_once_retrying_a_failed_post_and_resumes_after_it(start_worker, webhook):
     hook = webhook(500)
-    worker = start_worker(CRM_PULSE_STALL_STAGE_DAYS='{"new": 2}')
+    worker = start_worker(CRM_PULSE_STALL_STAGE_DAYS='{"new": 2}', CRM_PULSE_GRACE_SECONDS="3600")
     stall(worker)
     escalate(worker)
     stalled, escalated = (orjson.loads(r.value) for r in worker.read("alerts", 2))
