@@ -58,11 +58,9 @@ class Worker:
 
     def sibling(self) -> "Worker":
         """A second worker of the same app (same group, topics and tables), with its own port and disk."""
-        n = next(_names)
-        return Worker(self.broker, self.tmp_path, **{
-            **{k: v for k, v in self.env.items() if k.startswith("CRM_PULSE_")},
-            "CRM_PULSE_METRICS_PORT": str(free_port()), "CRM_PULSE_DATA_DIR": str(self.tmp_path / f"data-{n}"),
-        })  # fmt: skip
+        own = ("CRM_PULSE_METRICS_PORT", "CRM_PULSE_DATA_DIR")
+        shared = {k: v for k, v in self.env.items() if k.startswith("CRM_PULSE_") and k not in own}
+        return Worker(self.broker, self.tmp_path, **shared)
 
     def topic(self, role: str) -> str:
         return self.env[f"CRM_PULSE_{role.upper()}_TOPIC"]

@@ -11,9 +11,8 @@ from tests.integration.test_reliability import STABLE, alerts, by_id, kpis, run_
 
 pytestmark = pytest.mark.integration
 
-# Per-worker series: each worker counts its own leads (sum them) and has its own watermark.
+# Per-worker series: each worker counts its own leads (sum them).
 SUMMABLE = {"crm_leads_open", "crm_pipeline_open_value", "crm_leads_stalled"}
-PER_WORKER = {"crm_event_time_watermark_seconds"}
 
 
 def partitions(worker) -> list[int]:
@@ -26,8 +25,6 @@ def merged(*snapshots: dict) -> dict:
     summed: dict[str, dict] = {}
     for snapshot in snapshots:
         for name, samples in snapshot.items():
-            if name in PER_WORKER:
-                continue
             for labels, value in samples:
                 if name in SUMMABLE:
                     summed.setdefault(name, {})[labels] = round(summed.get(name, {}).get(labels, 0) + value, 6)
@@ -58,7 +55,9 @@ def test_two_workers_equal_one_and_a_stopped_worker_hands_over(start_worker):
 
     second.stop()
     first.wait_for(lambda m: partitions(first) == [0, 1, 2, 3], what="the survivor to take over", timeout=120)
-    first.wait_for(settled, what="the survivor caught up", timeout=300)
-    time.sleep(2)
+    # Nothing is left to process, so there is no commit to wait for: give recovery and a stall scan time.
+    deadline = time.monotonic() + 120
+    while merged(kpis(first)) != expected and time.monotonic() < deadline:
+        time.sleep(2)
     assert merged(kpis(first)) == expected
     assert by_id(alerts(first)) == expected_alerts
