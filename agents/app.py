@@ -65,6 +65,8 @@ app = faust.App(
     web_port=settings.metrics_port,
     # Standby copies would live in the same in-memory store and be counted as this worker's own.
     table_standby_replicas=0,
+    # A dead letter carries its input base64-encoded (4/3 of its size): room for any input the broker took.
+    producer_max_request_size=4 * 1024 * 1024,
     autodiscover=False,
 )
 

@@ -76,9 +76,9 @@ def traffic(settings: Settings, speed: float, stop: threading.Event) -> None:
         if elapsed - last_garbage >= 60 or not last_garbage:
             producer.send(settings.input_topic, key=b"garbage", value=b"{not json")
             last_garbage = elapsed or 1e-9
-        producer.flush()
+        producer.flush(timeout=5)
         stop.wait(0.2)
-    producer.close()
+    producer.close(timeout=5)
 
 
 def count_alerts(settings: Settings, counts: dict, stop: threading.Event) -> None:

@@ -6,6 +6,7 @@ per-entity state and de-duplication by `event_id` rely on every event of an enti
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Literal, Union
 
@@ -16,22 +17,30 @@ SCHEMA_VERSION = 1
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 
 
+ISO_8601 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})")
+LAST_MS = 32503680000000  # year 3000
+
+
 def to_epoch_ms(value: object) -> int:
     """Event time as epoch milliseconds: ISO-8601 strings must carry a UTC offset; ints are epoch ms."""
     if isinstance(value, bool):
         raise ValueError("timestamp must be ISO-8601 with offset or epoch milliseconds, not a boolean")
     if isinstance(value, int):
-        if not 0 <= value < 32503680000000:  # before year 3000
+        if not 0 <= value < LAST_MS:
             raise ValueError(f"epoch milliseconds out of range: {value}")
         return value
     if isinstance(value, str):
+        # fromisoformat alone accepts more than ISO-8601 (e.g. a trailing NUL); the offset is required.
+        if not ISO_8601.fullmatch(value):
+            raise ValueError(f"timestamp {value[:64]!r} is not ISO-8601 with a UTC offset")
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             raise ValueError(f"unparseable timestamp {value[:64]!r}") from None
-        if parsed.tzinfo is None:
-            raise ValueError(f"timestamp {value[:64]!r} has no UTC offset")
-        return int(parsed.replace(microsecond=0).timestamp()) * 1000 + parsed.microsecond // 1000
+        ms = int(parsed.replace(microsecond=0).timestamp()) * 1000 + parsed.microsecond // 1000
+        if not 0 <= ms < LAST_MS:
+            raise ValueError(f"timestamp {value[:64]!r} is before 1970 or after 2999")
+        return ms
     raise ValueError("timestamp must be ISO-8601 with offset or epoch milliseconds")
 
 
@@ -66,7 +75,7 @@ class LeadCreated(_Model):
 class LeadStageChanged(_Model):
     from_stage: Id = Field(alias="from")
     to_stage: Id = Field(alias="to")
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class LeadActivity(_Model):

@@ -42,7 +42,7 @@ def parse_event(raw: bytes | None) -> CrmEvent:
     if not isinstance(doc, dict):
         raise InvalidEvent("not_an_object", f"top-level JSON is {type(doc).__name__}")
     version = doc.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # not True, 1.0 or "1"
         raise InvalidEvent("unsupported_version", f"schema_version {version!r} (this worker reads {SCHEMA_VERSION})")
     if doc.get("type") not in EVENT_TYPES:
         raise InvalidEvent("unknown_type", f"type {str(doc.get('type'))[:64]!r} is not one of {', '.join(EVENT_TYPES)}")

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 import orjson
 import pytest
@@ -87,7 +88,8 @@ HOSTILE = [
     "\u0000", "lead\u0000id", "\u0000\u0000\u0000", "\\u0000", "%00", "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
     "../../etc/passwd", "..\\..\\..\\windows\\win.ini", "/dev/zero", "file:///etc/shadow", "....//....//etc/hosts",
     "\r\nX-Injected: 1", "\n", "\t", " ", "line1\nline2", "\u202egnp.exe", "\ufeffbom", "\u200b", "\x7f", "\x1b[31mred",
-    "😀", "𝕏𝕐", "Ω≈ç√∫", "ﷺ", "لمستخدم", "用户", "null", "None", "undefined", "NaN", "true", "0", "-1", "1e308",
+    "😀", "𝕏𝕐", "Ω≈ç√∫", "ﷺ", "لمستخدم", "用户", "null", "None", "undefined", "NaN", "true", "0", "-1",
+    "1e308",
     "{\"$ne\": null}", "$where", "__proto__", "constructor", "{}", "[]", "\\", "\"", "'", "%s%s%s%n", "{0}",
     "${jndi:ldap://attacker/a}", "rep:all", "all", "unassigned",
 ]  # fmt: skip
@@ -95,7 +97,8 @@ assert all(1 <= len(s) <= 64 for s in HOSTILE)
 # Exactly 128 characters: still valid ids.
 LONGEST = ["L" * 128, "é" * 128, "😀" * 128, ("'; DROP TABLE leads; --" * 6)[:128], ("../" * 43)[:128]]
 NOT_ENVELOPE = ["admin", "is_admin", "__proto__", "constructor", "$where", "$set", "eventId", "Event_ID", "lead_Id",
-                "type ", "payload\u0000", "", "sql", "'; DROP TABLE leads; --", "<script>", "occurredAt", "id"]  # fmt: skip
+                "type ", "payload\u0000", "", "sql", "'; DROP TABLE leads; --", "<script>", "occurredAt",
+                "id"]  # fmt: skip
 WRONG_TYPED = [0, 42, -1, 3.14, True, False, [], ["x"], {}, {"$ne": None}, {"$gt": ""},
                {"nested": {"deeper": ["x", {"deepest": "x"}]}}]  # fmt: skip
 
@@ -153,7 +156,8 @@ class Hostile:
             return self.some_id()
         if kind == STR:
             lo, hi = extra
-            return rng.choice([s for s in HOSTILE + LONGEST if lo <= len(s) <= hi] + ["x" * hi] + (["" ] if lo == 0 else []))
+            fitting = [s for s in HOSTILE + LONGEST if lo <= len(s) <= hi]
+            return rng.choice(fitting + ["x" * hi] + ([""] if lo == 0 else []))
         if kind == AMOUNT:
             return rng.choice([0, 0.0, 1, 19.99, 250_000, 1e308, 5e-324, rng.uniform(0, 10_000)])
         if kind == INT:
@@ -307,7 +311,7 @@ class Hostile:
             return json.dumps(doc).encode()
         if kind == 14:  # numbers JSON does not allow
             doc["occurred_at"] = "@@NUM@@"
-            number = rng.choice([b"0" + str(at).encode(), b"+" + str(at).encode(), b".5", b"1.", b"0x10", b"1e", b"--1"])
+            number = rng.choice([b"0%d" % at, b"+%d" % at, b".5", b"1.", b"0x10", b"1e", b"--1"])
             return orjson.dumps(doc).replace(b'"@@NUM@@"', number)
         if kind == 15:  # latin-1: é followed by an ASCII byte is not UTF-8
             doc["event_id"] = f"evt-caf\u00e9-{self.n}-\u00fc-\u00df-x"
@@ -333,8 +337,9 @@ class Hostile:
             return repr(doc).encode("utf-8", errors="surrogatepass")
         if kind == 22:  # not JSON at all
             return rng.choice([b"<event><id>1</id></event>", b"event_id: e1\ntype: lead.created\n", b"{", b"}",
-                               b"{{}}", b"[", b'{"a"}', b'{"a":}', b"{:1}", b'{"a" 1}', b"lead.created", b"'; DROP TABLE leads; --",
-                               b"{{7*7}}", b"$(rm -rf /)", b"../../etc/passwd", b"<script>alert(1)</script>"])  # fmt: skip
+                               b"{{}}", b"[", b'{"a"}', b'{"a":}', b"{:1}", b'{"a" 1}', b"lead.created",
+                               b"'; DROP TABLE leads; --", b"{{7*7}}", b"$(rm -rf /)", b"../../etc/passwd",
+                               b"<script>alert(1)</script>"])  # fmt: skip
         return b"{" + raw[1:-1] + b"}}"  # unbalanced
 
     # -- not_an_object: valid JSON whose top-level value is not an object
@@ -346,7 +351,7 @@ class Hostile:
         if kind == 1:
             return orjson.dumps(rng.choice(HOSTILE + LONGEST + ["", "{}", "{\"type\": \"lead.created\"}"]))
         if kind == 2:
-            return rng.choice([b"0", b"-1", b"3.14", b"1e308", b"-0", b"1767225600000", b"12345678901234567890", b"1E-5"])
+            return rng.choice([b"0", b"-1", b"3.14", b"1e308", b"-0", b"1767225600000", b"12345678901234567890"])
         if kind == 3:
             return rng.choice([b"null", b"true", b"false", b" null ", b"\ntrue\n"])
         if kind == 4:
@@ -364,8 +369,6 @@ class Hostile:
         doc = self.valid_doc(at)
         doc["schema_version"] = rng.choice(
             [2, 0, -1, 3, 10**15, 1.5, 2.0, 0.999, "1", "v1", "", "1.0", None, False, [1], {"v": 1}, "'; DROP TABLE"]
-            # The contract: "Must be 1. Any other value is rejected"; strict typing: integers are JSON integers.
-            + [True, 1.0] * (rng.random() < 0.08)
         )
         return self.dumps(doc)
 
@@ -398,8 +401,6 @@ class Hostile:
             "2026-01-01T00:00:00+25:00", "2026/01/01 00:00:00Z", "01/02/2026 10:00 +0000",
             "Thu, 01 Jan 2026 00:00:00 GMT", "2026-01-01T00:00:00ZZ", "\uff12\uff10\uff12\uff16-01-01T00:00:00Z",
             "T" * 5000, rng.choice(HOSTILE),
-            # A NUL is not part of ISO-8601 either.
-            *([text[:19] + "\u0000Z", text[:19] + "Z\u0000"] * (rng.random() < 0.1)),
         ])  # fmt: skip
         return self.dumps(doc)
 
@@ -433,11 +434,7 @@ class Hostile:
             doc[rng.choice(NOT_ENVELOPE)] = rng.choice(WRONG_TYPED + HOSTILE + [None])
         elif kind == 5:  # an unknown payload field
             payload = dict(doc.get("payload") or {})
-            if etype == "lead.stage_changed" and rng.random() < 0.5:
-                # The contract names these `from` and `to`; the model's attribute names are unknown fields.
-                payload = {"from_stage" if rng.random() < 0.5 else "from": payload["from"], "to_stage": payload["to"]}
-            else:
-                payload[rng.choice(NOT_ENVELOPE + ["amount2", "Source", "stage "])] = rng.choice(WRONG_TYPED + HOSTILE)
+            payload[rng.choice(NOT_ENVELOPE + ["amount2", "Source", "stage "])] = rng.choice(WRONG_TYPED + HOSTILE)
             doc["payload"] = payload
         elif kind == 6:  # payload of the wrong JSON type
             doc["payload"] = rng.choice(["", "x", 0, 1, True, [], [doc.get("payload") or {}], rng.choice(HOSTILE)]
@@ -476,11 +473,56 @@ class Hostile:
         doc = self.valid_doc(at)
         doc["occurred_at"] = rng.choice([
             0, 1, rng.randint(0, T0 - 100 * DAY), iso(rng.randint(0, T0 - 100 * DAY), z=True),
-            "1970-01-01T00:00:00Z", "1999-12-31T23:59:59.999+14:00", "0001-01-01T00:00:00-01:00",
-            # Parseable, with an offset, and before 0001-01-01T00:00Z in UTC.
-            *(["0001-01-01T00:00:00+01:00"] * (rng.random() < 0.02)),
+            "1970-01-01T00:00:00Z", "1999-12-31T23:59:59.999+14:00",
         ])  # fmt: skip
         return self.dumps(doc)
+
+    def edges(self) -> list[tuple[str, Callable[[int], bytes]]]:
+        """A fixed handful of messages at the edges of the contract, each with the outcome the README gives it."""
+
+        def version(literal: bytes):  # "schema_version: Must be 1. Any other value is rejected as unsupported_version",
+            def make(at: int) -> bytes:  # and "a value must already have the JSON type of its field"
+                doc = self.valid_doc(at)
+                doc["schema_version"] = "@@V@@"
+                return orjson.dumps(doc).replace(b'"@@V@@"', literal)
+
+            return make
+
+        def nul_in_time(i: int):  # NUL is no part of an ISO-8601 timestamp: "an unparseable string"
+            def make(at: int) -> bytes:
+                doc = self.valid_doc(at)
+                text = iso(at, z=True)
+                doc["occurred_at"] = text + "\u0000" if i % 2 else text[:-1] + "\u0000Z"
+                return self.dumps(doc)
+
+            return make
+
+        def stage_fields(i: int):  # lead.stage_changed's payload fields are `from` and `to`: others are unknown
+            def make(at: int) -> bytes:
+                doc = self.valid_doc(at, "lead.stage_changed")
+                doc["payload"] = {"from_stage" if i % 2 else "from": "new", "to_stage": "qualified"}
+                return self.dumps(doc)
+
+            return make
+
+        def year_zero(offset: str):  # before 1970: outside the contract's range of event times
+            def make(at: int) -> bytes:
+                doc = self.valid_doc(at)
+                doc["occurred_at"] = "0001-01-01T00:00:00" + offset
+                return self.dumps(doc)
+
+            return make
+
+        def huge(size: int):  # oversized messages the broker accepts (up to its 1 MB default)
+            return lambda at: b"{" + b" " * (size - 2) + b"}"
+
+        return (
+            [("unsupported_version", version([b"true", b"1.0", b"1e0"][i % 3])) for i in range(10)]
+            + [("bad_timestamp", nul_in_time(i)) for i in range(10)]
+            + [("invalid_field", stage_fields(i)) for i in range(10)]
+            + [("bad_timestamp", year_zero(offset)) for offset in ("+01:00", "+14:00", "+00:01")]
+            + [("oversized", huge(size)) for size in (800_000, 1_000_000)]
+        )
 
 
 def build(seed: int) -> list[Message]:
@@ -508,9 +550,9 @@ def build(seed: int) -> list[Message]:
             break
     assert first_late is not None and first_late < len(valid) // 4
 
-    weights = {"oversized": 130, "malformed_json": 2900, "not_an_object": 800, "unsupported_version": 800,
-               "unknown_type": 900, "bad_timestamp": 1500, "invalid_field": 3370, "late": 200}  # fmt: skip
-    assert sum(weights.values()) == N_BAD
+    weights = {"oversized": 130, "malformed_json": 2900, "not_an_object": 800, "unsupported_version": 790,
+               "unknown_type": 900, "bad_timestamp": 1490, "invalid_field": 3358, "late": 197}  # fmt: skip
+    assert sum(weights.values()) + 35 == N_BAD
     after: dict[int, list[Message]] = {}
     for reason, count in weights.items():
         for _ in range(count):
@@ -520,6 +562,9 @@ def build(seed: int) -> list[Message]:
             assert reason == "oversized" or len(value) <= LIMIT, (reason, len(value))
             assert reason != "oversized" or len(value) > LIMIT
             after.setdefault(pos, []).append(Message(gen.bad_key(), value, reason))
+    for reason, make in gen.edges():
+        pos = rng.randrange(max(first_late, len(valid) // 2), len(valid))
+        after.setdefault(pos, []).append(Message(rng.choice([None, b"edge"]), make(valid[pos][0]), reason))
     messages = []
     for pos, (_, m) in enumerate(valid):
         messages.append(m)
@@ -538,44 +583,54 @@ def by_label(metrics: dict, name: str, label: str) -> dict[str, float]:
     return {dict(labels)[label]: v for (sample, labels), v in metrics.items() if sample == name}
 
 
-def read_topic(worker, role: str, at_least: int, timeout: float = 90.0) -> list:
-    """Every record of the topic, on all its partitions, up to the end offsets once they hold `at_least`."""
+def settle(read, target: float, timeout: float, quiet: float = 5.0):
+    """Poll `read()` until it reaches `target`, or stops changing for `quiet` seconds, or time runs out."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while True:
+        value = read()
+        if value != last:
+            last, since = value, time.monotonic()
+        if value >= target or time.monotonic() - since > quiet or time.monotonic() > deadline:
+            return value
+        time.sleep(0.5)
+
+
+def read_topic(worker, role: str, expected: int, timeout: float = 60.0) -> list:
+    """Every record of the topic, from all its partitions: read until `expected` records are in and then a second
+    passes without more, or until nothing more comes for 5 s. Not bounded by the end offsets the broker reports:
+    the embedded broker's ListOffsets sometimes lags behind the last records of a partition."""
     consumer = KafkaConsumer(bootstrap_servers=worker.bootstrap, enable_auto_commit=False,
                              max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)  # fmt: skip
     try:
         topic = worker.topic(role)
-        deadline = time.monotonic() + timeout
-        partitions = None
-        while time.monotonic() < deadline:
-            partitions = consumer.partitions_for_topic(topic)
-            if partitions:
-                tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-                ends = consumer.end_offsets(tps)
-                if sum(ends.values()) >= at_least:
-                    break
-            time.sleep(0.5)
+        partitions = consumer.partitions_for_topic(topic)
         assert partitions, f"topic {topic} does not exist"
-        time.sleep(1)  # anything still in flight beyond `at_least`
-        ends = consumer.end_offsets(tps)
-        consumer.assign(tps)
+        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
         consumer.seek_to_beginning()
         records = []
-        while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500, max_records=10_000).values():
-                records.extend(r for r in batch if r.offset < ends[TopicPartition(r.topic, r.partition)])
-        assert len(records) == sum(ends.values()), f"read {len(records)} of {sum(ends.values())} records of {topic}"
+        deadline = time.monotonic() + timeout
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batches = consumer.poll(timeout_ms=500, max_records=10_000)
+            if batches:
+                for batch in batches.values():
+                    records.extend(batch)
+                last_new = time.monotonic()
+            elif time.monotonic() - last_new > (1.0 if len(records) >= expected else 5.0):
+                break
         return records
     finally:
         consumer.close()
 
 
-def describe(counter: Counter, limit: int = 8) -> str:
+def describe(counter: Counter, limit: int = 40) -> str:
     by_reason = Counter()
     for (key, value, reason), n in counter.items():
         by_reason[reason] += n
-    examples = [f"  {reason}: key={key!r:.60} value={value[:200]!r} (x{n})"
-                for (key, value, reason), n in list(counter.items())[:limit]]  # fmt: skip
-    return f"{dict(by_reason)}\n" + "\n".join(examples)
+    examples = [f"    {reason}: key={key!r:.40} value={value[:240]!r}{'...' * (len(value) > 240)} ({len(value)} bytes)"
+                for (key, value, reason), n in sorted(counter.items(), key=lambda kv: kv[0][2])[:limit]]  # fmt: skip
+    return f"{sum(counter.values())} {dict(by_reason)}\n" + "\n".join(examples)
 
 
 def test_hostile_input_is_dead_lettered_exactly_and_the_worker_survives(start_worker):
@@ -588,31 +643,36 @@ def test_hostile_input_is_dead_lettered_exactly_and_the_worker_survives(start_wo
 
     worker = start_worker(CRM_PULSE_PARTITIONS=str(PARTITIONS), CRM_PULSE_CLOCK="event")
     topic = worker.topic("input")
-    for m in messages:
+    for m in messages:  # Worker.send flushes after every call: one flush for all of them instead
         worker.producer.send(topic, key=m.key, value=m.value)
     worker.producer.flush(timeout=120)
 
-    # Wait until every message is accounted for (dead-lettered, processed or a duplicate), or time runs out.
-    deadline = time.monotonic() + 150
-    while True:
+    def accounted() -> float:
+        """Messages read and dead-lettered, processed or recognised as duplicates."""
         assert worker.process.poll() is None, f"worker exited: {worker.log_path.read_text()[-5000:]}"
         metrics = worker.metrics()
-        done = (counter_sum(metrics, "crm_events_invalid_total") + counter_sum(metrics, "crm_events_processed_total")
-                + counter_sum(metrics, "crm_events_duplicate_total"))  # fmt: skip
-        if (metrics[("crm_events_received_total", ())] >= len(messages) and done >= len(messages)) \
-                or time.monotonic() > deadline:  # fmt: skip
-            break
-        time.sleep(0.5)
+        return min(metrics[("crm_events_received_total", ())], sum(
+            v for (name, _), v in metrics.items()
+            if name in ("crm_events_invalid_total", "crm_events_processed_total", "crm_events_duplicate_total")))
+
+    settle(accounted, len(messages), timeout=150, quiet=10)
     time.sleep(1)  # nothing more is counted afterwards
     metrics = worker.metrics()
+    problems = []
 
-    assert metrics[("crm_events_received_total", ())] == len(messages)
+    def check(what: str, got, want) -> None:
+        if got != want:
+            problems.append(f"{what}: got {got}, want {want}")
+
+    check("crm_events_received_total", metrics[("crm_events_received_total", ())], len(messages))
     invalid = by_label(metrics, "crm_events_invalid_total", "reason")
-    assert {r: invalid.get(r, 0) for r in REASONS} == {r: expected_invalid.get(r, 0) for r in REASONS}
+    for reason in REASONS:
+        check(f"crm_events_invalid_total{{reason={reason!r}}}", invalid.get(reason, 0), expected_invalid.get(reason, 0))
     processed = by_label(metrics, "crm_events_processed_total", "type")
     duplicate = by_label(metrics, "crm_events_duplicate_total", "type")
-    assert sum(processed.values()) + sum(duplicate.values()) == len(valid)
-    assert {t: processed.get(t, 0) + duplicate.get(t, 0) for t in TYPES} == {t: expected_types.get(t, 0) for t in TYPES}
+    check("processed + duplicate", sum(processed.values()) + sum(duplicate.values()), len(valid))
+    for t in TYPES:
+        check(f"processed + duplicate of {t}", processed.get(t, 0) + duplicate.get(t, 0), expected_types.get(t, 0))
 
     # The dead-letter topic: one record per bad message, with its reason, key and original bytes.
     records = read_topic(worker, "dlq", len(bad))
@@ -623,20 +683,29 @@ def test_hostile_input_is_dead_lettered_exactly_and_the_worker_survives(start_wo
         for d in letters
     )  # fmt: skip
     want = Counter((m.key, m.value, m.expect) for m in bad)
-    assert got == want, (f"missing from the dead-letter topic: {describe(want - got)}\n"
-                         f"unexpected on the dead-letter topic: {describe(got - want)}")  # fmt: skip
-    assert len(records) == len(bad)
-    assert {d["source"]["topic"] for d in letters} == {topic}
-    assert len({(d["source"]["partition"], d["source"]["offset"]) for d in letters}) == len(bad)
-    assert all(r.key == (None if d["key_base64"] is None else base64.b64decode(d["key_base64"]))
-               for r, d in zip(records, letters))  # fmt: skip
-    assert all(d["schema_version"] == 1 and d["error"] for d in letters)
+    if got != want:
+        problems.append(f"missing from the dead-letter topic: {describe(want - got)}")
+        problems.append(f"unexpected on the dead-letter topic: {describe(got - want)}")
+    check("dead letters", len(records), len(bad))
+    check("source topics", {d["source"]["topic"] for d in letters}, {topic})
+    check("distinct sources", len({(d["source"]["partition"], d["source"]["offset"]) for d in letters}), len(letters))
+    check("dead letters keyed by the original key", [r.key for r in records],
+          [None if d["key_base64"] is None else base64.b64decode(d["key_base64"]) for d in letters])  # fmt: skip
+    check("schema_version 1 and an error detail", all(d["schema_version"] == 1 and d["error"] for d in letters), True)
 
-    # Still alive and still processing: one more valid event goes through.
+    # Still alive and still processing: one more valid event goes through, and /metrics answers.
     canary = {"event_id": "canary-1", "type": "lead.created", "occurred_at": T0 + 2 * DAY, "lead_id": "canary",
               "payload": {"source": "web"}}  # fmt: skip
+    before = processed.get("lead.created", 0) + duplicate.get("lead.created", 0)
     worker.send(canary)
-    worker.wait_for(lambda got: got[("crm_events_processed_total", (("type", "lead.created"),))]
-                    + got[("crm_events_duplicate_total", (("type", "lead.created"),))]
-                    == expected_types["lead.created"] + 1, what="the canary event", timeout=30)  # fmt: skip
-    assert worker.process.poll() is None
+    try:
+        worker.wait_for(lambda got: got[("crm_events_processed_total", (("type", "lead.created"),))]
+                        + got[("crm_events_duplicate_total", (("type", "lead.created"),))] == before + 1,
+                        what="the canary event", timeout=30)  # fmt: skip
+    except AssertionError as error:
+        problems.append(f"canary: {error}")
+    check("worker exit code", worker.process.poll(), None)
+    check("GET /kpis status", worker.get_json("/kpis")[0], 200)
+    crashes = [line for line in worker.log_path.read_text(errors="replace").splitlines() if "Crashed reason=" in line]
+    check("agent crashes in the worker log", [c[c.index("[ERROR]"):][:300] for c in crashes], [])
+    assert not problems, f"{len(problems)} problems (seed {SEED}):\n" + "\n".join(problems)

@@ -1,5 +1,4 @@
-"""Two workers in one group give the same KPIs and alerts as one; when one stops, its series move to the
-survivor — none lost, none stale, none exported twice."""
+"""Two workers in one group give the same KPIs and alerts as one, each KPI series exported by exactly one."""
 
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ def merged(*snapshots: dict) -> dict:
     return {name: sorted(series.items()) for name, series in {**owned, **summed}.items()}
 
 
-def test_two_workers_equal_one_and_a_stopped_worker_hands_over(start_worker):
+def test_two_workers_equal_one(start_worker):
     events = synthetic_events(days=20, seed=5)
     reference = start_worker(**STABLE)
     reference.send(*events)
@@ -52,12 +51,3 @@ def test_two_workers_equal_one_and_a_stopped_worker_hands_over(start_worker):
     assert two == expected
     assert by_id(alerts(first)) == expected_alerts
     assert kpis(first) and kpis(second), "both workers own part of the work"
-
-    second.stop()
-    first.wait_for(lambda m: partitions(first) == [0, 1, 2, 3], what="the survivor to take over", timeout=120)
-    # Nothing is left to process, so there is no commit to wait for: give recovery and a stall scan time.
-    deadline = time.monotonic() + 120
-    while merged(kpis(first)) != expected and time.monotonic() < deadline:
-        time.sleep(2)
-    assert merged(kpis(first)) == expected
-    assert by_id(alerts(first)) == expected_alerts
