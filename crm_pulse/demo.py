@@ -110,7 +110,10 @@ def _interrupt(signum, frame):
 
 
 def run_demo(settings: Settings, speed: float, seconds: float | None) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)  # stopped by a supervisor: clean up as on Ctrl-C
+    # Ctrl-C, or a supervisor's SIGTERM: clean up. SIGINT explicitly too, since a process started in the
+    # background of a non-interactive shell inherits it ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     console = Console()
     broker = EmbeddedBroker().start()
     settings = settings.model_copy(update={"broker": broker.url, "clock": "event"})

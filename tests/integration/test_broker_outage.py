@@ -9,7 +9,6 @@ coordinator, fetches, produces) goes through the proxy, which the test cuts and 
 from __future__ import annotations
 
 import asyncio
-import random
 import subprocess
 import threading
 import time
@@ -20,9 +19,9 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from crm_pulse.broker import free_port, wait_for_port
-from crm_pulse.generator import SyntheticCrm
 from streams.kpis import DAY_MS
 
+from . import test_reliability as reliability
 from .conftest import Worker
 
 pytestmark = pytest.mark.integration
@@ -186,14 +185,7 @@ class ProxiedBroker:
 
 
 def synthetic_events(days: int, seed: int = 23) -> list[dict]:
-    events = list(SyntheticCrm(START, seed=seed, leads_per_day=20).until(START + days * DAY_MS))
-    rng = random.Random(seed)  # re-deliver 5% right away (inside the grace period), as at-least-once producers do
-    with_duplicates = []
-    for event in events:
-        with_duplicates.append(event)
-        if rng.random() < 0.05:
-            with_duplicates.append(event)
-    return with_duplicates
+    return reliability.synthetic_events(days, seed, leads_per_day=20)
 
 
 def total(metrics, *names: str) -> float:

@@ -40,7 +40,7 @@ def test_demo_serves_live_kpis_and_stops_everything(tmp_path):
     port = free_port()
     env = {**os.environ, "CRM_PULSE_METRICS_PORT": str(port)}
     demo = subprocess.Popen(
-        [sys.executable, "-m", "crm_pulse.cli", "demo", "--seconds", "75"],
+        [sys.executable, "-m", "crm_pulse.cli", "demo", "--seconds", "600"],  # stopped by Ctrl-C below
         env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "demo.err", "wb"),
     )  # fmt: skip
     started = time.monotonic()

@@ -21,8 +21,8 @@ START = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 STABLE = {"CRM_PULSE_PARTITIONS": "4", "CRM_PULSE_STALL_P90_MIN_SAMPLES": "1000000000"}
 
 
-def synthetic_events(days: int, seed: int = 11) -> list[dict]:
-    events = list(SyntheticCrm(START, seed=seed, leads_per_day=30).until(START + days * DAY_MS))
+def synthetic_events(days: int, seed: int = 11, leads_per_day: float = 30) -> list[dict]:
+    events = list(SyntheticCrm(START, seed=seed, leads_per_day=leads_per_day).until(START + days * DAY_MS))
     # Re-deliver 5% of them right away (well inside the grace period): at-least-once producers do.
     rng = random.Random(seed)
     with_duplicates = []
