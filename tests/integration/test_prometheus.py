@@ -235,8 +235,9 @@ def test_every_recording_rule_produces_its_series(stack):
     p90 = {r["metric"]["stage"]: float(r["value"][1])
            for r in stack.query("crm:stage_dwell_p90_seconds:30d")["data"]["result"]}  # fmt: skip
     assert {"new", "qualified", "proposal", "negotiation"} <= set(p90), p90
-    # Synthetic leads spend 0.3-1.8 days per stage (crm_pulse/generator.py).
-    assert all(0.3 * 86400 <= seconds <= 1.8 * 86400 for stage, seconds in p90.items() if stage != "won"), p90
+    # Synthetic leads spend 0.3-1.8 days per stage (crm_pulse/generator.py); p90 is interpolated within the
+    # histogram buckets around those, (6 h, 12 h] and (1 d, 2 d].
+    assert all(0.25 * 86400 <= seconds <= 2 * 86400 for stage, seconds in p90.items() if stage != "won"), p90
 
 
 def test_alert_rules_evaluate_and_the_worker_alerts_are_quiet(stack):
