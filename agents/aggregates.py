@@ -36,53 +36,51 @@ HISTOGRAMS = {
 
 @app.agent(histogram_deltas_topic)
 async def aggregate_histograms(stream):
-    async for scope, delta, state in unapplied_deltas(stream, histograms):
-        day = day_of(delta["at"])
-        apply_dwell(state, day, delta["ms"], delta["sign"], baseline)
-        prune_days(state, day - RETENTION_DAYS)
-        histograms[scope] = state
+    async for _batch, _event, state, deltas in unapplied_deltas(stream, histograms):
+        for delta in deltas:
+            day = day_of(delta["at"])
+            apply_dwell(state, day, delta["ms"], delta["sign"], baseline)
+            prune_days(state, day - RETENTION_DAYS)
 
 
 @app.agent(sums_deltas_topic)
 async def aggregate_sums(stream):
-    async for scope, delta, state in unapplied_deltas(stream, kpi_sums):
-        apply_sums(state, delta["day"], delta["values"], delta["sign"], baseline)
-        prune_sums(state, delta["day"] - RETENTION_DAYS)
-        kpi_sums[scope] = state
+    async for _batch, _event, state, deltas in unapplied_deltas(stream, kpi_sums):
+        for delta in deltas:
+            apply_sums(state, delta["day"], delta["values"], delta["sign"], baseline)
+            prune_sums(state, delta["day"] - RETENTION_DAYS)
 
 
 class DeltaSender:
-    """Sends the deltas caused by one input message, numbered so aggregates can drop re-sent ones
-    (`streams.routing.already_applied`), and waits until the broker has them all: the entity's own state
-    is written only afterwards, so a crash in between replays the message and re-sends the same ids."""
+    """Queues on its batch the deltas caused by one input message, numbered so aggregates can drop re-sent
+    ones (`streams.routing.already_applied`). The batch sends them and waits until the broker has them all
+    before writing the entity's own state, so a crash in between replays the message with the same ids."""
 
-    def __init__(self, sender: str, message):
+    def __init__(self, sender: str, batch, received):
+        message = received.message
         # Several agents read the same partition at their own pace: each is an origin of its own.
         self.origin = f"{sender}@{message.topic}:{message.partition}"
         self.offset = message.offset
-        self.pending = []
+        self.batch = batch
+        self.seq = 0
 
-    async def send(self, topic, key: str, value: dict) -> None:
-        value.update(origin=self.origin, offset=self.offset, seq=len(self.pending))
-        self.pending.append(await topic.send(key=key, value=value))
+    def send(self, topic, key: str, value: dict) -> None:
+        self.batch.add_delta(topic, key, self.origin, [self.offset, self.seq, value])
+        self.seq += 1
 
-    async def facts(self, fact_deltas, event: dict | None = None) -> None:
+    def facts(self, fact_deltas, event: dict | None = None) -> None:
         """The deltas of facts derived from an entity's history ((fact, ±1) from `streams.catalogue`), and
         the event's own sums."""
         contributions = [(scope, event["occurred_at"], values, 1) for scope, values in event_sums(event)] if event else []
         for fact, sign in fact_deltas:
             if fact[0] == "hist":
                 _, scope, at, ms = fact
-                await self.send(histogram_deltas_topic, scope, {"at": at, "ms": ms, "sign": sign})
+                self.send(histogram_deltas_topic, scope, {"at": at, "ms": ms, "sign": sign})
             else:
                 _, scope, at, field, value = fact
                 contributions.append((scope, at, {field: value}, sign))
         for (scope, day, sign), values in group_sums(contributions).items():
-            await self.send(sums_deltas_topic, scope, {"day": day, "values": values, "sign": sign})
-
-    async def delivered(self) -> None:
-        for future in self.pending:
-            await future
+            self.send(sums_deltas_topic, scope, {"day": day, "values": values, "sign": sign})
 
 
 def stage_p90(stage: str, now_ms: int) -> tuple[float | None, int]:

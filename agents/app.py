@@ -35,16 +35,16 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext:
 
 
 def _credentials(settings: Settings):
-    if settings.sasl_mechanism:
+    # The protocol decides: a SASL mechanism left set beside SECURITY_PROTOCOL=SSL must not drop TLS.
+    tls = _ssl_context(settings) if settings.security_protocol in ("SSL", "SASL_SSL") else None
+    if settings.security_protocol.startswith("SASL_"):
         return faust.SASLCredentials(
             username=settings.sasl_username,
             password=settings.sasl_password.get_secret_value() if settings.sasl_password else None,
             mechanism=settings.sasl_mechanism,
-            ssl_context=_ssl_context(settings) if settings.security_protocol == "SASL_SSL" else None,
+            ssl_context=tls,
         )
-    if settings.security_protocol == "SSL":
-        return faust.SSLCredentials(_ssl_context(settings))
-    return None
+    return faust.SSLCredentials(tls) if tls else None
 
 
 app = faust.App(
@@ -112,6 +112,8 @@ histogram_deltas_topic = internal_topic("histogram-deltas")
 sums_deltas_topic = internal_topic("kpi-sum-deltas")
 churn_deltas_topic = internal_topic("churn-deltas")
 actor_activity_topic = internal_topic("actor-activity")
+# Stall levels the timer raised, keyed by lead: the lead agent folds them into the lead's state.
+stall_levels_topic = internal_topic("stall-levels")
 DAY_S = 86400
 # Daily buckets are kept for the longest window (and the one before it, for growth rates) plus grace.
 RETENTION_DAYS = 60 + int(settings.grace_seconds // DAY_S) + 2

@@ -22,24 +22,21 @@ customer_base = app.Table("customer-base", default=dict, partitions=settings.par
 
 @app.agent(valid_topic)
 async def track_customers(stream):
-    async for message, customer_id, event, customer in first_seen_events(stream, CUSTOMER_TYPES, customers):
+    async for batch, received, _customer_id, event, customer in first_seen_events(stream, CUSTOMER_TYPES, customers):
         spell_deltas, fact_deltas = apply_customer_event(customer, event)
-        deltas = DeltaSender("customers", message.message)
+        deltas = DeltaSender("customers", batch, received)
         for start_day, end_day, sign in spell_deltas:
-            await deltas.send(churn_deltas_topic, OVERALL,
-                              {"start": start_day, "end": end_day, "sign": sign, "at": event["occurred_at"]})  # fmt: skip
-        await deltas.facts(fact_deltas, event)
-        await deltas.delivered()
-        customers[customer_id] = customer
+            deltas.send(churn_deltas_topic, OVERALL, {"start": start_day, "end": end_day, "sign": sign, "at": event["occurred_at"]})
+        deltas.facts(fact_deltas, event)
         EVENTS_PROCESSED.labels(event["type"]).inc()
 
 
 @app.agent(churn_deltas_topic)
 async def aggregate_churn(stream):
-    async for scope, delta, state in unapplied_deltas(stream, customer_base):
-        advance_churn_horizon(state, day_of(delta["at"]) - HORIZON_SLACK_DAYS)
-        apply_spell(state, delta["start"], delta["end"], delta["sign"])
-        customer_base[scope] = state
+    async for _batch, _event, state, deltas in unapplied_deltas(stream, customer_base):
+        for delta in deltas:
+            advance_churn_horizon(state, day_of(delta["at"]) - HORIZON_SLACK_DAYS)
+            apply_spell(state, delta["start"], delta["end"], delta["sign"])
 
 
 CUSTOMER_BASE_HELP = {

@@ -3,28 +3,49 @@ deltas, and stalled-lead alerts, from events and from a timer."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from collections import Counter
 
+from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from agents.aggregates import DeltaSender, stage_p90
-from agents.app import actor_activity_topic, alerts_topic, app, clock, settings, valid_topic
-from agents.loops import first_seen_events
+from agents.app import (
+    actor_activity_topic,
+    alerts_topic,
+    app,
+    clock,
+    key_partition,
+    settings,
+    stall_levels_topic,
+    valid_topic,
+)
+from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, first_seen_event
 from agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, export_gauges
 from streams.clock import UpstreamWatermark
-from streams.leads import UNASSIGNED, apply_lead_event, check_stall, current_stage, is_open, new_lead
+from streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
 from streams.routing import LEAD_TYPES
+from streams.stall_index import StallIndex
 
 log = logging.getLogger(__name__)
 policy = settings.stall_policy
 
-# use_partitioner: the stall timer updates leads outside any event; the key's hash picks the partition,
-# which is the lead's partition of the valid-events topic, keyed the same way.
-leads = app.Table("leads", default=None, partitions=settings.partitions, key_type=str, use_partitioner=True)
-# Refreshed by each stall scan, so scrapes never walk every lead.
-lead_gauges: dict[str, Counter] = {"open": Counter(), "stalled": Counter(), "value": Counter()}
+leads = app.Table("leads", default=None, partitions=settings.partitions, key_type=str)
+# The agent reads the validated events and the stall levels the timer raised, both keyed by lead.
+lead_inputs = app.topic(
+    valid_topic.get_topic_name(), stall_levels_topic.get_topic_name(),
+    internal=True, partitions=settings.partitions, key_type=str,  # declared: created with the app's partitions
+)  # fmt: skip
+index = StallIndex(policy)
+# Raised by the timer and not yet folded into the lead's state by the agent: applied first by either path.
+raised_stalls: dict[str, dict] = {}
 processed = UpstreamWatermark()
+between_batches = asyncio.Lock()
+STALL_SCAN_SECONDS = Histogram(
+    "crm_stall_scan_duration_seconds", "Stall scan ticks: finding the leads due, raising and publishing their alerts.",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)  # fmt: skip
 
 
 def stall_now_ms() -> int | None:
@@ -35,36 +56,66 @@ def stall_now_ms() -> int | None:
 @app.on_partitions_assigned.connect
 async def forget_moved_partitions(sender, assigned, **kwargs) -> None:
     processed.keep_only(tp.partition for tp in assigned if tp.topic == valid_topic.get_topic_name())
+    mine = {tp.partition for tp in assigned}
+    for lead_id in [k for k in raised_stalls if key_partition(k, settings.partitions) not in mine]:
+        del raised_stalls[lead_id]
+
+
+@leads.on_recover
+async def rebuild_index() -> None:
+    """After every rebalance, from the leads this worker now owns (restored from the changelog)."""
+    index.rebuild(leads.items())
 
 
 def threshold_at(now_ms: int):
+    @functools.cache
     def threshold(stage: str) -> tuple[int, str]:
         return policy.threshold(stage, *stage_p90(stage, now_ms))
 
     return threshold
 
 
-async def publish_alerts(alerts: list[dict]) -> None:
-    """Publish and wait until the broker has them: the lead's stall level is saved only afterwards, so a
-    crash in between raises an alert again (same alert_id) rather than losing it."""
-    pending = [await alerts_topic.send(key=alert["rep_id"], value=alert) for alert in alerts]
-    for future, alert in zip(pending, alerts):
-        await future
-        ALERTS_EMITTED.labels(alert["type"]).inc()
+def publish_alerts(alerts: list[dict]) -> list[tuple]:
+    """Queue alerts in order; (delivery future, count it) for each, to await before saving the stall levels
+    they announce, so a crash in between raises an alert again (same alert_id) rather than losing it."""
+    return [(alerts_topic.send_soon(key=alert["rep_id"], value=alert), ALERTS_EMITTED.labels(alert["type"]).inc)
+            for alert in alerts]  # fmt: skip
 
 
-@app.agent(valid_topic)
+def fold_raised_stall(lead_id: str, lead: dict) -> bool:
+    record = raised_stalls.pop(lead_id, None)
+    return record is not None and apply_stall_record(lead, record)
+
+
+@app.agent(lead_inputs)
 async def track_leads(stream):
-    async for message, lead_id, event, lead in first_seen_events(stream, LEAD_TYPES, leads, new_lead, processed):
-        fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
-        deltas = DeltaSender("leads", message.message)
-        await deltas.facts(fact_deltas, event)
-        if event["type"] == "lead.activity" and event.get("rep_id"):
-            await deltas.send(actor_activity_topic, f"rep:{event['rep_id']}", {"at": event["occurred_at"]})
-        await publish_alerts(alerts)
-        await deltas.delivered()
-        leads[lead_id] = lead
-        EVENTS_PROCESSED.labels(event["type"]).inc()
+    async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
+        # The stall timer decides only between batches: never on state a batch has changed but not saved.
+        async with between_batches:
+            batch = Batch(leads, new_lead)
+            for received in events:
+                if received.message.topic == stall_levels_topic.get_topic_name():
+                    lead = batch.state(received.key)
+                    if apply_stall_record(lead, received.value):
+                        batch.touch(received.key, lead, received)
+                    if raised_stalls.get(received.key) == received.value:
+                        del raised_stalls[received.key]
+                    continue
+                if not (seen := first_seen_event(batch, received, LEAD_TYPES, processed)):
+                    continue
+                lead_id, event, lead = seen
+                fold_raised_stall(lead_id, lead)
+                fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
+                deltas = DeltaSender("leads", batch, received)
+                deltas.facts(fact_deltas, event)
+                if event["type"] == "lead.activity" and event.get("rep_id"):
+                    deltas.send(actor_activity_topic, f"rep:{event['rep_id']}", {"at": event["occurred_at"]})
+                for future, on_delivered in publish_alerts(alerts):
+                    batch.sent(future, on_delivered)
+                EVENTS_PROCESSED.labels(event["type"]).inc()
+            await batch.commit()
+            for lead_id, (lead, _) in batch.touched.items():
+                index.update(lead_id, lead)
 
 
 @app.timer(settings.stall_scan_seconds)
@@ -72,26 +123,25 @@ async def scan_for_stalls():
     now = stall_now_ms()
     if now is None:
         return
-    threshold = threshold_at(now)
-    alerts: list[dict] = []
-    raised_for: dict[str, dict] = {}
-    gauges = {name: Counter() for name in lead_gauges}
-    for lead_id, lead in list(leads.items()):
-        if not is_open(lead, policy):
-            continue
-        raised = check_stall(lead, lead_id, now, policy, threshold)
-        if raised:
-            raised_for[lead_id] = lead
-            alerts += raised
-        stage = current_stage(lead)
-        gauges["open"][stage] += 1
-        gauges["value"][stage] += lead.get("quote_amount") or 0
-        if lead["stall_level"]:
-            gauges["stalled"][(lead["rep"] or UNASSIGNED, stage)] += 1
-    lead_gauges.update(gauges)
-    await publish_alerts(alerts)
-    for lead_id, lead in raised_for.items():
-        leads[lead_id] = lead
+    with STALL_SCAN_SECONDS.time():
+        async with between_batches:
+            threshold = threshold_at(now)
+            alerts: list[dict] = []
+            raised: dict[str, dict] = {}
+            for lead_id in index.due(now, threshold):
+                lead = dict(leads[lead_id])  # a copy: the agent alone writes the table
+                fold_raised_stall(lead_id, lead)
+                alerts += check_stall(lead, lead_id, now, policy, threshold)
+                raised[lead_id] = raised_stalls[lead_id] = stall_record(lead)
+                index.update(lead_id, lead)
+            # Queued before the agent can clear any of them: in the order decided.
+            published = publish_alerts(alerts)
+        for future, on_delivered in published:
+            await future
+            on_delivered()
+        # Only after the alerts: a crash in between raises them again rather than losing them.
+        for future in [stall_levels_topic.send_soon(key=lead_id, value=record) for lead_id, record in raised.items()]:
+            await future
 
 
 @export_gauges
@@ -100,13 +150,13 @@ def collect():
     pipeline_value = GaugeMetricFamily(
         "crm_pipeline_open_value", "Open pipeline value (latest quote of each open lead) by stage.", labels=["stage"]
     )
-    for stage, n in sorted(lead_gauges["open"].items()):
+    for stage, n in sorted(index.open_by_stage.items()):
         open_leads.add_metric([stage], n)
-        pipeline_value.add_metric([stage], lead_gauges["value"][stage])
+        pipeline_value.add_metric([stage], index.value_by_stage[stage])
     stalled = GaugeMetricFamily(
         "crm_leads_stalled", "Open leads currently stalled, by rep and stage.", labels=["rep", "stage"]
     )
-    for (rep, stage), n in sorted(lead_gauges["stalled"].items()):
+    for (rep, stage), n in sorted(index.stalled_by_rep_stage.items()):
         stalled.add_metric([rep, stage], n)
     watermark = GaugeMetricFamily(
         "crm_event_time_watermark_seconds",

@@ -1,37 +1,113 @@
-"""The two loops every agent is made of: entity agents apply each event once, aggregate agents apply each
-delta once. Both read the entity's or aggregate's state, and the caller writes it back when done."""
+"""The loops every agent is made of. Events are taken in batches: an entity agent applies each event once,
+an aggregate agent each delta once, both against the batch's working copy of their state; the batch then
+waits for everything it sent and writes each touched key once. One broker round trip per batch, not per
+event, is what lets the pipeline keep up with Faust itself."""
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+import weakref
+from collections import defaultdict
+from typing import AsyncIterator, Callable
+
+from faust.streams import _current_event
 
 from agents.app import settings
 from agents.metrics import EVENTS_DUPLICATE
+from streams.clock import UpstreamWatermark
 from streams.routing import already_applied, first_seen
 
 DEDUPE_HORIZON_MS = int(settings.dedupe_horizon_seconds * 1000)
+# A batch closes when full or when no more events came within this time: the latency it may add.
+BATCH_MAX_EVENTS = 1000
+BATCH_WITHIN_SECONDS = 0.05
 
 
-async def first_seen_events(stream, types: frozenset[str], table, new=dict, upstream=None) -> AsyncIterator:
-    """(event, key, value, state) for every event of `types` whose event_id the entity has not applied;
-    `upstream` (an UpstreamWatermark) follows the watermarks forwarded with every event, of any type."""
-    async for event in stream.events():
-        forwarded = event.value
-        if upstream is not None:
-            upstream.observe(event.message.partition, forwarded["source"], forwarded["watermark"])
-        value = forwarded["event"]
-        if value["type"] not in types:
-            continue
-        state = table.get(event.key) or new()
-        if not first_seen(state, value, DEDUPE_HORIZON_MS):
-            EVENTS_DUPLICATE.labels(value["type"]).inc()
-            continue
-        yield event, event.key, value, state
+class Batch:
+    """The keys of a table touched by one batch of events. Anything the batch sends is delivered before
+    any key is written: a crash in between replays the batch, whose sends carry the same ids, instead of
+    leaving state that claims events whose deltas or alerts were never delivered."""
+
+    def __init__(self, table, new: Callable[[], dict]):
+        self.table, self.new = table, new
+        self.touched: dict[str, tuple[dict, object]] = {}
+        self.pending: list = []
+        # Deltas for keyed aggregates, one message per (topic, key, origin) for the whole batch.
+        self.outbox: dict[tuple, list] = defaultdict(list)
+
+    def state(self, key: str) -> dict:
+        if key in self.touched:
+            return self.touched[key][0]
+        return self.table.get(key) or self.new()
+
+    def touch(self, key: str, state: dict, event) -> None:
+        self.touched[key] = (state, event)
+
+    def add_delta(self, topic, key: str, origin: str, entry: list) -> None:
+        self.outbox[(topic, key, origin)].append(entry)
+
+    def sent(self, future, on_delivered: Callable[[], None] | None = None) -> None:
+        self.pending.append((future, on_delivered))
+
+    async def commit(self) -> None:
+        for (topic, key, origin), entries in self.outbox.items():
+            self.sent(await topic.send(key=key, value={"origin": origin, "entries": entries}))
+        for future, on_delivered in self.pending:
+            await future
+            if on_delivered:
+                on_delivered()
+        for key, (state, event) in self.touched.items():
+            # Each key is written as part of its own last event: a RocksDB store files it under that
+            # event's partition (the key's partition: every topic here is keyed like the tables). Faust
+            # has no public setter for the event a write belongs to; the stream's own is left alone, as
+            # take_events() reads it.
+            token = _current_event.set(weakref.ref(event))
+            self.table[key] = state
+            _current_event.reset(token)
+
+
+async def batches(stream, table, new: Callable[[], dict] = dict) -> AsyncIterator[tuple[Batch, list]]:
+    """(batch, events) per batch taken from the stream; the batch is committed before the next is taken
+    and before Faust acknowledges (and later commits) the batch's offsets."""
+    async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
+        batch = Batch(table, new)
+        yield batch, events
+        await batch.commit()
+
+
+def first_seen_event(batch: Batch, event, types: frozenset[str], upstream: UpstreamWatermark | None = None):
+    """(key, event value, state) if the event is of `types` and its entity has not applied its event_id,
+    else None; `upstream` follows the watermarks forwarded with every event, of any type."""
+    forwarded = event.value
+    if upstream is not None:
+        upstream.observe(event.message.partition, forwarded["source"], forwarded["watermark"])
+    value = forwarded["event"]
+    if value["type"] not in types:
+        return None
+    state = batch.state(event.key)
+    if not first_seen(state, value, DEDUPE_HORIZON_MS):
+        EVENTS_DUPLICATE.labels(value["type"]).inc()
+        return None
+    batch.touch(event.key, state, event)
+    return event.key, value, state
+
+
+async def first_seen_events(stream, types: frozenset[str], table, new=dict) -> AsyncIterator:
+    """(batch, event, key, value, state) for every event of `types` its entity has not applied."""
+    async for batch, events in batches(stream, table, new):
+        for event in events:
+            if seen := first_seen_event(batch, event, types):
+                yield batch, event, *seen
 
 
 async def unapplied_deltas(stream, table) -> AsyncIterator:
-    """(key, delta, state) for every delta the aggregate has not applied yet (re-sent after a crash)."""
-    async for key, delta in stream.items():
-        state = table[key]
-        if not already_applied(state, delta):
-            yield key, delta, state
+    """(batch, event, state, deltas) per message: the deltas in it the aggregate has not applied yet
+    (deltas are re-sent after a crash)."""
+    async for batch, events in batches(stream, table):
+        for event in events:
+            state = batch.state(event.key)
+            origin = event.value["origin"]
+            fresh = [delta for offset, seq, delta in event.value["entries"]
+                     if not already_applied(state, origin, offset, seq)]  # fmt: skip
+            if fresh:
+                batch.touch(event.key, state, event)
+                yield batch, event, state, fresh

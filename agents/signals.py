@@ -15,22 +15,17 @@ actors = app.Table("actors", default=dict, partitions=settings.partitions, key_t
 
 @app.agent(valid_topic)
 async def track_signals(stream):
-    async for message, key, event, source in first_seen_events(stream, SIGNAL_TYPES, signal_sources):
+    async for batch, received, _key, event, source in first_seen_events(stream, SIGNAL_TYPES, signal_sources):
         fact_deltas = []
         if event["type"] == "crm.user_activity":
             fact_deltas = apply_actor_activity(source, event["occurred_at"], "active_users")
-        deltas = DeltaSender("signals", message.message)
-        await deltas.facts(fact_deltas, event)
-        await deltas.delivered()
-        signal_sources[key] = source
+        DeltaSender("signals", batch, received).facts(fact_deltas, event)
         EVENTS_PROCESSED.labels(event["type"]).inc()
 
 
 @app.agent(actor_activity_topic)
 async def track_active_reps(stream):
-    async for key, activity, actor in unapplied_deltas(stream, actors):
-        fact_deltas = apply_actor_activity(actor, activity["at"], "active_reps")
-        deltas = DeltaSender("reps", stream.current_event.message)
-        await deltas.facts(fact_deltas)
-        await deltas.delivered()
-        actors[key] = actor
+    async for batch, received, actor, activities in unapplied_deltas(stream, actors):
+        deltas = DeltaSender("reps", batch, received)
+        for activity in activities:
+            deltas.facts(apply_actor_activity(actor, activity["at"], "active_reps"))

@@ -11,7 +11,6 @@ from faust import web
 from agents import aggregates, customers, leads
 from agents.app import app, clock
 from schemas.events import ms_to_iso
-from streams.leads import UNASSIGNED, current_stage, idle_since, is_open
 
 COLLECTORS = (aggregates.collect_kpis, aggregates.collect_histograms, customers.collect, leads.collect)
 
@@ -59,18 +58,14 @@ async def stalled_leads(self: web.View, request: web.Request) -> web.Response:
     rep = request.query.get("rep")
     now = leads.stall_now_ms()
     found = []
-    for lead_id, lead in leads.leads.items():
-        if not lead["stall_level"] or not is_open(lead, leads.policy):
+    for lead_id, lead in leads.index.open.items():
+        if not lead.level or rep is not None and lead.rep != rep:
             continue
-        owner = lead["rep"] or UNASSIGNED
-        if rep is not None and owner != rep:
-            continue
-        since = idle_since(lead)
         found.append({
-            "lead_id": lead_id, "rep_id": owner, "stage": current_stage(lead),
-            "level": "escalated" if lead["stall_level"] == 2 else "stalled", "rule": lead["stall_rule"],
-            "threshold_seconds": lead["stall_threshold"] / 1000, "idle_since": ms_to_iso(since),
-            "idle_seconds": None if now is None else (now - since) / 1000,
+            "lead_id": lead_id, "rep_id": lead.rep, "stage": lead.stage,
+            "level": "escalated" if lead.level == 2 else "stalled", "rule": lead.rule,
+            "threshold_seconds": lead.threshold / 1000, "idle_since": ms_to_iso(lead.idle_since),
+            "idle_seconds": None if now is None else (now - lead.idle_since) / 1000,
         })  # fmt: skip
     found.sort(key=lambda item: item["idle_since"])
     return self.json(_envelope({"stalled": found}))

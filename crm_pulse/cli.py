@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    # At debug level these log record keys and values (personal data) and SASL PLAIN tokens (passwords).
+    for name in ("aiokafka", "faust.topics", "faust.transport.drivers.aiokafka"):
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
     if args.command == "worker":
         run_worker(settings)
     elif args.command == "demo":

@@ -7,6 +7,7 @@ per-entity state and de-duplication by `event_id` rely on every event of an enti
 from __future__ import annotations
 
 import re
+import zlib
 from datetime import datetime, timezone
 from typing import Annotated, Literal, Union
 
@@ -19,6 +20,7 @@ Id = Annotated[str, Field(min_length=1, max_length=128)]
 
 ISO_8601 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})")
 LAST_MS = 32503680000000  # year 3000
+CAMPAIGN_KEY_BUCKETS = 16
 
 
 def to_epoch_ms(value: object) -> int:
@@ -182,7 +184,9 @@ class _CustomerEvent(_Envelope):
 class _CampaignEvent(_Envelope):
     @property
     def key(self) -> str:
-        return self.payload.campaign
+        # A campaign's events are independent of each other; only de-duplication keeps state for them. Spread
+        # over buckets by event id, a busy campaign's recent ids are not one ever-growing state.
+        return f"{self.payload.campaign}#{zlib.crc32(self.event_id.encode()) % CAMPAIGN_KEY_BUCKETS}"
 
 
 class _UserEvent(_Envelope):

@@ -153,3 +153,20 @@ def _alert(kind: str, lead: dict, lead_id: str, stage: str, since: int, detected
         "detected_at": ms_to_iso(detected_at),
     }
 
+
+
+def stall_record(lead: dict) -> dict:
+    """What the stall timer raised, to be folded into the lead's state by the agent that owns it."""
+    return {"idle_since": idle_since(lead), "stage": current_stage(lead), "level": lead["stall_level"],
+            "threshold": lead["stall_threshold"], "rule": lead["stall_rule"]}  # fmt: skip
+
+
+def apply_stall_record(lead: dict, record: dict) -> bool:
+    """Raise the lead's stall level as recorded by the timer, unless the lead has moved on since; True if
+    the lead changed. Applying a record twice changes nothing."""
+    if (idle_since(lead), current_stage(lead)) != (record["idle_since"], record["stage"]):
+        return False
+    if lead["stall_level"] >= record["level"]:
+        return False
+    lead.update(stall_level=record["level"], stall_threshold=record["threshold"], stall_rule=record["rule"])
+    return True

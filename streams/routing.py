@@ -28,22 +28,32 @@ def first_seen(entity: dict, event: dict, horizon_ms: int) -> bool:
     seen = entity.setdefault("seen", {})
     if event["event_id"] in seen:
         return False
-    seen[event["event_id"]] = event["occurred_at"]
-    latest = entity["seen_latest"] = max(entity.get("seen_latest", event["occurred_at"]), event["occurred_at"])
-    for event_id in [e for e, at in seen.items() if at < latest - horizon_ms]:
+    at = event["occurred_at"]
+    latest = entity["seen_latest"] = max(entity.get("seen_latest", at), at)
+    if at >= latest - horizon_ms:
+        seen[event["event_id"]] = at
+    # Ids are kept in arrival order, nearly event-time order: forget from the oldest on, stopping at the
+    # first id still inside the horizon (an out-of-order id behind it is kept a little longer, never less).
+    forgotten = []
+    for event_id, seen_at in seen.items():
+        if seen_at >= latest - horizon_ms:
+            break
+        forgotten.append(event_id)
+    for event_id in forgotten:
         del seen[event_id]
     return True
 
 
-def already_applied(state: dict, delta: dict) -> bool:
-    """Idempotence for re-sent deltas: each names its origin (the entity agent's input partition and offset)
-    and its sequence number within that input event. An aggregate records, atomically with its value, the
-    highest (offset, seq) applied per origin partition; a replay after a crash re-sends the same ids."""
+def already_applied(state: dict, origin: str, offset: int, seq: int) -> bool:
+    """Idempotence for re-sent deltas: each names its origin (an entity agent and its input partition), the
+    input offset that caused it and its sequence number among that input's deltas. An aggregate records,
+    atomically with its value, the highest (offset, seq) applied per origin; a replay after a crash re-sends
+    the same ids, in the same order."""
     marks = state.setdefault("applied", {})
-    position = [delta["offset"], delta["seq"]]
-    if delta["origin"] in marks and position <= marks[delta["origin"]]:
+    position = [offset, seq]
+    if origin in marks and position <= marks[origin]:
         return True
-    marks[delta["origin"]] = position
+    marks[origin] = position
     return False
 
 

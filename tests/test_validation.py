@@ -1,5 +1,7 @@
 """schemas.validate.parse_event: one concrete bad message per dead-letter reason, and valid events of every type."""
 
+import zlib
+
 import orjson
 import pytest
 
@@ -27,8 +29,9 @@ EXAMPLES = {
     "ticket.contacted": ({"customer_id": "C1"}, {"ticket_id": "T1"}, "C1"),
     "ticket.resolved": ({"customer_id": "C1"}, {"ticket_id": "T1"}, "C1"),
     "complaint.filed": ({"customer_id": "C1"}, {}, "C1"),
-    "campaign.touch": ({}, {"campaign": "spring", "kind": "click"}, "spring"),
-    "marketing.spend": ({}, {"campaign": "spring", "amount": 500, "purpose": "acquisition"}, "spring"),
+    # Campaign events are keyed by campaign and one of 16 buckets of the event id's CRC-32.
+    "campaign.touch": ({}, {"campaign": "spring", "kind": "click"}, f"spring#{zlib.crc32(b'e1') % 16}"),
+    "marketing.spend": ({}, {"campaign": "spring", "amount": 500, "purpose": "acquisition"}, f"spring#{zlib.crc32(b'e1') % 16}"),
     "crm.user_activity": ({"user_id": "U1"}, {"action": "login"}, "U1"),
 }
 
