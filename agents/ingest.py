@@ -7,6 +7,7 @@ import logging
 import time
 
 from agents.app import app, clock, dlq_topic, input_topic, valid_topic
+from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, part_of
 from agents.metrics import EVENTS_INVALID, EVENTS_RECEIVED
 from schemas.events import ms_to_iso
 from schemas.validate import InvalidEvent, parse_event
@@ -28,23 +29,30 @@ def dead_letter(error: InvalidEvent, message) -> dict:
 
 @app.agent(input_topic)
 async def ingest(stream):
-    async for event in stream.events():
-        EVENTS_RECEIVED.inc()
-        try:
-            crm_event = parse_event(event.value)
-            if clock.is_late(event.message.partition, crm_event.occurred_at):
-                raise InvalidEvent(
-                    "late", f"occurred_at {ms_to_iso(crm_event.occurred_at)} is more than the grace period "
-                    f"behind the latest event of its partition"
-                )
-        except InvalidEvent as error:
-            EVENTS_INVALID.labels(error.reason).inc()
-            log.warning("dead-lettered %s/%s@%s: %s", event.message.topic, event.message.partition,
-                        event.message.offset, error)  # fmt: skip
-            await dlq_topic.send(key=event.key, value=dead_letter(error, event.message))
-            continue
-        partition = event.message.partition
-        clock.observe(partition, crm_event.occurred_at)
-        forwarded = {"event": crm_event.model_dump(by_alias=True), "source": partition,
-                     "watermark": clock.partition_watermark(partition)}  # fmt: skip
-        await valid_topic.send(key=crm_event.key, value=forwarded)
+    async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
+        last_valid = {}  # input partition → its last valid event in the batch
+        for event in events:
+            EVENTS_RECEIVED.inc()
+            try:
+                crm_event = parse_event(event.value)
+                if clock.is_late(event.message.partition, crm_event.occurred_at):
+                    raise InvalidEvent(
+                        "late", f"occurred_at {ms_to_iso(crm_event.occurred_at)} is more than the grace period "
+                        f"behind the latest event of its partition"
+                    )
+            except InvalidEvent as error:
+                EVENTS_INVALID.labels(error.reason).inc()
+                log.warning("dead-lettered %s/%s@%s: %s", event.message.topic, event.message.partition,
+                            event.message.offset, error)  # fmt: skip
+                await dlq_topic.send(key=event.key, value=dead_letter(error, event.message))
+                continue
+            partition = event.message.partition
+            clock.observe(partition, crm_event.occurred_at)
+            last_valid[partition] = event
+            forwarded = {"event": crm_event.model_dump(by_alias=True), "source": partition,
+                         "watermark": clock.partition_watermark(partition)}  # fmt: skip
+            await valid_topic.send(key=crm_event.key, value=forwarded)
+        # Once per batch and partition, as part of the partition's last event (the table is keyed by it).
+        for partition, event in last_valid.items():
+            with part_of(event):
+                clock.save(partition)

@@ -40,7 +40,8 @@ lead_inputs = app.topic(
 index = StallIndex(policy)
 # Raised by the timer and not yet folded into the lead's state by the agent: applied first by either path.
 raised_stalls: dict[str, dict] = {}
-processed = UpstreamWatermark()
+# The input topic has the app's partition count (crm_pulse.broker.ensure_topics creates it so).
+processed = UpstreamWatermark(sources=settings.partitions)
 between_batches = asyncio.Lock()
 STALL_SCAN_SECONDS = Histogram(
     "crm_stall_scan_duration_seconds", "Stall scan ticks: finding the leads due, raising and publishing their alerts.",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import AsyncIterator, Callable
 
 from faust.streams import _current_event
@@ -20,6 +21,17 @@ DEDUPE_HORIZON_MS = int(settings.dedupe_horizon_seconds * 1000)
 # A batch closes when full or when no more events came within this time: the latency it may add.
 BATCH_MAX_EVENTS = 1000
 BATCH_WITHIN_SECONDS = 0.05
+
+
+@contextmanager
+def part_of(event):
+    """Table writes inside belong to `event` (Faust has no public setter for the event a write belongs to;
+    the stream's own current event is left alone, as take_events() reads it)."""
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
 
 
 class Batch:
@@ -57,12 +69,9 @@ class Batch:
                 on_delivered()
         for key, (state, event) in self.touched.items():
             # Each key is written as part of its own last event: a RocksDB store files it under that
-            # event's partition (the key's partition: every topic here is keyed like the tables). Faust
-            # has no public setter for the event a write belongs to; the stream's own is left alone, as
-            # take_events() reads it.
-            token = _current_event.set(weakref.ref(event))
-            self.table[key] = state
-            _current_event.reset(token)
+            # event's partition (the key's partition: every topic here is keyed like the tables).
+            with part_of(event):
+                self.table[key] = state
 
 
 async def batches(stream, table, new: Callable[[], dict] = dict) -> AsyncIterator[tuple[Batch, list]]:

@@ -27,8 +27,9 @@ class Settings(BaseSettings):
 
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 6066
-    # Faust's RocksDB store refuses the table writes the stall timer makes outside an event.
-    store: Literal["memory://"] = "memory://"
+    # rocksdb:// keeps tables on disk under data_dir (a restart reads back only what the changelogs added
+    # since); memory:// rebuilds them from the changelogs.
+    store: Literal["memory://", "rocksdb://"] = "memory://"
     data_dir: str = "data"
 
     clock: Literal["wall", "event"] = "wall"

@@ -27,8 +27,12 @@ class Clock:
         key = str(partition)
         if event_ms > self.seen.get(key, event_ms - 1):
             self.seen[key] = event_ms
-        if event_ms > self.saved.get(key, event_ms - 1):
-            self.saved[key] = event_ms
+
+    def save(self, partition: int) -> None:
+        """Keep the partition's mark across restarts (the caller does so once per batch, not per event)."""
+        key = str(partition)
+        if self.seen[key] > self.saved.get(key, self.seen[key] - 1):
+            self.saved[key] = self.seen[key]
 
     def is_late(self, partition: int, event_ms: int) -> bool:
         high = self.seen.get(str(partition))
@@ -45,7 +49,7 @@ class Clock:
             del self.seen[key]
 
     def _marks(self) -> list[int]:
-        return [max(ms, self.seen.get(key, ms)) for key, ms in self.saved.items()]
+        return [max(self.saved.get(key, 0), self.seen.get(key, 0)) for key in {*self.saved, *self.seen}]
 
     @property
     def watermark_ms(self) -> int | None:
@@ -64,9 +68,13 @@ class UpstreamWatermark:
     """Event time as far as an agent behind the re-keying hop has got, as in Flink: every forwarded event
     carries its input partition's watermark (latest event time − grace; anything older is rejected as
     late there, so it was forwarded already). Per (own partition, input partition) the agent keeps the
-    highest it has processed; the minimum is a time before which it has seen every event it ever will."""
+    highest it has processed; once every own partition has heard from every input partition, the minimum
+    is a time before which it has seen every event it ever will. Until then (after a start or a
+    rebalance) there is none: a path not heard from yet may still bring older events."""
 
-    def __init__(self):
+    def __init__(self, sources: int):
+        self.sources = sources
+        self.partitions: set[int] = set()
         self.marks: dict[tuple[int, int], int] = {}
 
     def observe(self, partition: int, source: int, watermark_ms: int) -> None:
@@ -74,9 +82,12 @@ class UpstreamWatermark:
             self.marks[(partition, source)] = watermark_ms
 
     def keep_only(self, partitions: Iterable[int]) -> None:
-        mine = set(partitions)
-        self.marks = {key: ms for key, ms in self.marks.items() if key[0] in mine}
+        """The own partitions this worker holds now (after every rebalance)."""
+        self.partitions = set(partitions)
+        self.marks = {key: ms for key, ms in self.marks.items() if key[0] in self.partitions}
 
     @property
     def watermark_ms(self) -> int | None:
-        return min(self.marks.values(), default=None)
+        if not self.partitions or len(self.marks) < len(self.partitions) * self.sources:
+            return None
+        return min(self.marks.values())

@@ -416,7 +416,9 @@ def test_clock_lateness_is_per_partition_windows_end_at_the_latest_and_stalls_us
     clock.observe(0, at(10))
     clock.observe(1, at(5))
     clock.observe(0, at(9))  # older events never lower a partition's mark
-    assert clock.seen == clock.saved == {"0": at(10), "1": at(5)}
+    assert clock.seen == {"0": at(10), "1": at(5)} and clock.saved == {}
+    clock.save(0)
+    assert clock.saved == {"0": at(10)}
     assert clock.now_ms() == clock.latest_ms == at(10)
     assert clock.watermark_ms == at(5)
     assert clock.partition_watermark(0) == at(8)  # nothing older than day 8 is accepted from partition 0
@@ -433,6 +435,7 @@ def test_clock_resumes_from_saved_marks_but_judges_lateness_on_what_it_has_read(
     # A message re-read after a restart is not late against marks of events read before the crash.
     assert not clock.is_late(0, at(1))
     clock.observe(0, at(11))
+    clock.save(0)
     assert saved == {"0": at(11), "1": at(7)}
     assert clock.is_late(0, at(9) - 1)
     clock.keep_only([1])  # partition 0 moved to another worker
@@ -440,16 +443,21 @@ def test_clock_resumes_from_saved_marks_but_judges_lateness_on_what_it_has_read(
 
 
 def test_upstream_watermark_is_the_least_advanced_pair_of_own_and_input_partition():
-    upstream = UpstreamWatermark()
-    assert upstream.watermark_ms is None
+    upstream = UpstreamWatermark(sources=2)
+    upstream.keep_only([0, 1])
     upstream.observe(0, 0, at(5))
     upstream.observe(1, 1, at(9))
     upstream.observe(0, 0, at(4))  # an older watermark on the same path never lowers it
-    assert upstream.watermark_ms == at(5)
+    upstream.observe(0, 1, at(6))
+    # Own partition 1 has not heard from input partition 0: it may still bring anything older.
+    assert upstream.watermark_ms is None
     upstream.observe(1, 0, at(3))  # input partition 0 reached own partition 1 with an older watermark
     assert upstream.watermark_ms == at(3)
     upstream.keep_only([0])  # own partition 1 moved to another worker
-    assert upstream.marks == {(0, 0): at(5)}
+    assert upstream.marks == {(0, 0): at(5), (0, 1): at(6)}
+    assert upstream.watermark_ms == at(5)
+    upstream.keep_only([0, 2])  # own partition 2 taken over: nothing heard on it yet
+    assert upstream.watermark_ms is None
 
 
 def test_wall_clock_reads_the_system_time(monkeypatch):

@@ -6,7 +6,16 @@ import time
 
 import pytest
 
-from tests.integration.test_reliability import STABLE, alerts, by_id, kpis, run_to_end, settled, synthetic_events
+from tests.integration.test_reliability import (
+    STABLE,
+    alerts,
+    by_id,
+    kpis,
+    processed,
+    run_to_end,
+    settled,
+    synthetic_events,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,12 +42,16 @@ def merged(*snapshots: dict) -> dict:
     return {name: sorted(series.items()) for name, series in {**owned, **summed}.items()}
 
 
-def test_two_workers_equal_one(start_worker):
-    events = synthetic_events(days=20, seed=5)
+def one_worker(start_worker, events: list[dict]) -> tuple[dict, dict]:
+    """(KPIs, alerts by id) of a single worker over the events: what a group of workers must equal."""
     reference = start_worker(**STABLE)
     reference.send(*events)
-    expected = merged(run_to_end(reference, len(events)))
-    expected_alerts = by_id(alerts(reference))
+    return merged(run_to_end(reference, len(events))), by_id(alerts(reference))
+
+
+def test_two_workers_equal_one(start_worker):
+    events = synthetic_events(days=20, seed=5)
+    expected, expected_alerts = one_worker(start_worker, events)
 
     first = start_worker(**STABLE)
     second = start_worker(sibling_of=first)
@@ -51,3 +64,22 @@ def test_two_workers_equal_one(start_worker):
     assert two == expected
     assert by_id(alerts(first)) == expected_alerts
     assert kpis(first) and kpis(second), "both workers own part of the work"
+
+
+def test_when_one_of_two_stops_mid_stream_the_survivor_loses_nothing(start_worker):
+    events = synthetic_events(days=20, seed=6)
+    expected, expected_alerts = one_worker(start_worker, events)
+
+    survivor = start_worker(**STABLE)
+    leaving = start_worker(sibling_of=survivor)
+    leaving.wait_for(lambda m: len(partitions(leaving)) == 2, what="two partitions each", timeout=120)
+    survivor.send(*events)
+    leaving.wait_for(lambda m: processed(m) >= len(events) * 0.2, what="part of the events", timeout=240)
+    leaving.stop()
+    survivor.wait_for(lambda m: len(partitions(survivor)) == 4, what="the survivor owning every partition", timeout=120)
+    # The leaving worker's series are gone with it; the survivor's own must converge to one worker's.
+    deadline = time.monotonic() + 300
+    while merged(kpis(survivor)) != expected and time.monotonic() < deadline:
+        time.sleep(2)
+    assert merged(kpis(survivor)) == expected
+    assert by_id(alerts(survivor)) == expected_alerts
