@@ -55,6 +55,7 @@ app = faust.App(
     broker_session_timeout=6,
     broker_heartbeat_interval=1,
     store=settings.store,
+    recovery_consistency_check=settings.recovery_consistency_check,
     datadir=settings.data_dir,
     topic_partitions=settings.partitions,
     topic_replication_factor=settings.replication_factor,

@@ -6,7 +6,7 @@ import base64
 import logging
 import time
 
-from agents.app import app, clock, dlq_topic, input_topic, valid_topic
+from agents.app import app, clock, dlq_topic, input_topic, settings, valid_topic
 from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, part_of
 from agents.metrics import EVENTS_INVALID, EVENTS_RECEIVED
 from schemas.events import ms_to_iso
@@ -56,3 +56,14 @@ async def ingest(stream):
         for partition, event in last_valid.items():
             with part_of(event):
                 clock.save(partition)
+            if clock.mode == "event":
+                await broadcast_watermark(partition)
+
+
+async def broadcast_watermark(source: int) -> None:
+    """Tell every valid-events partition how far this input partition has got: stall checks behind the
+    re-keying hop wait until they have heard from every input partition (`streams.clock.UpstreamWatermark`),
+    also those whose events all went to other partitions (as when producers key by the same entity)."""
+    watermark = {"source": source, "watermark": clock.partition_watermark(source)}
+    for partition in range(settings.partitions):
+        await valid_topic.send(partition=partition, value=watermark)

@@ -89,8 +89,8 @@ def first_seen_event(batch: Batch, event, types: frozenset[str], upstream: Upstr
     forwarded = event.value
     if upstream is not None:
         upstream.observe(event.message.partition, forwarded["source"], forwarded["watermark"])
-    value = forwarded["event"]
-    if value["type"] not in types:
+    value = forwarded.get("event")  # none in a watermark broadcast
+    if value is None or value["type"] not in types:
         return None
     state = batch.state(event.key)
     if not first_seen(state, value, DEDUPE_HORIZON_MS):

@@ -76,17 +76,21 @@ def by_id(records: list[bytes]) -> dict[str, set[bytes]]:
     return grouped
 
 
-@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+# Tansu at times reports a changelog's end offset one short of an offset it acknowledged, which Faust's
+# RocksDB recovery check takes for lost data.
+@pytest.mark.parametrize("store", [{"CRM_PULSE_STORE": "memory://"},
+                                   {"CRM_PULSE_STORE": "rocksdb://", "CRM_PULSE_RECOVERY_CONSISTENCY_CHECK": "false"}],
+                         ids=["memory", "rocksdb"])  # fmt: skip
 def test_sigkill_mid_stream_then_restart_equals_clean_run(start_worker, store):
     events = synthetic_events(days=20)
-    clean = start_worker(**STABLE, CRM_PULSE_STORE=store)
+    clean = start_worker(**STABLE, **store)
     clean.send(*events)
     clean_kpis = run_to_end(clean, len(events))
     clean_alerts = alerts(clean)
     assert clean_kpis["crm_deals_won"] and clean_alerts  # the scenario exercises KPIs and alerts
     assert len(by_id(clean_alerts)) == len(clean_alerts)
 
-    crashed = start_worker(**STABLE, CRM_PULSE_STORE=store)
+    crashed = start_worker(**STABLE, **store)
     crashed.send(*events)
     crashed.wait_for(lambda m: processed(m) >= len(events) * 0.4, what="40% of the events", timeout=240)
     os.kill(crashed.process.pid, signal.SIGKILL)
