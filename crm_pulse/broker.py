@@ -82,7 +82,7 @@ def broker_for(settings: Settings) -> Iterator[Settings]:
 def client_security(settings: Settings) -> dict:
     """SASL/TLS options for kafka-python clients (the Faust app gets the same via `agents.app`)."""
     options: dict = {"security_protocol": settings.security_protocol}
-    if settings.sasl_mechanism:
+    if settings.security_protocol.startswith("SASL_"):
         options.update(
             sasl_mechanism=settings.sasl_mechanism,
             sasl_plain_username=settings.sasl_username,
