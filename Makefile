@@ -1,8 +1,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: demo test worker schemas clean
+.PHONY: demo test worker schemas bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +22,10 @@ test: $(VENV)/.installed
 
 schemas: $(VENV)/.installed  ## regenerate schemas/jsonschema/ from the models
 	$(PY) -m schemas.generate
+
+bench: $(VENV)/.installed  ## bench/: throughput, latency, stall scan, recovery, scale-out → bench/results.json + .png
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info data

