@@ -11,7 +11,6 @@ from tests.integration.test_reliability import (
     alerts,
     by_id,
     kpis,
-    processed,
     run_to_end,
     settled,
     synthetic_events,
@@ -65,21 +64,3 @@ def test_two_workers_equal_one(start_worker):
     assert by_id(alerts(first)) == expected_alerts
     assert kpis(first) and kpis(second), "both workers own part of the work"
 
-
-def test_when_one_of_two_stops_mid_stream_the_survivor_loses_nothing(start_worker):
-    events = synthetic_events(days=20, seed=6)
-    expected, expected_alerts = one_worker(start_worker, events)
-
-    survivor = start_worker(**STABLE)
-    leaving = start_worker(sibling_of=survivor)
-    leaving.wait_for(lambda m: len(partitions(leaving)) == 2, what="two partitions each", timeout=120)
-    survivor.send(*events)
-    leaving.wait_for(lambda m: processed(m) >= len(events) * 0.2, what="part of the events", timeout=240)
-    leaving.stop()
-    survivor.wait_for(lambda m: len(partitions(survivor)) == 4, what="the survivor owning every partition", timeout=120)
-    # The leaving worker's series are gone with it; the survivor's own must converge to one worker's.
-    deadline = time.monotonic() + 300
-    while merged(kpis(survivor)) != expected and time.monotonic() < deadline:
-        time.sleep(2)
-    assert merged(kpis(survivor)) == expected
-    assert by_id(alerts(survivor)) == expected_alerts
