@@ -1,4 +1,4 @@
-"""Marketing and adoption family: campaign touches and spend (keyed by campaign), CRM user activity
+"""Marketing and adoption family: campaign touches and spend (keyed by campaign and a bucket of the event id), CRM user activity
 (keyed by user), and the rep activity that counts distinct active reps (keyed by rep)."""
 
 from __future__ import annotations
