@@ -3,7 +3,8 @@
 Phases (each capped in time: a slow pipeline gives figures of what it reached, not a hang):
   throughput  the pipeline (one worker, all agents) vs a decode-only Faust agent vs a raw aiokafka reader
   latency     event → alert and event → /metrics at a steady input rate
-  stall       a million open leads: restart (table recovery), stall scan time per tick, worker RSS
+  stall       a million open leads in RocksDB: cold start and restart (table recovery), stall scan time per
+              tick, worker RSS
   scale       one worker vs two on the same partitions
 """
 
@@ -87,7 +88,7 @@ HELP = {
     "scan_interval": "CRM_PULSE_STALL_SCAN_SECONDS of the stall workers",
     "scan_ticks": "scan intervals measured",
     "scan_timeout": "seconds to wait for a scan that counts every seeded lead",
-    "recovery_timeout": "cap in seconds on a worker's start with the seeded leads",
+    "recovery_timeout": "cap in seconds on each start with the seeded leads (cold start, restart)",
     "scale_partitions": "partitions in the scale-out phase",
     "scale_timeout": "cap in seconds on each scale-out measurement",
 }
@@ -186,12 +187,16 @@ def headline(phases: dict) -> dict:
             figures["stall_scan_method"] = "histogram" if scan["method"].startswith("crm_") else "event-loop stalls"
             figures["rss_1m_leads_mib"] = scan["memory"]["rss_mib"]
         else:  # still recovering when the cap came: its memory then
-            figures["rss_1m_leads_mib"] = stall["restart"]["memory"]["rss_mib"]
+            reached = stall["restart"] or stall["cold_start"]
+            figures["rss_1m_leads_mib"] = reached["memory"]["rss_mib"]
             lower_bounds.append("rss_1m_leads_mib")
-        restart = stall["restart"]
-        figures["recovery_1m_keys_seconds"] = restart["seconds_to_first_event"] or restart["waited_seconds"]
-        if not restart["complete"]:
-            lower_bounds.append("recovery_1m_keys_seconds")
+        # The cold start restores every key into an empty data dir; the restart (the target's figure) keeps it.
+        for key, start in (("recovery_1m_keys_cold_seconds", stall["cold_start"]),
+                           ("recovery_1m_keys_seconds", stall["restart"])):  # fmt: skip
+            if start:
+                figures[key] = start["seconds_to_first_event"] or start["waited_seconds"]
+                if not start["complete"]:
+                    lower_bounds.append(key)
     if scale := phases.get("scale", {}).get("result"):
         one, two = scale["one_worker"]["events_per_s"], scale["two_workers"]["events_per_s"]
         figures.update(one_worker_events_per_s=one, two_workers_events_per_s=two)
