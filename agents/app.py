@@ -92,6 +92,36 @@ async def drop_keys_now_owned_elsewhere(sender, assigned, **kwargs) -> None:
                 del local[key]
 
 
+# A key no table uses: its tombstone is the one record of the last batch a worker writes to a changelog.
+CHANGELOG_SEAL_KEY = "\x00crm-pulse-changelog-seal"
+
+
+async def seal_changelogs(partitions: set[int]) -> None:
+    """Tansu reports a partition's end offset as the first offset of its last record batch + 1, so the
+    worker that restores a changelog after this one would stop short of that batch's tail, and the input
+    offsets this worker committed mean nothing replays it. Ending each changelog partition with a batch
+    of one record makes its end offset exact; on Apache Kafka this is a harmless tombstone."""
+    producer = app.producer
+    await producer.flush()
+    for table in app.tables.values():
+        changelog = table.changelog_topic
+        key, _ = changelog.prepare_key(CHANGELOG_SEAL_KEY, table.key_serializer)
+        for partition in partitions & set(range(table.partitions)):
+            # Raw None, not a serialized null: only that is a tombstone the stores delete on recovery.
+            await producer.send(changelog.get_topic_name(), key, None, partition, None, None)
+    await producer.flush()
+
+
+@app.on_partitions_revoked.connect
+async def seal_revoked_changelogs(sender, revoked, **kwargs) -> None:
+    await seal_changelogs({tp.partition for tp in revoked})
+
+
+@app.on_before_shutdown.connect
+async def seal_changelogs_on_shutdown(sender, **kwargs) -> None:
+    await seal_changelogs({tp.partition for tp in app.consumer.assignment()})
+
+
 # Latest event time per input partition, keyed by the partition it describes and written while reading
 # it, so it is restored with that partition when a worker restarts or takes it over.
 event_time = app.Table("event-time", default=None, partitions=settings.partitions, key_type=str)
@@ -105,8 +135,11 @@ def internal_topic(suffix: str) -> faust.TopicT:
 input_topic = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
 alerts_topic = app.topic(settings.alerts_topic, value_serializer="orjson")
 dlq_topic = app.topic(settings.dlq_topic, value_serializer="orjson")
-# Validated events, re-keyed by their own entity (lead or customer) whatever key the producer used.
-valid_topic = internal_topic("valid-events")
+# Validated events, one topic per entity family, each on its entity's partition whatever key the producer
+# used, packed per ingest batch into one message per (partition, input partition) (see agents.ingest).
+lead_events_topic = internal_topic("lead-events")
+customer_events_topic = internal_topic("customer-events")
+signal_events_topic = internal_topic("signal-events")
 # Deltas for the keyed aggregates: histograms by "dwell:<stage>" / "cycle:all" / "resolution:all",
 # KPI sums by scope ("all", "rep:<id>", "source:<s>", ...), churn spells by "all", rep activity by "rep:<id>".
 histogram_deltas_topic = internal_topic("histogram-deltas")

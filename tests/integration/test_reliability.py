@@ -38,8 +38,10 @@ def processed(metrics) -> float:
 
 
 def settled(metrics) -> bool:
-    """Every topic the worker reads is committed up to its end offset: nothing in flight."""
-    ends = {labels: v for (name, labels), v in metrics.items() if name == "crm_pulse_faust_topic_partition_end_offset"}
+    """Every topic the worker reads is committed up to its end offset: nothing in flight. (Changelogs are
+    only read to restore tables, and never committed.)"""
+    ends = {labels: v for (name, labels), v in metrics.items()
+            if name == "crm_pulse_faust_topic_partition_end_offset" and not dict(labels)["topic"].endswith("-changelog")}  # fmt: skip
     committed = {labels: v for (name, labels), v in metrics.items()
                  if name == "crm_pulse_faust_topic_partition_offset_commited"}  # fmt: skip
     return bool(ends) and all(committed.get(labels) == end for labels, end in ends.items())
