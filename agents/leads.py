@@ -24,7 +24,6 @@ from agents.app import (
 from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events
 from agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, export_gauges
 from streams.clock import UpstreamWatermark
-from streams.kpis import day_of
 from streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
 from streams.stall_index import StallIndex
 
@@ -94,9 +93,6 @@ async def track_leads(stream):
         # The stall timer decides only between batches: never on state a batch has changed but not saved.
         async with between_batches:
             batch = Batch(leads, new_lead)
-            # Per day of event time: thresholds depend on the day's 30-day window and on the dwell
-            # histograms, which do not change within a batch.
-            thresholds: dict[int, object] = {}
             for received in events:
                 if received.message.topic == stall_levels_topic.get_topic_name():
                     lead = batch.state(received.key)
@@ -108,10 +104,7 @@ async def track_leads(stream):
                 deltas = DeltaSender("leads", batch, received)
                 for lead_id, event, lead in unseen_events(batch, received, processed):
                     fold_raised_stall(lead_id, lead)
-                    day = day_of(event["occurred_at"])
-                    if day not in thresholds:
-                        thresholds[day] = threshold_at(event["occurred_at"])
-                    fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, thresholds[day])
+                    fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
                     deltas.facts(fact_deltas, event)
                     if event["type"] == "lead.activity" and event.get("rep_id"):
                         deltas.send(actor_activity_topic, f"rep:{event['rep_id']}", {"at": event["occurred_at"]})
