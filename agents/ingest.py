@@ -80,19 +80,17 @@ async def ingest(stream):
 
 
 class Envelopes:
-    """The valid events of one batch, one message per family topic and entity partition instead of one
-    per event: each agent downstream pays Faust's per-message cost once per batch, not once per event of
-    every family. Events keep their input order (an entity's events from one input partition stay in
-    order; events from different input partitions never had an order between them)."""
+    """The valid events of one batch, one message per (family topic, entity partition, input partition)
+    instead of one per event: each agent downstream pays Faust's per-message cost once per batch, not
+    once per event of every family. Order is kept per entity: one input partition's events for one
+    entity partition travel in one message, in input order."""
 
     def __init__(self):
         self.chunks: dict[tuple, list[list]] = defaultdict(lambda: [[]])
         self.sizes: dict[tuple, int] = defaultdict(int)
-        self.sources: set[int] = set()
 
     def add(self, source: int, key: str, event: dict, size: int) -> None:
-        self.sources.add(source)
-        where = (FAMILY_TOPICS[event["type"]], key_partition(key, settings.partitions))
+        where = (FAMILY_TOPICS[event["type"]], key_partition(key, settings.partitions), source)
         if self.sizes[where] + size > ENVELOPE_MAX_BYTES:
             self.chunks[where].append([])
             self.sizes[where] = 0
@@ -100,16 +98,16 @@ class Envelopes:
         self.sizes[where] += size
 
     async def send(self, watermark_of) -> None:
-        """The watermarks of the batch's input partitions go with the last message to each partition. With
-        the event clock every lead partition gets them, events or not: stall checks wait until each has
-        heard from every input partition (`streams.clock.UpstreamWatermark`), also from those whose events
-        all went elsewhere (as when producers key by the same entity)."""
-        if clock.mode == "event" and self.sources:
-            for partition in range(settings.partitions):
-                self.chunks.setdefault((lead_events_topic, partition), [[]])
-        watermarks = [[source, watermark_of(source)] for source in sorted(self.sources)]
-        for (topic, partition), chunks in self.chunks.items():
+        """Each input partition's watermark goes with the last message to each partition. With the event
+        clock every lead partition gets it, events or not: stall checks wait until each has heard from
+        every input partition (`streams.clock.UpstreamWatermark`), also from those whose events all went
+        elsewhere (as when producers key by the same entity)."""
+        if clock.mode == "event":
+            for source in {source for _, _, source in self.chunks}:
+                for partition in range(settings.partitions):
+                    self.chunks.setdefault((lead_events_topic, partition, source), [[]])
+        for (topic, partition, source), chunks in self.chunks.items():
             for n, events in enumerate(chunks, 1):
-                # Only with the last: the lead agent may check stalls between two of them.
-                value = {"watermarks": watermarks if n == len(chunks) else [], "events": events}
-                await topic.send(partition=partition, value=value)
+                # Only the last: the lead agent may check stalls between two of them.
+                watermark = watermark_of(source) if n == len(chunks) else None
+                await topic.send(partition=partition, value={"source": source, "watermark": watermark, "events": events})

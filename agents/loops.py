@@ -92,11 +92,10 @@ async def envelopes(stream, table, new: Callable[[], dict] = dict) -> AsyncItera
 
 def unseen_events(batch: Batch, received, upstream: UpstreamWatermark | None = None) -> Iterator[tuple[str, dict, dict]]:
     """(key, event, state) for each event of a message of packed events its entity has not applied yet;
-    `upstream` follows the watermarks the message carries."""
+    `upstream` follows the watermark the message carries."""
     envelope = received.value
-    if upstream is not None:
-        for source, watermark in envelope["watermarks"]:
-            upstream.observe(received.message.partition, source, watermark)
+    if upstream is not None and envelope["watermark"] is not None:
+        upstream.observe(received.message.partition, envelope["source"], envelope["watermark"])
     for key, event in envelope["events"]:
         state = batch.state(key)
         if not first_seen(state, event, DEDUPE_HORIZON_MS):

@@ -37,35 +37,30 @@ def pack(events, clock_mode: str, monkeypatch, max_bytes: int = 1000):
     asyncio.run(envelopes.send(lambda source: 1000 + source))
 
 
-def test_events_travel_per_family_and_partition_in_input_order(topics, monkeypatch):
+def test_events_travel_per_family_partition_and_source_in_order(topics, monkeypatch):
     lead, customer = "lead-a", "cust-b"
     pack([(0, lead, event(1), 10), (1, lead, event(2), 10), (0, customer, event(3, "customer.purchase"), 10),
           (0, lead, event(4), 10)], "wall", monkeypatch)  # fmt: skip
     p_lead, p_customer = key_partition(lead, settings.partitions), key_partition(customer, settings.partitions)
-    watermarks = [[0, 1000], [1, 1001]]
-    assert topics["lead.created"].sent == [
-        (p_lead, {"watermarks": watermarks, "events": [[lead, event(1)], [lead, event(2)], [lead, event(4)]]})
+    assert sorted(topics["lead.created"].sent, key=lambda sent: sent[1]["source"]) == [
+        (p_lead, {"source": 0, "watermark": 1000, "events": [[lead, event(1)], [lead, event(4)]]}),
+        (p_lead, {"source": 1, "watermark": 1001, "events": [[lead, event(2)]]}),
     ]
     assert topics["customer.purchase"].sent == [
-        (p_customer, {"watermarks": watermarks, "events": [[customer, event(3, "customer.purchase")]]})
+        (p_customer, {"source": 0, "watermark": 1000, "events": [[customer, event(3, "customer.purchase")]]})
     ]
 
 
-def test_a_full_message_is_split_and_only_the_last_part_carries_the_watermarks(topics, monkeypatch):
+def test_a_full_message_is_split_and_only_the_last_part_carries_the_watermark(topics, monkeypatch):
     pack([(2, "lead-a", event(n), 400) for n in range(5)], "wall", monkeypatch)
     sent = topics["lead.created"].sent
     assert [[e["event_id"] for _, e in value["events"]] for _, value in sent] == [["e0", "e1"], ["e2", "e3"], ["e4"]]
-    assert [value["watermarks"] for _, value in sent] == [[], [], [[2, 1002]]]
+    assert [value["watermark"] for _, value in sent] == [None, None, 1002]
 
 
 def test_with_the_event_clock_every_lead_partition_hears_from_each_source(topics, monkeypatch):
     pack([(3, "cust-b", event(1, "customer.purchase"), 10)], "event", monkeypatch)
     assert sorted(topics["lead.created"].sent, key=lambda sent: sent[0]) == [
-        (partition, {"watermarks": [[3, 1003]], "events": []}) for partition in range(settings.partitions)
+        (partition, {"source": 3, "watermark": 1003, "events": []}) for partition in range(settings.partitions)
     ]
     assert len(topics["customer.purchase"].sent) == 1
-
-
-def test_a_batch_of_dead_letters_only_sends_nothing(topics, monkeypatch):
-    pack([], "event", monkeypatch)
-    assert topics["lead.created"].sent == topics["customer.purchase"].sent == []
