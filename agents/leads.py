@@ -17,23 +17,24 @@ from agents.app import (
     app,
     clock,
     key_partition,
-    lead_events_topic,
     settings,
     stall_levels_topic,
+    valid_topic,
 )
-from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events
+from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, first_seen_event
 from agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, export_gauges
 from streams.clock import UpstreamWatermark
 from streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
+from streams.routing import LEAD_TYPES
 from streams.stall_index import StallIndex
 
 log = logging.getLogger(__name__)
 policy = settings.stall_policy
 
 leads = app.Table("leads", default=None, partitions=settings.partitions, key_type=str)
-# The agent reads the lead events and the stall levels the timer raised, both keyed by lead.
+# The agent reads the validated events and the stall levels the timer raised, both keyed by lead.
 lead_inputs = app.topic(
-    lead_events_topic.get_topic_name(), stall_levels_topic.get_topic_name(),
+    valid_topic.get_topic_name(), stall_levels_topic.get_topic_name(),
     internal=True, partitions=settings.partitions, key_type=str,  # declared: created with the app's partitions
 )  # fmt: skip
 index = StallIndex(policy)
@@ -55,7 +56,7 @@ def stall_now_ms() -> int | None:
 
 @app.on_partitions_assigned.connect
 async def forget_moved_partitions(sender, assigned, **kwargs) -> None:
-    processed.keep_only(tp.partition for tp in assigned if tp.topic == lead_events_topic.get_topic_name())
+    processed.keep_only(tp.partition for tp in assigned if tp.topic == valid_topic.get_topic_name())
     mine = {tp.partition for tp in assigned}
     for lead_id in [k for k in raised_stalls if key_partition(k, settings.partitions) not in mine]:
         del raised_stalls[lead_id]
@@ -101,16 +102,18 @@ async def track_leads(stream):
                     if raised_stalls.get(received.key) == received.value:
                         del raised_stalls[received.key]
                     continue
+                if not (seen := first_seen_event(batch, received, LEAD_TYPES, processed)):
+                    continue
+                lead_id, event, lead = seen
+                fold_raised_stall(lead_id, lead)
+                fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
                 deltas = DeltaSender("leads", batch, received)
-                for lead_id, event, lead in unseen_events(batch, received, processed):
-                    fold_raised_stall(lead_id, lead)
-                    fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
-                    deltas.facts(fact_deltas, event)
-                    if event["type"] == "lead.activity" and event.get("rep_id"):
-                        deltas.send(actor_activity_topic, f"rep:{event['rep_id']}", {"at": event["occurred_at"]})
-                    for future, on_delivered in publish_alerts(alerts):
-                        batch.sent(future, on_delivered)
-                    EVENTS_PROCESSED.labels(event["type"]).inc()
+                deltas.facts(fact_deltas, event)
+                if event["type"] == "lead.activity" and event.get("rep_id"):
+                    deltas.send(actor_activity_topic, f"rep:{event['rep_id']}", {"at": event["occurred_at"]})
+                for future, on_delivered in publish_alerts(alerts):
+                    batch.sent(future, on_delivered)
+                EVENTS_PROCESSED.labels(event["type"]).inc()
             await batch.commit()
             for lead_id, (lead, _) in batch.touched.items():
                 index.update(lead_id, lead)
