@@ -10,6 +10,7 @@ from faust.serializers import codecs
 
 from kafka.partitioner.default import murmur2
 
+from crm_pulse.broker import CHANGELOG_SEAL_KEY
 from crm_pulse.config import Settings
 from streams.clock import Clock
 
@@ -92,15 +93,9 @@ async def drop_keys_now_owned_elsewhere(sender, assigned, **kwargs) -> None:
                 del local[key]
 
 
-# A key no table uses: its tombstone is the one record of the last batch a worker writes to a changelog.
-CHANGELOG_SEAL_KEY = "\x00crm-pulse-changelog-seal"
-
-
 async def seal_changelogs(partitions: set[int]) -> None:
-    """Tansu reports a partition's end offset as the first offset of its last record batch + 1, so the
-    worker that restores a changelog after this one would stop short of that batch's tail, and the input
-    offsets this worker committed mean nothing replays it. Ending each changelog partition with a batch
-    of one record makes its end offset exact; on Apache Kafka this is a harmless tombstone."""
+    """The changelog partitions this worker gives up end with a batch of one record, for the worker that
+    restores them next (see `crm_pulse.broker.seal_changelogs`, which does the same before a start)."""
     producer = app.producer
     await producer.flush()
     for table in app.tables.values():

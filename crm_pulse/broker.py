@@ -9,7 +9,8 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from kafka import KafkaAdminClient
+import orjson
+from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -94,8 +95,9 @@ def client_security(settings: Settings) -> dict:
     return options
 
 
-def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
-    """Create the input, alerts and dead-letter topics if missing (production may pre-create them)."""
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> set[str]:
+    """Create the input, alerts and dead-letter topics if missing (production may pre-create them); the
+    topics that existed before."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -116,5 +118,30 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
                 log.info("created topic %s with %d partitions", name, settings.partitions)
             except TopicAlreadyExistsError:
                 pass
+        return existing
     finally:
         admin.close()
+
+
+# A key no table uses: its tombstone is the one record of the last batch of a changelog partition.
+CHANGELOG_SEAL_KEY = "\x00crm-pulse-changelog-seal"
+
+
+def seal_changelogs(settings: Settings, topics: set[str]) -> None:
+    """End every partition of the app's changelogs with a batch of one record, before the worker starts
+    restoring them. Tansu reports a partition's end offset as the first offset of its last record batch
+    + 1, and Faust restores a changelog only up to the end offset: after a crash the tail of the last
+    batch would be skipped, though its input offsets may be committed already. A tombstone of a key no
+    table uses makes the end offset exact; on Apache Kafka, which reports it exactly, it is a no-op."""
+    changelogs = sorted(t for t in topics if t.startswith(f"{settings.app_id}-") and t.endswith("-changelog"))
+    if not changelogs:
+        return
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, **client_security(settings))
+    try:
+        key = orjson.dumps(CHANGELOG_SEAL_KEY)  # tables' keys are JSON-encoded
+        for topic in changelogs:
+            for partition in producer.partitions_for(topic):
+                producer.send(topic, key=key, value=None, partition=partition)
+        producer.flush()
+    finally:
+        producer.close()

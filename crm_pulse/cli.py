@@ -8,13 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from crm_pulse.broker import broker_for, ensure_topics
+from crm_pulse.broker import broker_for, ensure_topics, seal_changelogs
 from crm_pulse.config import Settings
 
 
 def run_worker(settings: Settings) -> None:
     with broker_for(settings) as resolved:
-        ensure_topics(resolved)
+        seal_changelogs(resolved, ensure_topics(resolved))
         # The Faust app reads its settings from the environment when first imported.
         os.environ["CRM_PULSE_BROKER"] = resolved.broker
         from agents.worker import run
