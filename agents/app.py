@@ -93,7 +93,7 @@ async def drop_keys_now_owned_elsewhere(sender, assigned, **kwargs) -> None:
                 del local[key]
 
 
-async def seal_changelogs(partitions: set[int]) -> None:
+async def seal_given_up_changelogs(partitions: set[int]) -> None:
     """The changelog partitions this worker gives up end with a batch of one record, for the worker that
     restores them next (see `crm_pulse.broker.seal_changelogs`, which does the same before a start)."""
     producer = app.producer
@@ -109,12 +109,12 @@ async def seal_changelogs(partitions: set[int]) -> None:
 
 @app.on_partitions_revoked.connect
 async def seal_revoked_changelogs(sender, revoked, **kwargs) -> None:
-    await seal_changelogs({tp.partition for tp in revoked})
+    await seal_given_up_changelogs({tp.partition for tp in revoked})
 
 
 @app.on_before_shutdown.connect
 async def seal_changelogs_on_shutdown(sender, **kwargs) -> None:
-    await seal_changelogs({tp.partition for tp in app.consumer.assignment()})
+    await seal_given_up_changelogs({tp.partition for tp in app.consumer.assignment()})
 
 
 # Latest event time per input partition, keyed by the partition it describes and written while reading
