@@ -49,8 +49,9 @@ async def ingest(stream):
             partition = event.message.partition
             clock.observe(partition, crm_event.occurred_at)
             last_valid[partition] = event
+            # Its input position lets entities tell a re-read after a crash from a new event.
             forwarded = {"event": crm_event.model_dump(by_alias=True), "source": partition,
-                         "watermark": clock.partition_watermark(partition)}  # fmt: skip
+                         "offset": event.message.offset, "watermark": clock.partition_watermark(partition)}  # fmt: skip
             await valid_topic.send(key=crm_event.key, value=forwarded)
         # Once per batch and partition, as part of the partition's last event (the table is keyed by it).
         for partition, event in last_valid.items():

@@ -21,9 +21,8 @@ from agents.app import (
     stall_levels_topic,
     valid_topic,
 )
-from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, first_seen_event
+from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, first_seen_event, upstream_watermark
 from agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, export_gauges
-from streams.clock import UpstreamWatermark
 from streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
 from streams.routing import LEAD_TYPES
 from streams.stall_index import StallIndex
@@ -40,8 +39,7 @@ lead_inputs = app.topic(
 index = StallIndex(policy)
 # Raised by the timer and not yet folded into the lead's state by the agent: applied first by either path.
 raised_stalls: dict[str, dict] = {}
-# The input topic has the app's partition count (crm_pulse.broker.ensure_topics creates it so).
-processed = UpstreamWatermark(sources=settings.partitions)
+processed = upstream_watermark(valid_topic)
 between_batches = asyncio.Lock()
 STALL_SCAN_SECONDS = Histogram(
     "crm_stall_scan_duration_seconds", "Stall scan ticks: finding the leads due, raising and publishing their alerts.",
@@ -56,7 +54,6 @@ def stall_now_ms() -> int | None:
 
 @app.on_partitions_assigned.connect
 async def forget_moved_partitions(sender, assigned, **kwargs) -> None:
-    processed.keep_only(tp.partition for tp in assigned if tp.topic == valid_topic.get_topic_name())
     mine = {tp.partition for tp in assigned}
     for lead_id in [k for k in raised_stalls if key_partition(k, settings.partitions) not in mine]:
         del raised_stalls[lead_id]

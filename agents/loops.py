@@ -12,12 +12,13 @@ from typing import AsyncIterator, Callable
 
 from faust.streams import _current_event
 
-from agents.app import settings
+from agents.app import app, settings
 from agents.metrics import EVENTS_DUPLICATE
 from streams.clock import UpstreamWatermark
 from streams.routing import already_applied, first_seen
 
-DEDUPE_HORIZON_MS = int(settings.dedupe_horizon_seconds * 1000)
+# Event ids are kept this far behind the slowest input partition's latest event (its watermark + grace).
+FORGET_BEHIND_WATERMARK_MS = int((settings.dedupe_horizon_seconds - settings.grace_seconds) * 1000)
 # A batch closes when full or when no more events came within this time: the latency it may add.
 BATCH_MAX_EVENTS = 1000
 BATCH_WITHIN_SECONDS = 0.05
@@ -83,28 +84,41 @@ async def batches(stream, table, new: Callable[[], dict] = dict) -> AsyncIterato
         await batch.commit()
 
 
-def first_seen_event(batch: Batch, event, types: frozenset[str], upstream: UpstreamWatermark | None = None):
-    """(key, event value, state) if the event is of `types` and its entity has not applied its event_id,
-    else None; `upstream` follows the watermarks forwarded with every event, of any type."""
+def upstream_watermark(topic) -> UpstreamWatermark:
+    """The watermarks forwarded to the partitions of `topic` this worker holds, followed by one agent."""
+    # The input topic has the app's partition count (crm_pulse.broker.ensure_topics creates it so).
+    upstream = UpstreamWatermark(sources=settings.partitions)
+
+    @app.on_partitions_assigned.connect
+    async def keep_own_partitions(sender, assigned, **kwargs) -> None:
+        upstream.keep_only(tp.partition for tp in assigned if tp.topic == topic.get_topic_name())
+
+    return upstream
+
+
+def first_seen_event(batch: Batch, event, types: frozenset[str], upstream: UpstreamWatermark):
+    """(key, event value, state) if the event is of `types` and its entity has not applied it, else None;
+    `upstream` follows the watermarks forwarded with every event, of any type."""
     forwarded = event.value
-    if upstream is not None:
-        upstream.observe(event.message.partition, forwarded["source"], forwarded["watermark"])
+    upstream.observe(event.message.partition, forwarded["source"], forwarded["watermark"])
     value = forwarded.get("event")  # none in a watermark broadcast
     if value is None or value["type"] not in types:
         return None
     state = batch.state(event.key)
-    if not first_seen(state, value, DEDUPE_HORIZON_MS):
+    watermark = upstream.watermark_ms
+    forget_before = None if watermark is None else watermark - FORGET_BEHIND_WATERMARK_MS
+    if not first_seen(state, value, forwarded["source"], forwarded["offset"], forget_before):
         EVENTS_DUPLICATE.labels(value["type"]).inc()
         return None
     batch.touch(event.key, state, event)
     return event.key, value, state
 
 
-async def first_seen_events(stream, types: frozenset[str], table, new=dict) -> AsyncIterator:
+async def first_seen_events(stream, types: frozenset[str], table, upstream: UpstreamWatermark) -> AsyncIterator:
     """(batch, event, key, value, state) for every event of `types` its entity has not applied."""
-    async for batch, events in batches(stream, table, new):
+    async for batch, events in batches(stream, table):
         for event in events:
-            if seen := first_seen_event(batch, event, types):
+            if seen := first_seen_event(batch, event, types, upstream):
                 yield batch, event, *seen
 
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 from agents.aggregates import DeltaSender
 from agents.app import actor_activity_topic, app, settings, valid_topic
-from agents.loops import first_seen_events, unapplied_deltas
+from agents.loops import first_seen_events, unapplied_deltas, upstream_watermark
 from agents.metrics import EVENTS_PROCESSED
 from streams.routing import SIGNAL_TYPES, apply_actor_activity
 
 signal_sources = app.Table("signal-sources", default=dict, partitions=settings.partitions, key_type=str)
 actors = app.Table("actors", default=dict, partitions=settings.partitions, key_type=str)
 
+signals_upstream = upstream_watermark(valid_topic)
+
 
 @app.agent(valid_topic)
 async def track_signals(stream):
-    async for batch, received, _key, event, source in first_seen_events(stream, SIGNAL_TYPES, signal_sources):
+    async for batch, received, _key, event, source in first_seen_events(stream, SIGNAL_TYPES, signal_sources, signals_upstream):
         fact_deltas = []
         if event["type"] == "crm.user_activity":
             fact_deltas = apply_actor_activity(source, event["occurred_at"], "active_users")

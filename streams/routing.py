@@ -17,26 +17,36 @@ SIGNAL_TYPES = frozenset({"campaign.touch", "marketing.spend", "crm.user_activit
 OVERALL = "all"
 
 
-def first_seen(entity: dict, event: dict, horizon_ms: int) -> bool:
-    """Record the event_id in the entity's state; False if it was already applied.
+def first_seen(entity: dict, event: dict, source: int, offset: int, forget_before_ms: int | None) -> bool:
+    """Record in the entity's state that it applied the event read at `offset` of input partition `source`;
+    False if it did already.
 
-    Ids older than the horizon behind the entity's own latest event are forgotten: a duplicate that old
-    is dead-lettered as late before it gets here, since the entity's input partition has read at least
-    that far (the horizon is at least the grace period). Not the global watermark: input is read far
-    ahead of this agent, which would forget ids whose duplicates are still on their way.
+    Two ways an event comes back. After a crash or a hand-over, ingest re-reads its input from the last
+    commit: the same input message, at a position the entity has passed on that partition (an exact test,
+    since one partition's events reach an entity in order). A producer that sends an event twice makes a
+    new message with the same event_id: ids are kept until they are older than `forget_before_ms` (None:
+    keep all). The caller passes the slowest input partition's latest event time less the dedupe horizon
+    (at least the grace period): by then a duplicate is dead-lettered as late by whichever partition it
+    comes through, as every one has read that far.
     """
+    read = entity.setdefault("read", {})
+    if offset <= read.get(str(source), -1):
+        return False
     seen = entity.setdefault("seen", {})
     if event["event_id"] in seen:
         return False
+    read[str(source)] = offset
     at = event["occurred_at"]
-    latest = entity["seen_latest"] = max(entity.get("seen_latest", at), at)
-    if at >= latest - horizon_ms:
+    if forget_before_ms is None:
+        seen[event["event_id"]] = at
+        return True
+    if at >= forget_before_ms:
         seen[event["event_id"]] = at
     # Ids are kept in arrival order, nearly event-time order: forget from the oldest on, stopping at the
     # first id still inside the horizon (an out-of-order id behind it is kept a little longer, never less).
     forgotten = []
     for event_id, seen_at in seen.items():
-        if seen_at >= latest - horizon_ms:
+        if seen_at >= forget_before_ms:
             break
         forgotten.append(event_id)
     for event_id in forgotten:

@@ -32,7 +32,6 @@ from streams.routing import CUSTOMER_TYPES, LEAD_TYPES, apply_actor_activity, ap
 D0 = 20454  # 2026-01-01
 H = 3_600_000
 TODAY = D0 + 40
-DEDUPE_HORIZON_MS = 14 * DAY_MS  # the default; no test history repeats an event id that far apart
 NOW = TODAY * DAY_MS + 12 * H
 RETENTION_DAYS = 60 + 2 + 2  # agents/app.py with the default 2-day grace
 HORIZON_SLACK_DAYS = 30 + 2 + 2  # agents/customers.py
@@ -79,6 +78,7 @@ class Fold:
         self.leads, self.customers = {}, defaultdict(dict)
         self.signal_sources, self.actors = defaultdict(dict), defaultdict(dict)
         self.sums, self.histograms, self.customer_base = defaultdict(dict), defaultdict(dict), {}
+        self.offsets = itertools.count()  # the events' positions in one input partition
         self(*events)
 
     def __call__(self, *events):
@@ -86,14 +86,14 @@ class Fold:
             kind, at_ms = event["type"], event["occurred_at"]
             if kind in LEAD_TYPES:  # track_leads, then track_active_reps
                 entity = self.leads.setdefault(event["lead_id"], new_lead())
-                if first_seen(entity, event, DEDUPE_HORIZON_MS):
+                if first_seen(entity, event, 0, next(self.offsets), None):
                     facts, _ = apply_lead_event(entity, event, event["lead_id"], POLICY, configured_threshold)
                     self.publish(facts, event)
                     if kind == "lead.activity" and event["rep_id"]:
                         self.publish(apply_actor_activity(self.actors[f"rep:{event['rep_id']}"], at_ms, "active_reps"))
             elif kind in CUSTOMER_TYPES:  # track_customers, aggregate_churn
                 entity = self.customers[event["customer_id"]]
-                if first_seen(entity, event, DEDUPE_HORIZON_MS):
+                if first_seen(entity, event, 0, next(self.offsets), None):
                     spells, facts = apply_customer_event(entity, event)
                     for start, end, sign in spells:
                         advance_churn_horizon(self.customer_base, day_of(at_ms) - HORIZON_SLACK_DAYS)
@@ -101,7 +101,7 @@ class Fold:
                     self.publish(facts, event)
             else:  # track_signals
                 key = event["user_id"] if kind == "crm.user_activity" else event["payload"]["campaign"]
-                if first_seen(self.signal_sources[key], event, DEDUPE_HORIZON_MS):
+                if first_seen(self.signal_sources[key], event, 0, next(self.offsets), None):
                     facts = apply_actor_activity(self.signal_sources[key], at_ms, "active_users") \
                         if kind == "crm.user_activity" else []  # fmt: skip
                     self.publish(facts, event)

@@ -392,18 +392,20 @@ def test_alert_ids_are_deterministic():
 # --- routing: de-duplication -------------------------------------------------------------------
 
 
-def test_first_seen_dedupes_and_prunes_behind_the_entitys_latest_event():
+def test_first_seen_skips_re_reads_and_duplicates_and_forgets_ids_before_the_given_time():
     entity: dict = {}
     old, edge, new = (ev(name, "lead.activity", at(day), CALL) for name, day in (("old", 1), ("edge", 8), ("new", 10)))
-    assert first_seen(entity, old, 2 * DAY_MS)
-    assert not first_seen(entity, old, 2 * DAY_MS)
-    assert first_seen(entity, edge, 2 * DAY_MS)  # latest day 8: "old" (day 1) is forgotten
+    assert first_seen(entity, old, 0, 5, None)
+    assert not first_seen(entity, old, 0, 5, None)  # the same message re-read after a crash
+    assert not first_seen(entity, new, 0, 4, None)  # an earlier one of that partition: applied before "old"
+    assert not first_seen(entity, old, 1, 3, None)  # the same event id sent again, through partition 1
+    assert first_seen(entity, edge, 0, 6, at(7))  # ids of events before day 7 are forgotten: "old" (day 1)
     assert entity["seen"] == {"edge": at(8)}
-    # Latest day 10, horizon 2 d: ids older than day 8 are forgotten, day 8 itself is kept.
-    assert first_seen(entity, new, 2 * DAY_MS)
+    assert first_seen(entity, new, 1, 4, at(8))  # day 8 itself is kept
     assert entity["seen"] == {"edge": at(8), "new": at(10)}
-    assert not first_seen(entity, edge, 2 * DAY_MS)
-    assert first_seen(entity, old, 2 * DAY_MS)  # forgotten: only a late event could repeat it
+    assert entity["read"] == {"0": 6, "1": 4}
+    assert not first_seen(entity, edge, 1, 9, at(8))
+    assert first_seen(entity, old, 1, 10, at(8))  # forgotten: only a late event could repeat it
     assert "old" not in entity["seen"]
 
 
