@@ -107,8 +107,8 @@ def unseen_events(batch: Batch, received, upstream: UpstreamWatermark) -> Iterat
     """(key, event, state) for each event of a message of packed events its entity has not applied yet;
     `upstream` follows the watermarks the message carries."""
     envelope = received.value
-    for source, watermark in envelope["watermarks"]:
-        upstream.observe(received.message.partition, source, watermark)
+    # Ids are forgotten by the watermarks heard before this message: its own are those at the end of its
+    # batch, ahead of events in it that were on time when ingest read them (and maybe of their duplicates).
     watermark = upstream.watermark_ms
     forget_before = None if watermark is None else watermark - FORGET_BEHIND_WATERMARK_MS
     for key, source, offset, event in envelope["events"]:
@@ -118,6 +118,8 @@ def unseen_events(batch: Batch, received, upstream: UpstreamWatermark) -> Iterat
             continue
         batch.touch(key, state, received)
         yield key, event, state
+    for source, watermark in envelope["watermarks"]:
+        upstream.observe(received.message.partition, source, watermark)
 
 
 async def unapplied_deltas(stream, table) -> AsyncIterator:

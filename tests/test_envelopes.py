@@ -6,6 +6,8 @@ import pytest
 
 import agents.ingest as ingest
 from agents.app import key_partition, settings
+from agents.loops import Batch, unseen_events
+from streams.clock import UpstreamWatermark
 
 
 class Topic:
@@ -69,3 +71,32 @@ def test_with_the_event_clock_every_lead_partition_hears_from_each_source(topics
 def test_a_batch_of_dead_letters_only_sends_nothing(topics, monkeypatch):
     pack([], "event", monkeypatch)
     assert topics["lead.created"].sent == topics["customer.purchase"].sent == []
+
+
+class Received:
+    """A message of packed events as the family agents get it."""
+
+    def __init__(self, partition: int, offset: int, value: dict):
+        self.value = value
+        self.message = type("Message", (), {"partition": partition, "offset": offset})()
+
+
+def test_an_event_and_its_duplicate_in_one_message_count_once_however_far_its_batch_got():
+    day = 86_400_000
+    upstream = UpstreamWatermark(sources=settings.partitions)
+    upstream.keep_only([0])
+    for source in range(settings.partitions):
+        upstream.observe(0, source, 10 * day)
+    # On time when ingest read it (day 10), but its batch went on to day 40: the message's watermarks.
+    first = {"event_id": "e1", "type": "customer.subscribed", "occurred_at": 10 * day}
+    value = {"watermarks": [[source, 40 * day] for source in range(settings.partitions)],
+             "events": [["cust-a", 2, 14, first], ["cust-a", 2, 15, dict(first)]]}  # fmt: skip
+    batch = Batch({}, dict)
+    applied = [event["event_id"] for _, event, _ in unseen_events(batch, Received(0, 1, value), upstream)]
+    assert applied == ["e1"]
+    assert upstream.watermark_ms == 40 * day  # heard once the message is done
+    # A later message: the id is now older than the horizon behind day 40 and is forgotten.
+    later = {"event_id": "e2", "type": "customer.renewed", "occurred_at": 40 * day}
+    value = {"watermarks": [], "events": [["cust-a", 2, 900, later]]}
+    assert [event["event_id"] for _, event, _ in unseen_events(batch, Received(0, 2, value), upstream)] == ["e2"]
+    assert batch.state("cust-a")["seen"] == {"e2": 40 * day}
