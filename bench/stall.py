@@ -51,6 +51,9 @@ def threshold(stage: str) -> tuple[int, str]:
     return SETTINGS.stall_policy.threshold(stage, None, 0)
 
 
+START_PROBE_KEY = b"bench-start"
+
+
 def lead_events(lead_id: str, rng: random.Random, now_ms: int) -> list[dict]:
     """An open lead's events: created, moved up to a random stage, a quote from "proposal" on, maybe an
     activity. Idle for 5-50% of its stage's threshold, or 1.2-1.6 times it for a share already stalled."""
@@ -78,12 +81,12 @@ def lead_events(lead_id: str, rng: random.Random, now_ms: int) -> list[dict]:
     return events
 
 
-def build_lead(lead_id: str, events: list[dict], now_ms: int) -> dict:
-    """The table value a worker holds after these events and a stall scan at `now_ms`."""
+def build_lead(lead_id: str, events: list[dict], now_ms: int, positions: list[tuple[int, int]]) -> dict:
+    """The table value a worker holds after these events, read at these (input partition, offset)
+    positions, and a stall scan at `now_ms`."""
     lead = new_lead()
-    horizon = int(SETTINGS.dedupe_horizon_seconds * 1000)
-    for event in events:
-        first_seen(lead, event, horizon)
+    for event, (source, offset) in zip(events, positions):
+        first_seen(lead, event, source, offset, None)
         apply_lead_event(lead, event, lead_id, SETTINGS.stall_policy, threshold)
     check_stall(lead, lead_id, now_ms, SETTINGS.stall_policy, threshold)
     return orjson.loads(orjson.dumps(lead))
@@ -152,7 +155,14 @@ async def calibrate(bench: Bench, app: App, config) -> dict:
         raise TimeoutError(f"an empty worker handled no event within {config.recovery_timeout} s "
                            f"(/metrics: HTTP {worker.metrics_status})")  # fmt: skip
     await bench.produce(app.input_topic, records, len(records), "stall: sample leads for the format check")
-    expected = {lead_id: build_lead(lead_id, events, now_ms) for lead_id, events in samples.items()}
+    # Where each event lands in the input topic: after the start probe, by the default partitioner.
+    next_offset = {p: int(p == partition_of(START_PROBE_KEY, app.partitions)) for p in range(app.partitions)}
+    positions = {lead_id: [] for lead_id in samples}
+    for event in ordered:
+        source = partition_of(event["lead_id"].encode(), app.partitions)
+        positions[event["lead_id"]].append((source, next_offset[source]))
+        next_offset[source] += 1
+    expected = {lead_id: build_lead(lead_id, events, now_ms, positions[lead_id]) for lead_id, events in samples.items()}
     bench.reporter.step("stall: reading the sample leads back from the changelog")
     deadline = time.monotonic() + 60
     while True:
@@ -179,7 +189,7 @@ async def start_until_first_event(bench: Bench, worker: Worker, timeout: float, 
     probe = {"event_id": f"bench-start-{worker.port}", "type": "marketing.spend", "occurred_at": occurred_at,
              "payload": {"campaign": "bench-start", "amount": 1, "purpose": "acquisition"}}  # fmt: skip
     worker.start()
-    await bench.produce(worker.app.input_topic, [(b"bench-start", orjson.dumps(probe), None)], 1, "start probe")
+    await bench.produce(worker.app.input_topic, [(START_PROBE_KEY, orjson.dumps(probe), None)], 1, "start probe")
     bench.reporter.step(f"stall: starting a worker with {what}")
     up = ready = None
     deadline = worker.started_at + timeout
@@ -206,7 +216,10 @@ async def seed(bench: Bench, app: App, config, found: dict) -> dict:
     templates = []
     for j in range(min(TEMPLATES, config.leads)):
         lead_id = f"bench-lead-{j:07d}"
-        lead = build_lead(lead_id, lead_events(lead_id, rng, now_ms), now_ms)
+        events = lead_events(lead_id, rng, now_ms)
+        # Offsets of a few million events: read marks as large as a real backlog's.
+        positions = [(partition_of(lead_id.encode(), app.partitions), 1_000_000 + n) for n in range(len(events))]
+        lead = build_lead(lead_id, events, now_ms, positions)
         templates.append((lead_id.encode(), orjson.dumps(lead)))
     encode, partition_data = found["encode"], found["partition_data"]
     last_of: dict[int, tuple] = {}
