@@ -130,11 +130,8 @@ def internal_topic(suffix: str) -> faust.TopicT:
 input_topic = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
 alerts_topic = app.topic(settings.alerts_topic, value_serializer="orjson")
 dlq_topic = app.topic(settings.dlq_topic, value_serializer="orjson")
-# Validated events, one topic per entity family, each on its entity's partition whatever key the producer
-# used, packed per ingest batch into one message per (partition, input partition) (see agents.ingest).
-lead_events_topic = internal_topic("lead-events")
-customer_events_topic = internal_topic("customer-events")
-signal_events_topic = internal_topic("signal-events")
+# Validated events, re-keyed by their own entity (lead or customer) whatever key the producer used.
+valid_topic = internal_topic("valid-events")
 # Deltas for the keyed aggregates: histograms by "dwell:<stage>" / "cycle:all" / "resolution:all",
 # KPI sums by scope ("all", "rep:<id>", "source:<s>", ...), churn spells by "all", rep activity by "rep:<id>".
 histogram_deltas_topic = internal_topic("histogram-deltas")

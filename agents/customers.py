@@ -6,31 +6,30 @@ from __future__ import annotations
 from prometheus_client.core import GaugeMetricFamily
 
 from agents.aggregates import DeltaSender, kpi_sums
-from agents.app import app, churn_deltas_topic, clock, customer_events_topic, settings
-from agents.loops import envelopes, unapplied_deltas, unseen_events, upstream_watermark
+from agents.app import app, churn_deltas_topic, clock, settings, valid_topic
+from agents.loops import first_seen_events, unapplied_deltas, upstream_watermark
 from agents.metrics import EVENTS_PROCESSED, export_gauges
 from streams.catalogue import customer_base_kpis, window_sums
 from streams.kpis import CHURN_WINDOW_DAYS, advance_churn_horizon, apply_spell, churn, day_of
-from streams.routing import OVERALL, apply_customer_event
+from streams.routing import CUSTOMER_TYPES, OVERALL, apply_customer_event
 
 HORIZON_SLACK_DAYS = CHURN_WINDOW_DAYS + int(settings.grace_seconds // 86400) + 2
 
 customers = app.Table("customers", default=dict, partitions=settings.partitions, key_type=str)
 # One key ("all"), on the same partition number as the "all" KPI sums: one worker owns both.
 customer_base = app.Table("customer-base", default=dict, partitions=settings.partitions, key_type=str)
-customers_upstream = upstream_watermark(customer_events_topic)
+customers_upstream = upstream_watermark(valid_topic)
 
 
-@app.agent(customer_events_topic)
+@app.agent(valid_topic)
 async def track_customers(stream):
-    async for batch, received in envelopes(stream, customers):
+    async for batch, received, _customer_id, event, customer in first_seen_events(stream, CUSTOMER_TYPES, customers, customers_upstream):
+        spell_deltas, fact_deltas = apply_customer_event(customer, event)
         deltas = DeltaSender("customers", batch, received)
-        for _customer_id, event, customer in unseen_events(batch, received, customers_upstream):
-            spell_deltas, fact_deltas = apply_customer_event(customer, event)
-            for start_day, end_day, sign in spell_deltas:
-                deltas.send(churn_deltas_topic, OVERALL, {"start": start_day, "end": end_day, "sign": sign, "at": event["occurred_at"]})
-            deltas.facts(fact_deltas, event)
-            EVENTS_PROCESSED.labels(event["type"]).inc()
+        for start_day, end_day, sign in spell_deltas:
+            deltas.send(churn_deltas_topic, OVERALL, {"start": start_day, "end": end_day, "sign": sign, "at": event["occurred_at"]})
+        deltas.facts(fact_deltas, event)
+        EVENTS_PROCESSED.labels(event["type"]).inc()
 
 
 @app.agent(churn_deltas_topic)

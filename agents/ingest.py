@@ -1,37 +1,16 @@
-"""Validate every raw CRM event; bad ones go to the dead-letter topic with the reason, good ones onward to
-their family's agent."""
+"""Validate every raw CRM event; bad ones go to the dead-letter topic with the reason, good ones onward."""
 
 from __future__ import annotations
 
 import base64
 import logging
 import time
-from collections import defaultdict
 
-from agents.app import (
-    app,
-    clock,
-    customer_events_topic,
-    dlq_topic,
-    input_topic,
-    key_partition,
-    lead_events_topic,
-    settings,
-    signal_events_topic,
-)
+from agents.app import app, clock, dlq_topic, input_topic, settings, valid_topic
 from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, part_of
 from agents.metrics import EVENTS_INVALID, EVENTS_RECEIVED
 from schemas.events import ms_to_iso
 from schemas.validate import InvalidEvent, parse_event
-from streams.routing import CUSTOMER_TYPES, LEAD_TYPES, SIGNAL_TYPES
-
-FAMILY_TOPICS = {
-    **dict.fromkeys(LEAD_TYPES, lead_events_topic),
-    **dict.fromkeys(CUSTOMER_TYPES, customer_events_topic),
-    **dict.fromkeys(SIGNAL_TYPES, signal_events_topic),
-}
-# Well under the broker's default 1 MiB message limit (events are at most 64 KiB).
-ENVELOPE_MAX_BYTES = 512 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +30,6 @@ def dead_letter(error: InvalidEvent, message) -> dict:
 @app.agent(input_topic)
 async def ingest(stream):
     async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
-        packed = Envelopes()
         last_valid = {}  # input partition → its last valid event in the batch
         for event in events:
             EVENTS_RECEIVED.inc()
@@ -71,46 +49,22 @@ async def ingest(stream):
             partition = event.message.partition
             clock.observe(partition, crm_event.occurred_at)
             last_valid[partition] = event
-            packed.add(partition, event.message.offset, crm_event.key, crm_event.model_dump(by_alias=True), len(event.value))
+            # Its input position lets entities tell a re-read after a crash from a new event.
+            forwarded = {"event": crm_event.model_dump(by_alias=True), "source": partition,
+                         "offset": event.message.offset, "watermark": clock.partition_watermark(partition)}  # fmt: skip
+            await valid_topic.send(key=crm_event.key, value=forwarded)
         # Once per batch and partition, as part of the partition's last event (the table is keyed by it).
         for partition, event in last_valid.items():
             with part_of(event):
                 clock.save(partition)
-        await packed.send(clock.partition_watermark)
+            if clock.mode == "event":
+                await broadcast_watermark(partition)
 
 
-class Envelopes:
-    """The valid events of one batch, one message per family topic and entity partition instead of one
-    per event: each agent downstream pays Faust's per-message cost once per batch, not once per event of
-    every family. Events keep their input order (an entity's events from one input partition stay in
-    order; events from different input partitions never had an order between them) and their input
-    position, by which entities tell a re-read after a crash from a new event."""
-
-    def __init__(self):
-        self.chunks: dict[tuple, list[list]] = defaultdict(lambda: [[]])
-        self.sizes: dict[tuple, int] = defaultdict(int)
-        self.sources: set[int] = set()
-
-    def add(self, source: int, offset: int, key: str, event: dict, size: int) -> None:
-        self.sources.add(source)
-        where = (FAMILY_TOPICS[event["type"]], key_partition(key, settings.partitions))
-        if self.sizes[where] + size > ENVELOPE_MAX_BYTES:
-            self.chunks[where].append([])
-            self.sizes[where] = 0
-        self.chunks[where][-1].append([key, source, offset, event])
-        self.sizes[where] += size
-
-    async def send(self, watermark_of) -> None:
-        """The watermarks of the batch's input partitions go with the last message to each partition. With
-        the event clock every lead partition gets them, events or not: stall checks wait until each has
-        heard from every input partition (`streams.clock.UpstreamWatermark`), also from those whose events
-        all went elsewhere (as when producers key by the same entity)."""
-        if clock.mode == "event" and self.sources:
-            for partition in range(settings.partitions):
-                self.chunks.setdefault((lead_events_topic, partition), [[]])
-        watermarks = [[source, watermark_of(source)] for source in sorted(self.sources)]
-        for (topic, partition), chunks in self.chunks.items():
-            for n, events in enumerate(chunks, 1):
-                # Only with the last: the lead agent may check stalls between two of them.
-                value = {"watermarks": watermarks if n == len(chunks) else [], "events": events}
-                await topic.send(partition=partition, value=value)
+async def broadcast_watermark(source: int) -> None:
+    """Tell every valid-events partition how far this input partition has got: stall checks behind the
+    re-keying hop wait until they have heard from every input partition (`streams.clock.UpstreamWatermark`),
+    also those whose events all went to other partitions (as when producers key by the same entity)."""
+    watermark = {"source": source, "watermark": clock.partition_watermark(source)}
+    for partition in range(settings.partitions):
+        await valid_topic.send(partition=partition, value=watermark)

@@ -17,29 +17,29 @@ from agents.app import (
     app,
     clock,
     key_partition,
-    lead_events_topic,
     settings,
     stall_levels_topic,
+    valid_topic,
 )
-from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events, upstream_watermark
+from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, first_seen_event, upstream_watermark
 from agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, export_gauges
-from streams.kpis import day_of
 from streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
+from streams.routing import LEAD_TYPES
 from streams.stall_index import StallIndex
 
 log = logging.getLogger(__name__)
 policy = settings.stall_policy
 
 leads = app.Table("leads", default=None, partitions=settings.partitions, key_type=str)
-# The agent reads the lead events and the stall levels the timer raised, both keyed by lead.
+# The agent reads the validated events and the stall levels the timer raised, both keyed by lead.
 lead_inputs = app.topic(
-    lead_events_topic.get_topic_name(), stall_levels_topic.get_topic_name(),
+    valid_topic.get_topic_name(), stall_levels_topic.get_topic_name(),
     internal=True, partitions=settings.partitions, key_type=str,  # declared: created with the app's partitions
 )  # fmt: skip
 index = StallIndex(policy)
 # Raised by the timer and not yet folded into the lead's state by the agent: applied first by either path.
 raised_stalls: dict[str, dict] = {}
-processed = upstream_watermark(lead_events_topic)
+processed = upstream_watermark(valid_topic)
 between_batches = asyncio.Lock()
 STALL_SCAN_SECONDS = Histogram(
     "crm_stall_scan_duration_seconds", "Stall scan ticks: finding the leads due, raising and publishing their alerts.",
@@ -91,9 +91,6 @@ async def track_leads(stream):
         # The stall timer decides only between batches: never on state a batch has changed but not saved.
         async with between_batches:
             batch = Batch(leads, new_lead)
-            # Per day of event time: thresholds depend on the day's 30-day window and on the dwell
-            # histograms, which do not change within a batch.
-            thresholds: dict[int, object] = {}
             for received in events:
                 if received.message.topic == stall_levels_topic.get_topic_name():
                     lead = batch.state(received.key)
@@ -102,19 +99,18 @@ async def track_leads(stream):
                     if raised_stalls.get(received.key) == received.value:
                         del raised_stalls[received.key]
                     continue
+                if not (seen := first_seen_event(batch, received, LEAD_TYPES, processed)):
+                    continue
+                lead_id, event, lead = seen
+                fold_raised_stall(lead_id, lead)
+                fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
                 deltas = DeltaSender("leads", batch, received)
-                for lead_id, event, lead in unseen_events(batch, received, processed):
-                    fold_raised_stall(lead_id, lead)
-                    day = day_of(event["occurred_at"])
-                    if day not in thresholds:
-                        thresholds[day] = threshold_at(event["occurred_at"])
-                    fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, thresholds[day])
-                    deltas.facts(fact_deltas, event)
-                    if event["type"] == "lead.activity" and event.get("rep_id"):
-                        deltas.send(actor_activity_topic, f"rep:{event['rep_id']}", {"at": event["occurred_at"]})
-                    for future, on_delivered in publish_alerts(alerts):
-                        batch.sent(future, on_delivered)
-                    EVENTS_PROCESSED.labels(event["type"]).inc()
+                deltas.facts(fact_deltas, event)
+                if event["type"] == "lead.activity" and event.get("rep_id"):
+                    deltas.send(actor_activity_topic, f"rep:{event['rep_id']}", {"at": event["occurred_at"]})
+                for future, on_delivered in publish_alerts(alerts):
+                    batch.sent(future, on_delivered)
+                EVENTS_PROCESSED.labels(event["type"]).inc()
             await batch.commit()
             for lead_id, (lead, _) in batch.touched.items():
                 index.update(lead_id, lead)
