@@ -37,11 +37,10 @@ def first_seen(entity: dict, event: dict, source: int, offset: int, forget_befor
         return False
     read[str(source)] = offset
     at = event["occurred_at"]
+    if forget_before_ms is None or at >= forget_before_ms:
+        seen[event["event_id"]] = at
     if forget_before_ms is None:
-        seen[event["event_id"]] = at
         return True
-    if at >= forget_before_ms:
-        seen[event["event_id"]] = at
     # Ids are kept in arrival order, nearly event-time order: forget from the oldest on, stopping at the
     # first id still inside the horizon (an out-of-order id behind it is kept a little longer, never less).
     forgotten = []
