@@ -7,6 +7,8 @@ import ssl
 import faust
 import orjson
 from faust.serializers import codecs
+from mode.utils.objects import cached_property
+from mode.utils.queues import FlowControlEvent
 
 from kafka.partitioner.default import murmur2
 
@@ -48,7 +50,27 @@ def _credentials(settings: Settings):
     return faust.SSLCredentials(tls) if tls else None
 
 
-app = faust.App(
+class KeepQueuesOnResume(FlowControlEvent):
+    """Flow control whose resume keeps what the agents' queues hold. Faust empties them on every resume,
+    and the last resume of a rebalance comes after it has resumed the stream partitions and sought them to
+    their committed offsets: messages delivered in between were dropped unprocessed while the fetch
+    position was past them, so their offsets were never acknowledged and the partition's commit stuck or
+    crept there (and on a restart the events were lost to the worker). Kept, a message delivered before
+    the seek is processed twice at worst, which entities and aggregates drop as a re-read. Revocation and
+    shutdown still empty the queues (`clear`): those messages belong to partitions that may move."""
+
+    def resume(self) -> None:
+        self._suspend.clear()
+        self._resume.set()
+
+
+class App(faust.App):
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        return KeepQueuesOnResume(loop=self.loop)
+
+
+app = App(
     settings.app_id,
     broker=settings.broker,
     broker_credentials=_credentials(settings),
@@ -130,8 +152,11 @@ def internal_topic(suffix: str) -> faust.TopicT:
 input_topic = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
 alerts_topic = app.topic(settings.alerts_topic, value_serializer="orjson")
 dlq_topic = app.topic(settings.dlq_topic, value_serializer="orjson")
-# Validated events, re-keyed by their own entity (lead or customer) whatever key the producer used.
-valid_topic = internal_topic("valid-events")
+# Validated events, re-keyed by their own entity whatever key the producer used, one topic per family:
+# a topic several agents read hands each message to all their queues, and Faust clears queues on
+# rebalance and shutdown, so a message one agent took and another lost is never acknowledged (the
+# commit sticks there, and shutdown waits for it forever).
+family_topics = {family: internal_topic(f"{family}-events") for family in ("lead", "customer", "signal")}
 # Deltas for the keyed aggregates: histograms by "dwell:<stage>" / "cycle:all" / "resolution:all",
 # KPI sums by scope ("all", "rep:<id>", "source:<s>", ...), churn spells by "all", rep activity by "rep:<id>".
 histogram_deltas_topic = internal_topic("histogram-deltas")

@@ -6,24 +6,25 @@ from __future__ import annotations
 from prometheus_client.core import GaugeMetricFamily
 
 from agents.aggregates import DeltaSender, kpi_sums
-from agents.app import app, churn_deltas_topic, clock, settings, valid_topic
+from agents.app import app, churn_deltas_topic, clock, family_topics, settings
 from agents.loops import first_seen_events, unapplied_deltas, upstream_watermark
 from agents.metrics import EVENTS_PROCESSED, export_gauges
 from streams.catalogue import customer_base_kpis, window_sums
 from streams.kpis import CHURN_WINDOW_DAYS, advance_churn_horizon, apply_spell, churn, day_of
-from streams.routing import CUSTOMER_TYPES, OVERALL, apply_customer_event
+from streams.routing import OVERALL, apply_customer_event
 
 HORIZON_SLACK_DAYS = CHURN_WINDOW_DAYS + int(settings.grace_seconds // 86400) + 2
 
 customers = app.Table("customers", default=dict, partitions=settings.partitions, key_type=str)
 # One key ("all"), on the same partition number as the "all" KPI sums: one worker owns both.
 customer_base = app.Table("customer-base", default=dict, partitions=settings.partitions, key_type=str)
-customers_upstream = upstream_watermark(valid_topic)
+customer_events = family_topics["customer"]
+customers_upstream = upstream_watermark(customer_events)
 
 
-@app.agent(valid_topic)
+@app.agent(customer_events)
 async def track_customers(stream):
-    async for batch, received, _customer_id, event, customer in first_seen_events(stream, CUSTOMER_TYPES, customers, customers_upstream):
+    async for batch, received, _customer_id, event, customer in first_seen_events(stream, customers, customers_upstream):
         spell_deltas, fact_deltas = apply_customer_event(customer, event)
         deltas = DeltaSender("customers", batch, received)
         for start_day, end_day, sign in spell_deltas:

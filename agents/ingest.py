@@ -6,11 +6,12 @@ import base64
 import logging
 import time
 
-from agents.app import app, clock, dlq_topic, input_topic, settings, valid_topic
+from agents.app import app, clock, dlq_topic, family_topics, input_topic, settings
 from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, part_of
 from agents.metrics import EVENTS_INVALID, EVENTS_RECEIVED
 from schemas.events import ms_to_iso
 from schemas.validate import InvalidEvent, parse_event
+from streams.routing import FAMILY_OF_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,20 @@ async def ingest(stream):
             # Its input position lets entities tell a re-read after a crash from a new event.
             forwarded = {"event": crm_event.model_dump(by_alias=True), "source": partition,
                          "offset": event.message.offset, "watermark": clock.partition_watermark(partition)}  # fmt: skip
-            await valid_topic.send(key=crm_event.key, value=forwarded)
+            await family_topics[FAMILY_OF_TYPE[crm_event.type]].send(key=crm_event.key, value=forwarded)
         # Once per batch and partition, as part of the partition's last event (the table is keyed by it).
         for partition, event in last_valid.items():
             with part_of(event):
                 clock.save(partition)
-            if clock.mode == "event":
-                await broadcast_watermark(partition)
+            await broadcast_watermark(partition)
 
 
 async def broadcast_watermark(source: int) -> None:
-    """Tell every valid-events partition how far this input partition has got: stall checks behind the
-    re-keying hop wait until they have heard from every input partition (`streams.clock.UpstreamWatermark`),
-    also those whose events all went to other partitions (as when producers key by the same entity)."""
+    """Tell every partition of the family topics how far this input partition has got: stall checks and
+    id pruning behind the re-keying hop wait until they have heard from every input partition
+    (`streams.clock.UpstreamWatermark`), also those whose events all went elsewhere (as when producers key
+    by the same entity, or a partition carries no event of a family)."""
     watermark = {"source": source, "watermark": clock.partition_watermark(source)}
-    for partition in range(settings.partitions):
-        await valid_topic.send(partition=partition, value=watermark)
+    for topic in family_topics.values():
+        for partition in range(settings.partitions):
+            await topic.send(partition=partition, value=watermark)

@@ -16,30 +16,30 @@ from agents.app import (
     alerts_topic,
     app,
     clock,
+    family_topics,
     key_partition,
     settings,
     stall_levels_topic,
-    valid_topic,
 )
 from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, first_seen_event, upstream_watermark
 from agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, export_gauges
 from streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
-from streams.routing import LEAD_TYPES
 from streams.stall_index import StallIndex
 
 log = logging.getLogger(__name__)
 policy = settings.stall_policy
 
 leads = app.Table("leads", default=None, partitions=settings.partitions, key_type=str)
-# The agent reads the validated events and the stall levels the timer raised, both keyed by lead.
+# The agent reads the validated lead events and the stall levels the timer raised, both keyed by lead.
+lead_events = family_topics["lead"]
 lead_inputs = app.topic(
-    valid_topic.get_topic_name(), stall_levels_topic.get_topic_name(),
+    lead_events.get_topic_name(), stall_levels_topic.get_topic_name(),
     internal=True, partitions=settings.partitions, key_type=str,  # declared: created with the app's partitions
 )  # fmt: skip
 index = StallIndex(policy)
 # Raised by the timer and not yet folded into the lead's state by the agent: applied first by either path.
 raised_stalls: dict[str, dict] = {}
-processed = upstream_watermark(valid_topic)
+processed = upstream_watermark(lead_events)
 between_batches = asyncio.Lock()
 STALL_SCAN_SECONDS = Histogram(
     "crm_stall_scan_duration_seconds", "Stall scan ticks: finding the leads due, raising and publishing their alerts.",
@@ -99,7 +99,7 @@ async def track_leads(stream):
                     if raised_stalls.get(received.key) == received.value:
                         del raised_stalls[received.key]
                     continue
-                if not (seen := first_seen_event(batch, received, LEAD_TYPES, processed)):
+                if not (seen := first_seen_event(batch, received, processed)):
                     continue
                 lead_id, event, lead = seen
                 fold_raised_stall(lead_id, lead)

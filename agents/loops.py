@@ -96,13 +96,13 @@ def upstream_watermark(topic) -> UpstreamWatermark:
     return upstream
 
 
-def first_seen_event(batch: Batch, event, types: frozenset[str], upstream: UpstreamWatermark):
-    """(key, event value, state) if the event is of `types` and its entity has not applied it, else None;
-    `upstream` follows the watermarks forwarded with every event, of any type."""
+def first_seen_event(batch: Batch, event, upstream: UpstreamWatermark):
+    """(key, event value, state) if the message holds an event its entity has not applied, else None;
+    `upstream` follows the watermarks forwarded with every event and in every broadcast."""
     forwarded = event.value
     upstream.observe(event.message.partition, forwarded["source"], forwarded["watermark"])
     value = forwarded.get("event")  # none in a watermark broadcast
-    if value is None or value["type"] not in types:
+    if value is None:
         return None
     state = batch.state(event.key)
     watermark = upstream.watermark_ms
@@ -114,11 +114,11 @@ def first_seen_event(batch: Batch, event, types: frozenset[str], upstream: Upstr
     return event.key, value, state
 
 
-async def first_seen_events(stream, types: frozenset[str], table, upstream: UpstreamWatermark) -> AsyncIterator:
-    """(batch, event, key, value, state) for every event of `types` its entity has not applied."""
+async def first_seen_events(stream, table, upstream: UpstreamWatermark) -> AsyncIterator:
+    """(batch, event, key, value, state) for every event its entity has not applied."""
     async for batch, events in batches(stream, table):
         for event in events:
-            if seen := first_seen_event(batch, event, types, upstream):
+            if seen := first_seen_event(batch, event, upstream):
                 yield batch, event, *seen
 
 

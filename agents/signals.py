@@ -4,20 +4,21 @@
 from __future__ import annotations
 
 from agents.aggregates import DeltaSender
-from agents.app import actor_activity_topic, app, settings, valid_topic
+from agents.app import actor_activity_topic, app, family_topics, settings
 from agents.loops import first_seen_events, unapplied_deltas, upstream_watermark
 from agents.metrics import EVENTS_PROCESSED
-from streams.routing import SIGNAL_TYPES, apply_actor_activity
+from streams.routing import apply_actor_activity
 
 signal_sources = app.Table("signal-sources", default=dict, partitions=settings.partitions, key_type=str)
 actors = app.Table("actors", default=dict, partitions=settings.partitions, key_type=str)
 
-signals_upstream = upstream_watermark(valid_topic)
+signal_events = family_topics["signal"]
+signals_upstream = upstream_watermark(signal_events)
 
 
-@app.agent(valid_topic)
+@app.agent(signal_events)
 async def track_signals(stream):
-    async for batch, received, _key, event, source in first_seen_events(stream, SIGNAL_TYPES, signal_sources, signals_upstream):
+    async for batch, received, _key, event, source in first_seen_events(stream, signal_sources, signals_upstream):
         fact_deltas = []
         if event["type"] == "crm.user_activity":
             fact_deltas = apply_actor_activity(source, event["occurred_at"], "active_users")

@@ -14,6 +14,10 @@ CUSTOMER_TYPES = STATUS_TYPES | {
 }  # fmt: skip
 # Keyed by campaign or CRM user: entities whose only state is what de-duplication and "distinct active" need.
 SIGNAL_TYPES = frozenset({"campaign.touch", "marketing.spend", "crm.user_activity"})
+# The family agent that folds each event type (its topic is `<app id>-<family>-events`).
+FAMILY_OF_TYPE = (
+    dict.fromkeys(LEAD_TYPES, "lead") | dict.fromkeys(CUSTOMER_TYPES, "customer") | dict.fromkeys(SIGNAL_TYPES, "signal")
+)
 OVERALL = "all"
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from schemas.events import EVENT_TYPES
 from schemas.validate import MAX_EVENT_BYTES, REASONS, InvalidEvent, parse_event
+from streams.routing import FAMILY_OF_TYPE
 
 # 2026-01-01T00:00Z is 20454 days (56 years × 365 + 14 leap days) × 86400 s = 1_767_225_600 s after the epoch.
 NEW_YEAR_MS = 1_767_225_600_000
@@ -38,6 +39,13 @@ EXAMPLES = {
 
 def test_every_event_type_has_an_example():
     assert set(EXAMPLES) == set(EVENT_TYPES)
+
+
+def test_every_event_type_goes_to_the_family_keyed_like_it():
+    # A family's agent keeps state per lead, per customer, or per campaign bucket and user (signals).
+    expected = {kind: "lead" if "lead_id" in entity else "customer" if "customer_id" in entity else "signal"
+                for kind, (entity, _, _) in EXAMPLES.items()}  # fmt: skip
+    assert FAMILY_OF_TYPE == expected
 
 
 @pytest.mark.parametrize("occurred_at", ["2026-01-01T00:00:00+01:00", NEW_YEAR_MS - 3_600_000], ids=["iso", "epoch_ms"])

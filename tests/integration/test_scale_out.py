@@ -11,6 +11,7 @@ from tests.integration.test_reliability import (
     alerts,
     by_id,
     kpis,
+    processed,
     run_to_end,
     settled,
     synthetic_events,
@@ -65,3 +66,21 @@ def test_two_workers_equal_one(start_worker):
     assert kpis(first) and kpis(second), "both workers own part of the work"
 
 
+
+
+def test_when_one_of_two_stops_mid_stream_the_survivor_loses_nothing(start_worker):
+    events = synthetic_events(days=20, seed=6)
+    expected, expected_alerts = one_worker(start_worker, events)
+
+    survivor = start_worker(**STABLE)
+    leaving = start_worker(sibling_of=survivor)
+    leaving.wait_for(lambda m: len(partitions(leaving)) == 2, what="two partitions each", timeout=120)
+    survivor.send(*events)
+    leaving.wait_for(lambda m: processed(m) >= len(events) * 0.2, what="part of the events", timeout=240)
+    leaving.stop()
+    survivor.wait_for(lambda m: len(partitions(survivor)) == 4, what="the survivor owning every partition", timeout=120)
+    survivor.wait_for(settled, what="the survivor caught up", timeout=300)
+    time.sleep(2)  # a few stall scans at the final watermark
+    # The leaving worker's series left with it; the survivor alone must now export one worker's.
+    assert merged(kpis(survivor)) == expected
+    assert by_id(alerts(survivor)) == expected_alerts
