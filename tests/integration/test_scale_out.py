@@ -1,4 +1,5 @@
-"""Two workers in one group give the same KPIs and alerts as one, each KPI series exported by exactly one."""
+"""Two workers in one group give the same KPIs and alerts as one, each KPI series exported by exactly one,
+and when one stops mid-stream the survivor ends with exactly what one worker would have."""
 
 from __future__ import annotations
 
