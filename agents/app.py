@@ -155,7 +155,8 @@ dlq_topic = app.topic(settings.dlq_topic, value_serializer="orjson")
 # Validated events, re-keyed by their own entity whatever key the producer used, one topic per family:
 # a topic several agents read hands each message to all their queues, and Faust clears queues on
 # rebalance and shutdown, so a message one agent took and another lost is never acknowledged (the
-# commit sticks there, and shutdown waits for it forever).
+# commit sticks there, and shutdown waits for it forever). Packed per ingest batch into one message per
+# partition (see agents.ingest.Envelopes).
 family_topics = {family: internal_topic(f"{family}-events") for family in ("lead", "customer", "signal")}
 # Deltas for the keyed aggregates: histograms by "dwell:<stage>" / "cycle:all" / "resolution:all",
 # KPI sums by scope ("all", "rep:<id>", "source:<s>", ...), churn spells by "all", rep activity by "rep:<id>".

@@ -7,7 +7,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from agents.aggregates import DeltaSender, kpi_sums
 from agents.app import app, churn_deltas_topic, clock, family_topics, settings
-from agents.loops import first_seen_events, unapplied_deltas, upstream_watermark
+from agents.loops import envelopes, unapplied_deltas, unseen_events, upstream_watermark
 from agents.metrics import EVENTS_PROCESSED, export_gauges
 from streams.catalogue import customer_base_kpis, window_sums
 from streams.kpis import CHURN_WINDOW_DAYS, advance_churn_horizon, apply_spell, churn, day_of
@@ -24,13 +24,14 @@ customers_upstream = upstream_watermark(customer_events)
 
 @app.agent(customer_events)
 async def track_customers(stream):
-    async for batch, received, _customer_id, event, customer in first_seen_events(stream, customers, customers_upstream):
-        spell_deltas, fact_deltas = apply_customer_event(customer, event)
+    async for batch, received in envelopes(stream, customers):
         deltas = DeltaSender("customers", batch, received)
-        for start_day, end_day, sign in spell_deltas:
-            deltas.send(churn_deltas_topic, OVERALL, {"start": start_day, "end": end_day, "sign": sign, "at": event["occurred_at"]})
-        deltas.facts(fact_deltas, event)
-        EVENTS_PROCESSED.labels(event["type"]).inc()
+        for _customer_id, event, customer in unseen_events(batch, received, customers_upstream):
+            spell_deltas, fact_deltas = apply_customer_event(customer, event)
+            for start_day, end_day, sign in spell_deltas:
+                deltas.send(churn_deltas_topic, OVERALL, {"start": start_day, "end": end_day, "sign": sign, "at": event["occurred_at"]})
+            deltas.facts(fact_deltas, event)
+            EVENTS_PROCESSED.labels(event["type"]).inc()
 
 
 @app.agent(churn_deltas_topic)

@@ -21,8 +21,9 @@ from agents.app import (
     settings,
     stall_levels_topic,
 )
-from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, first_seen_event, upstream_watermark
+from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events, upstream_watermark
 from agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, export_gauges
+from streams.kpis import day_of
 from streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
 from streams.stall_index import StallIndex
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 policy = settings.stall_policy
 
 leads = app.Table("leads", default=None, partitions=settings.partitions, key_type=str)
-# The agent reads the validated lead events and the stall levels the timer raised, both keyed by lead.
+# The agent reads the lead events and the stall levels the timer raised, both keyed by lead.
 lead_events = family_topics["lead"]
 lead_inputs = app.topic(
     lead_events.get_topic_name(), stall_levels_topic.get_topic_name(),
@@ -91,6 +92,9 @@ async def track_leads(stream):
         # The stall timer decides only between batches: never on state a batch has changed but not saved.
         async with between_batches:
             batch = Batch(leads, new_lead)
+            # Per day of event time: thresholds depend on the day's 30-day window and on the dwell
+            # histograms, which do not change within a batch.
+            thresholds: dict[int, object] = {}
             for received in events:
                 if received.message.topic == stall_levels_topic.get_topic_name():
                     lead = batch.state(received.key)
@@ -99,18 +103,19 @@ async def track_leads(stream):
                     if raised_stalls.get(received.key) == received.value:
                         del raised_stalls[received.key]
                     continue
-                if not (seen := first_seen_event(batch, received, processed)):
-                    continue
-                lead_id, event, lead = seen
-                fold_raised_stall(lead_id, lead)
-                fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, threshold_at(event["occurred_at"]))
                 deltas = DeltaSender("leads", batch, received)
-                deltas.facts(fact_deltas, event)
-                if event["type"] == "lead.activity" and event.get("rep_id"):
-                    deltas.send(actor_activity_topic, f"rep:{event['rep_id']}", {"at": event["occurred_at"]})
-                for future, on_delivered in publish_alerts(alerts):
-                    batch.sent(future, on_delivered)
-                EVENTS_PROCESSED.labels(event["type"]).inc()
+                for lead_id, event, lead in unseen_events(batch, received, processed):
+                    fold_raised_stall(lead_id, lead)
+                    day = day_of(event["occurred_at"])
+                    if day not in thresholds:
+                        thresholds[day] = threshold_at(event["occurred_at"])
+                    fact_deltas, alerts = apply_lead_event(lead, event, lead_id, policy, thresholds[day])
+                    deltas.facts(fact_deltas, event)
+                    if event["type"] == "lead.activity" and event.get("rep_id"):
+                        deltas.send(actor_activity_topic, f"rep:{event['rep_id']}", {"at": event["occurred_at"]})
+                    for future, on_delivered in publish_alerts(alerts):
+                        batch.sent(future, on_delivered)
+                    EVENTS_PROCESSED.labels(event["type"]).inc()
             await batch.commit()
             for lead_id, (lead, _) in batch.touched.items():
                 index.update(lead_id, lead)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 
 from faust.streams import _current_event
 
@@ -69,8 +69,8 @@ class Batch:
             if on_delivered:
                 on_delivered()
         for key, (state, event) in self.touched.items():
-            # Each key is written as part of its own last event: a RocksDB store files it under that
-            # event's partition (the key's partition: every topic here is keyed like the tables).
+            # Each key is written as part of its own last message: a RocksDB store files it under that
+            # message's partition (the key's partition: every message here is on its keys' partition).
             with part_of(event):
                 self.table[key] = state
 
@@ -96,30 +96,30 @@ def upstream_watermark(topic) -> UpstreamWatermark:
     return upstream
 
 
-def first_seen_event(batch: Batch, event, upstream: UpstreamWatermark):
-    """(key, event value, state) if the message holds an event its entity has not applied, else None;
-    `upstream` follows the watermarks forwarded with every event and in every broadcast."""
-    forwarded = event.value
-    upstream.observe(event.message.partition, forwarded["source"], forwarded["watermark"])
-    value = forwarded.get("event")  # none in a watermark broadcast
-    if value is None:
-        return None
-    state = batch.state(event.key)
+async def envelopes(stream, table, new: Callable[[], dict] = dict) -> AsyncIterator[tuple[Batch, object]]:
+    """(batch, message) for every message of packed events (see `agents.ingest.Envelopes`)."""
+    async for batch, events in batches(stream, table, new):
+        for received in events:
+            yield batch, received
+
+
+def unseen_events(batch: Batch, received, upstream: UpstreamWatermark) -> Iterator[tuple[str, dict, dict]]:
+    """(key, event, state) for each event of a message of packed events its entity has not applied yet;
+    `upstream` follows the watermarks the message carries."""
+    envelope = received.value
+    # Ids are forgotten by the watermarks heard before this message: its own are those at the end of its
+    # batch, ahead of events in it that were on time when ingest read them (and maybe of their duplicates).
     watermark = upstream.watermark_ms
     forget_before = None if watermark is None else watermark - FORGET_BEHIND_WATERMARK_MS
-    if not first_seen(state, value, forwarded["source"], forwarded["offset"], forget_before):
-        EVENTS_DUPLICATE.labels(value["type"]).inc()
-        return None
-    batch.touch(event.key, state, event)
-    return event.key, value, state
-
-
-async def first_seen_events(stream, table, upstream: UpstreamWatermark) -> AsyncIterator:
-    """(batch, event, key, value, state) for every event its entity has not applied."""
-    async for batch, events in batches(stream, table):
-        for event in events:
-            if seen := first_seen_event(batch, event, upstream):
-                yield batch, event, *seen
+    for key, source, offset, event in envelope["events"]:
+        state = batch.state(key)
+        if not first_seen(state, event, source, offset, forget_before):
+            EVENTS_DUPLICATE.labels(event["type"]).inc()
+            continue
+        batch.touch(key, state, received)
+        yield key, event, state
+    for source, watermark in envelope["watermarks"]:
+        upstream.observe(received.message.partition, source, watermark)
 
 
 async def unapplied_deltas(stream, table) -> AsyncIterator:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from agents.aggregates import DeltaSender
 from agents.app import actor_activity_topic, app, family_topics, settings
-from agents.loops import first_seen_events, unapplied_deltas, upstream_watermark
+from agents.loops import envelopes, unapplied_deltas, unseen_events, upstream_watermark
 from agents.metrics import EVENTS_PROCESSED
 from streams.routing import apply_actor_activity
 
@@ -18,12 +18,14 @@ signals_upstream = upstream_watermark(signal_events)
 
 @app.agent(signal_events)
 async def track_signals(stream):
-    async for batch, received, _key, event, source in first_seen_events(stream, signal_sources, signals_upstream):
-        fact_deltas = []
-        if event["type"] == "crm.user_activity":
-            fact_deltas = apply_actor_activity(source, event["occurred_at"], "active_users")
-        DeltaSender("signals", batch, received).facts(fact_deltas, event)
-        EVENTS_PROCESSED.labels(event["type"]).inc()
+    async for batch, received in envelopes(stream, signal_sources):
+        deltas = DeltaSender("signals", batch, received)
+        for _key, event, source in unseen_events(batch, received, signals_upstream):
+            fact_deltas = []
+            if event["type"] == "crm.user_activity":
+                fact_deltas = apply_actor_activity(source, event["occurred_at"], "active_users")
+            deltas.facts(fact_deltas, event)
+            EVENTS_PROCESSED.labels(event["type"]).inc()
 
 
 @app.agent(actor_activity_topic)

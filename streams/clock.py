@@ -65,8 +65,8 @@ class Clock:
 
 
 class UpstreamWatermark:
-    """Event time as far as an agent behind the re-keying hop has got, as in Flink: every forwarded event
-    carries its input partition's watermark (latest event time − grace; anything older is rejected as
+    """Event time as far as an agent behind the re-keying hop has got, as in Flink: forwarded events
+    carry their input partition's watermark (latest event time − grace; anything older is rejected as
     late there, so it was forwarded already). Per (own partition, input partition) the agent keeps the
     highest it has processed; once every own partition has heard from every input partition, the minimum
     is a time before which it has seen every event it ever will. Until then (after a start or a

@@ -47,7 +47,7 @@ gaps = st.one_of(st.just(0), st.integers(0, 8 * H), st.integers(0, 6 * DAY_MS)) 
 
 
 def valid(doc: dict) -> dict:
-    """The event as the agents receive it from the valid-events topic."""
+    """The event as the agents receive it from its family's topic."""
     return parse_event(orjson.dumps(doc)).model_dump(by_alias=True)
 
 
