@@ -92,9 +92,8 @@ class Envelopes:
         those whose events all went elsewhere (as when producers key by the same entity, or a partition
         carries no event of a family)."""
         if self.sources:
-            for topic in family_topics.values():
-                for partition in range(settings.partitions):
-                    self.chunks.setdefault((topic, partition), [[]])
+            for where in every_family_partition():
+                self.chunks.setdefault(where, [[]])
         watermarks = [[source, watermark_of(source)] for source in sorted(self.sources)]
         for (topic, partition), chunks in self.chunks.items():
             for n, events in enumerate(chunks, 1):
@@ -110,6 +109,9 @@ async def announce_restored_watermarks() -> None:
     family partitions that just changed hands, holding their stall checks and id pruning back for good."""
     watermarks = [[int(source), mark - clock.grace_ms] for source, mark in sorted(event_time.items())]
     if watermarks:
-        for topic in family_topics.values():
-            for partition in range(settings.partitions):
-                await topic.send(partition=partition, value={"watermarks": watermarks, "events": []})
+        for topic, partition in every_family_partition():
+            await topic.send(partition=partition, value={"watermarks": watermarks, "events": []})
+
+
+def every_family_partition() -> list[tuple]:
+    return [(topic, partition) for topic in family_topics.values() for partition in range(settings.partitions)]
