@@ -107,8 +107,7 @@ async def announce_restored_watermarks() -> None:
     """After every rebalance, every family partition hears from each input partition this worker now reads,
     from the mark restored with it. One that has nothing left to read would otherwise stay silent on the
     family partitions that just changed hands, holding their stall checks and id pruning back for good."""
-    watermarks = [[int(source), mark - clock.grace_ms] for source, mark in sorted(event_time.items())]
-    if watermarks:
+    if watermarks := clock.saved_watermarks():
         for topic, partition in every_family_partition():
             await topic.send(partition=partition, value={"watermarks": watermarks, "events": []})
 

@@ -42,6 +42,11 @@ class Clock:
         """No event older than this will be accepted from the partition any more."""
         return self.seen[str(partition)] - self.grace_ms
 
+    def saved_watermarks(self) -> list[list[int]]:
+        """[[partition, watermark]] of the saved marks: after a rebalance, those restored with the partitions
+        read now."""
+        return [[int(key), mark - self.grace_ms] for key, mark in sorted(self.saved.items())]
+
     def keep_only(self, partitions: Iterable[int]) -> None:
         """After a rebalance: forget partitions another worker reads now."""
         mine = {str(p) for p in partitions}

@@ -444,6 +444,9 @@ def test_clock_resumes_from_saved_marks_but_judges_lateness_on_what_it_has_read(
     assert not clock.is_late(0, at(1))
 
 
+def test_saved_watermarks_are_the_restored_marks_less_the_grace_period():
+    clock = Clock("wall", grace_ms=2 * DAY_MS, saved={"3": at(10), "1": at(7)})
+    assert clock.saved_watermarks() == [[1, at(5)], [3, at(8)]]
 def test_upstream_watermark_is_the_least_advanced_pair_of_own_and_input_partition():
     upstream = UpstreamWatermark(sources=2)
     upstream.keep_only([0, 1])
