@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client.core import GaugeMetricFamily
 
-from agents.app import RETENTION_DAYS, app, clock, histogram_deltas_topic, settings, sums_deltas_topic
+from agents.app import RETENTION_DAYS, app, clock, histogram_deltas_topic, settings, sums_deltas_topic, table
 from agents.metrics import export_gauges
 from streams.catalogue import (
     KPIS,
@@ -20,8 +20,8 @@ from streams.catalogue import (
 from streams.kpis import apply_dwell, day_of, dwell_stats, prune_days
 from agents.loops import unapplied_deltas
 
-histograms = app.Table("histograms", default=dict, partitions=settings.partitions, key_type=str)
-kpi_sums = app.Table("kpi-sums", default=dict, partitions=settings.partitions, key_type=str)
+histograms = table("histograms")
+kpi_sums = table("kpi-sums")
 baseline = settings.baseline_days
 
 # Percentiles as gauges of their own: a "quantile" label is reserved for summaries.

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client.core import GaugeMetricFamily
 
 from agents.aggregates import DeltaSender, kpi_sums
-from agents.app import app, churn_deltas_topic, clock, family_topics, settings
+from agents.app import app, churn_deltas_topic, clock, family_topics, settings, table
 from agents.loops import envelopes, unapplied_deltas, unseen_events, upstream_watermark
 from agents.metrics import EVENTS_PROCESSED, export_gauges
 from streams.catalogue import customer_base_kpis, window_sums
@@ -15,9 +15,9 @@ from streams.routing import OVERALL, apply_customer_event
 
 HORIZON_SLACK_DAYS = CHURN_WINDOW_DAYS + int(settings.grace_seconds // 86400) + 2
 
-customers = app.Table("customers", default=dict, partitions=settings.partitions, key_type=str)
+customers = table("customers")
 # One key ("all"), on the same partition number as the "all" KPI sums: one worker owns both.
-customer_base = app.Table("customer-base", default=dict, partitions=settings.partitions, key_type=str)
+customer_base = table("customer-base")
 customer_events = family_topics["customer"]
 customers_upstream = upstream_watermark(customer_events)
 

@@ -20,6 +20,7 @@ from agents.app import (
     key_partition,
     settings,
     stall_levels_topic,
+    table,
 )
 from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events, upstream_watermark
 from agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, export_gauges
@@ -30,7 +31,7 @@ from streams.stall_index import StallIndex
 log = logging.getLogger(__name__)
 policy = settings.stall_policy
 
-leads = app.Table("leads", default=None, partitions=settings.partitions, key_type=str)
+leads = table("leads", default=None)
 # The agent reads the lead events and the stall levels the timer raised, both keyed by lead.
 lead_events = family_topics["lead"]
 lead_inputs = app.topic(

@@ -44,8 +44,9 @@ class Batch:
         self.table, self.new = table, new
         self.touched: dict[str, tuple[dict, object]] = {}
         self.pending: list = []
-        # Deltas for keyed aggregates, one message per (topic, key, origin) for the whole batch.
-        self.outbox: dict[tuple, list] = defaultdict(list)
+        # Deltas for keyed aggregates, one message per (topic, key) for the whole batch: (topic, key) →
+        # origin → entries.
+        self.outbox: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
 
     def state(self, key: str) -> dict:
         if key in self.touched:
@@ -56,14 +57,14 @@ class Batch:
         self.touched[key] = (state, event)
 
     def add_delta(self, topic, key: str, origin: str, entry: list) -> None:
-        self.outbox[(topic, key, origin)].append(entry)
+        self.outbox[(topic, key)][origin].append(entry)
 
     def sent(self, future, on_delivered: Callable[[], None] | None = None) -> None:
         self.pending.append((future, on_delivered))
 
     async def commit(self) -> None:
-        for (topic, key, origin), entries in self.outbox.items():
-            self.sent(await topic.send(key=key, value={"origin": origin, "entries": entries}))
+        for (topic, key), by_origin in self.outbox.items():
+            self.sent(await topic.send(key=key, value={"origins": by_origin}))
         for future, on_delivered in self.pending:
             await future
             if on_delivered:
@@ -128,8 +129,7 @@ async def unapplied_deltas(stream, table) -> AsyncIterator:
     async for batch, events in batches(stream, table):
         for event in events:
             state = batch.state(event.key)
-            origin = event.value["origin"]
-            fresh = [delta for offset, seq, delta in event.value["entries"]
+            fresh = [delta for origin, entries in event.value["origins"].items() for offset, seq, delta in entries
                      if not already_applied(state, origin, offset, seq)]  # fmt: skip
             if fresh:
                 batch.touch(event.key, state, event)

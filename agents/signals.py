@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 from agents.aggregates import DeltaSender
-from agents.app import actor_activity_topic, app, family_topics, settings
+from agents.app import actor_activity_topic, app, family_topics, table
 from agents.loops import envelopes, unapplied_deltas, unseen_events, upstream_watermark
 from agents.metrics import EVENTS_PROCESSED
 from streams.routing import apply_actor_activity
 
-signal_sources = app.Table("signal-sources", default=dict, partitions=settings.partitions, key_type=str)
-actors = app.Table("actors", default=dict, partitions=settings.partitions, key_type=str)
+signal_sources = table("signal-sources")
+actors = table("actors")
 
 signal_events = family_topics["signal"]
 signals_upstream = upstream_watermark(signal_events)

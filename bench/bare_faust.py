@@ -1,5 +1,7 @@
 """The reference the pipeline is held to: a Faust app with the worker's broker settings and raw input
-values, whose one agent only decodes each event with orjson.
+values, whose one agent only decodes each event with orjson. With BENCH_WORK=validate the agent instead
+validates each event as the worker's `ingest` does (pydantic, then the dict it forwards): the most any
+pipeline that validates events in a Faust agent could reach.
 
 Run as `python -m bench.bare_faust` with BENCH_BROKER, BENCH_APP_ID, BENCH_TOPIC, BENCH_PARTITIONS,
 BENCH_EVENTS (how many to expect), BENCH_DATA_DIR and BENCH_RESULT (a JSON file, rewritten every second
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import faust
 import orjson
+
+from schemas.validate import parse_event
 
 app = faust.App(
     os.environ["BENCH_APP_ID"],
@@ -40,10 +44,18 @@ def report() -> None:
     partial.replace(result)
 
 
+
+def validate(value: bytes) -> dict:
+    return parse_event(value).model_dump(by_alias=True)
+
+
+work = {"decode": orjson.loads, "validate": validate}[os.environ.get("BENCH_WORK", "decode")]
+
+
 @app.agent(topic)
 async def decode(stream):
     async for value in stream:
-        orjson.loads(value)
+        work(value)
         now = time.time()
         seen["first_at"] = seen["first_at"] or now
         seen["last_at"] = now

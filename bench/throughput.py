@@ -42,13 +42,14 @@ async def raw_reader(bench: Bench, topic: str, partitions: int, expected: int, t
             "events_per_s": rate(result["events"], seconds)}  # fmt: skip
 
 
-async def bare_faust(bench: Bench, topic: str, partitions: int, expected: int, timeout: float) -> dict:
-    app_id = bench.app("bare-faust", partitions).app_id
+async def bare_faust(bench: Bench, topic: str, partitions: int, expected: int, timeout: float,
+                     work: str = "decode") -> dict:  # fmt: skip
+    app_id = bench.app(f"bare-faust-{work}", partitions).app_id
     result_path = bench.workdir / f"{app_id}.json"
     env = {**os.environ, "BENCH_BROKER": bench.broker.url, "BENCH_APP_ID": app_id, "BENCH_TOPIC": topic,
            "BENCH_PARTITIONS": str(partitions), "BENCH_EVENTS": str(expected),
-           "BENCH_DATA_DIR": str(bench.workdir / app_id), "BENCH_RESULT": str(result_path)}  # fmt: skip
-    bench.reporter.step("bare Faust agent (decode only)", total=expected)
+           "BENCH_DATA_DIR": str(bench.workdir / app_id), "BENCH_RESULT": str(result_path), "BENCH_WORK": work}  # fmt: skip
+    bench.reporter.step(f"bare Faust agent ({work} only)", total=expected)
     with open(bench.workdir / f"{app_id}.log", "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "bench.bare_faust"], env=env, cwd=REPO, stdout=log, stderr=log)
     seen = {"events": 0, "first_at": None, "last_at": None, "complete": False}
@@ -174,10 +175,12 @@ async def phase_throughput(bench: Bench, config) -> dict:
     bench.reporter.log(f"raw aiokafka: {raw['events_per_s']:,.0f} events/s")
     bare = await bare_faust(bench, topic, config.partitions, len(records), config.throughput_timeout)
     bench.reporter.log(f"bare Faust: {bare['events_per_s'] or 0:,.0f} events/s")
+    validating = await bare_faust(bench, topic, config.partitions, len(records), config.throughput_timeout, "validate")
+    bench.reporter.log(f"validating Faust: {validating['events_per_s'] or 0:,.0f} events/s")
     full = await pipeline(bench, records, 1, config.partitions, config.throughput_timeout, "pipeline")
     bench.reporter.log(f"pipeline: {full['events_per_s'] or 0:,.0f} events/s")
     return {"events": len(records), "partitions": config.partitions, "crm": CRM,
-            "raw_aiokafka": raw, "bare_faust": bare, "pipeline": full}  # fmt: skip
+            "raw_aiokafka": raw, "bare_faust": bare, "validating_faust": validating, "pipeline": full}  # fmt: skip
 
 
 async def phase_scale_out(bench: Bench, config) -> dict:

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # Faust refuses to start when a RocksDB store has applied a changelog offset beyond the topic's end.
     # The embedded Tansu broker sometimes reports an end offset one short of what it acknowledged.
     recovery_consistency_check: bool = True
+    # How long the broker may hold a fetch that finds no new data. Kafka answers as soon as data arrives;
+    # the embedded Tansu broker answers only when the wait ends, so every hop between agents costs up to this.
+    fetch_max_wait_ms: int = Field(20, ge=0)
 
     clock: Literal["wall", "event"] = "wall"
     grace_seconds: float = Field(2 * 86400, ge=0)
