@@ -118,6 +118,33 @@ def collect_histograms():
     return [metric for group in families.values() for metric in group]
 
 
+# Per kpi-sums key: (what its samples were computed from, the samples). They depend only on the deltas
+# applied to it, which its per-origin marks name, and on the day: a scrape recomputes only the keys whose
+# marks moved since the last one (all of them once a day), not every KPI of every rep, source and campaign.
+kpi_samples: dict[str, tuple[tuple, list]] = {}
+
+
+def scope_samples(scope: str, state: dict, today: int) -> list[tuple]:
+    """(kpi, dimension, label values, value) for every KPI of one kpi-sums key."""
+    version = (today, sorted((origin, *mark) for origin, mark in state.get("applied", {}).items()))
+    if (cached := kpi_samples.get(scope)) and cached[0] == version:
+        return cached[1]
+    dimension, _, value = scope.partition(":")
+    dimension = None if scope == "all" else dimension
+    samples = []
+    for window, days in WINDOWS.items():
+        sums = window_sums(state, today, days)
+        previous = {} if days is None else window_sums(state, today, days, offset_days=days)
+        for kpi in KPIS:
+            if dimension is None or dimension in kpi.dimensions:
+                result = kpi.formula(sums, previous, days)
+                if result is not None:
+                    labels = [*([value] if dimension else []), window, *(v for _, v in kpi.labels)]
+                    samples.append((kpi, dimension, labels, result))
+    kpi_samples[scope] = (version, samples)
+    return samples
+
+
 @export_gauges
 def collect_kpis():
     families: dict[str, GaugeMetricFamily] = {}
@@ -142,18 +169,12 @@ def collect_kpis():
     )  # fmt: skip
     if now is not None:
         today = day_of(now)
-        for scope, state in kpi_sums.items():
-            dimension, _, value = scope.partition(":")
-            dimension = None if scope == "all" else dimension
-            for window, days in WINDOWS.items():
-                sums = window_sums(state, today, days)
-                previous = {} if days is None else window_sums(state, today, days, offset_days=days)
-                for kpi in KPIS:
-                    if dimension is None or dimension in kpi.dimensions:
-                        result = kpi.formula(sums, previous, days)
-                        if result is not None:
-                            labels = [*([value] if dimension else []), window, *(v for _, v in kpi.labels)]
-                            family(kpi, dimension).add_metric(labels, result)
+        scopes = dict(kpi_sums.items())
+        for scope, state in scopes.items():
+            for kpi, dimension, labels, result in scope_samples(scope, state, today):
+                family(kpi, dimension).add_metric(labels, result)
+        for gone in kpi_samples.keys() - scopes.keys():  # moved to another worker
+            del kpi_samples[gone]
         if "baseline" in (overall := kpi_sums.get("all", {})):
             baseline_values, ratios = baseline_comparison(overall, today)
             for metric, value in baseline_values.items():

@@ -68,7 +68,8 @@ class KeepQueuesOnResume(FlowControlEvent):
 class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
-        # Faust fixes it at 1.5 s; aiokafka reads it when the consumer starts, to build its fetcher.
+        # Faust fixes it at 1.5 s (see Settings.fetch_max_wait_ms); aiokafka reads it when the consumer
+        # starts, to build its fetcher.
         consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms
         return consumer
 

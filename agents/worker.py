@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 
@@ -11,5 +13,14 @@ from agents.app import app, settings
 setup_prometheus_sensors(app, pattern="/metrics", name_prefix="crm_pulse_faust")
 
 
+def freeze_what_is_loaded() -> None:
+    """Keeps everything alive before the worker starts (modules, the app) out of the cyclic GC's full
+    collections, which walk every tracked object: with it in them, they paused a worker at 1,000 events/s
+    ~65 ms each, several times a minute, and set the tail of the alert latency."""
+    gc.collect()
+    gc.freeze()
+
+
 def run() -> None:
+    freeze_what_is_loaded()
     faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()

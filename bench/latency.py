@@ -138,6 +138,38 @@ async def poll_gauge(bench: Bench, worker, feed: Feed, poll: float, scrapes: lis
         await asyncio.sleep(pause)
 
 
+async def hop_timestamps(bench: Bench, topic: str, partitions: int, probes: dict[str, Probe]) -> dict[str, int]:
+    """Per alert probe, the record timestamp of the `ingest` message that carried its activity to the lead
+    agent (set by the worker's producer when `ingest` sent it), read back once the run is over."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bench.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+        await consumer.seek_to_beginning()
+        ends = await consumer.end_offsets(consumer.assignment())
+        sent_at: dict[str, int] = {}
+        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+            for record in (r for records in (await consumer.getmany(timeout_ms=1000)).values() for r in records):
+                for key, _source, _offset, event in orjson.loads(record.value)["events"]:
+                    if key in probes and event["type"] == "lead.activity":
+                        sent_at[key] = record.timestamp
+        return sent_at
+    finally:
+        await consumer.stop()
+
+
+def split_by_hop(alerts: list[Probe], relayed_at: dict[str, int], input_at: dict[str, int]) -> dict:
+    """Alert latency by record timestamps, cut where `ingest` hands the event to the lead agent."""
+    hops = {"input_to_ingest_output_ms": [], "ingest_output_to_alert_ms": []}
+    for probe in alerts:
+        if probe.alert_timestamp_ms and probe.lead_id in relayed_at:
+            hops["input_to_ingest_output_ms"].append(relayed_at[probe.lead_id] - input_at[probe.lead_id])
+            hops["ingest_output_to_alert_ms"].append(probe.alert_timestamp_ms - relayed_at[probe.lead_id])
+    return {"method": "record timestamps: probe (bench producer), its event on <app id>-lead-events "
+                      "(ingest's producer), its alert (the lead agent's producer)",
+            **{f"{hop}_p{q}": percentile(values, q) for hop, values in hops.items() for q in (50, 99)}}
+
+
 def summarize(probes: list[Probe], ended_at: float) -> dict:
     """Percentiles over every probe; one never seen counts as the time waited for it, a lower bound, and
     a percentile that such a probe can reach is flagged as a lower bound too."""
@@ -210,7 +242,9 @@ async def phase_latency(bench: Bench, config) -> dict:
 
     alerts = [p for p in measured if p.kind == "alert"]
     gauges = [p for p in measured if p.kind == "gauge"]
-    by_timestamps = [p.alert_timestamp_ms - (await p.delivery).timestamp for p in alerts if p.alert_timestamp_ms]
+    input_at = {p.lead_id: (await p.delivery).timestamp for p in alerts}
+    by_timestamps = [p.alert_timestamp_ms - input_at[p.lead_id] for p in alerts if p.alert_timestamp_ms]
+    relayed_at = await hop_timestamps(bench, f"{app.app_id}-lead-events", config.partitions, feed.alert_probes)
     return {
         "rate_target": config.latency_rate,
         "rate_achieved": round(achieved, 1),
@@ -222,6 +256,7 @@ async def phase_latency(bench: Bench, config) -> dict:
             "method": "alert record timestamp − probe record timestamp (both set by their producers, ms)",
             "p50_ms": percentile(by_timestamps, 50), "p99_ms": percentile(by_timestamps, 99),
         },  # fmt: skip
+        "alert_by_hop": split_by_hop(alerts, relayed_at, input_at),
         "gauge": summarize(gauges, ended_at),
         "gauge_poll_seconds": config.gauge_poll,
         "scrape_seconds_mean": round(sum(scrapes) / len(scrapes), 4) if scrapes else None,

@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     # The embedded Tansu broker sometimes reports an end offset one short of what it acknowledged.
     recovery_consistency_check: bool = True
     # How long the broker may hold a fetch that finds no new data. Kafka answers as soon as data arrives;
-    # the embedded Tansu broker answers only when the wait ends, so every hop between agents costs up to this.
+    # the embedded Tansu broker does not (a record waited a median 412 ms with Faust's fixed 1,500 ms, 4 ms
+    # with 20 ms), and every hop between agents pays that wait.
     fetch_max_wait_ms: int = Field(20, ge=0)
 
     clock: Literal["wall", "event"] = "wall"

@@ -1,12 +1,18 @@
-"""How the worker's Faust app is wired where Faust's defaults do not fit: the fetch wait its consumer asks
-the broker for, and the codec its tables write with."""
+"""How the worker's Faust app is wired where Faust's or Python's defaults do not fit: the fetch wait its
+consumer asks the broker for, the codec its tables write with, what is loaded frozen before it starts, and
+the KPI samples a scrape reuses."""
 
 import asyncio
+import gc
+import weakref
 
 import orjson
 
-import agents.worker  # noqa: F401  (registers every table)
+from agents.worker import freeze_what_is_loaded  # also registers every table
+from agents.aggregates import scope_samples
 from agents.app import app, settings
+from streams.catalogue import apply_sums
+from streams.routing import already_applied
 
 
 def test_the_consumer_asks_the_broker_to_hold_an_empty_fetch_no_longer_than_configured():
@@ -27,3 +33,38 @@ def test_every_table_writes_its_changelog_and_store_with_orjson():
         assert table.value_serializer == table.data.value_serializer == "orjson", table.name
         encoded, _headers = table.changelog_topic.prepare_value(state, table.value_serializer)
         assert encoded == orjson.dumps(state) and table.data._decode_value(encoded) == state, table.name
+
+
+def test_before_the_worker_starts_what_is_loaded_is_frozen_and_garbage_collected():
+    class Node:
+        pass
+
+    garbage = Node()
+    garbage.me = garbage  # a cycle: only the cyclic GC frees it
+    gone = weakref.ref(garbage)
+    del garbage
+    loaded = Node()
+    try:
+        freeze_what_is_loaded()
+        assert gone() is None  # collected, not frozen for good
+        assert not any(obj is loaded for obj in gc.get_objects())  # frozen: in no generation the GC walks
+    finally:
+        gc.unfreeze()
+
+
+def test_a_scopes_kpi_samples_are_recomputed_once_its_deltas_or_the_day_move():
+    def new_leads(samples, window):
+        return next(r for kpi, _dimension, labels, r in samples if kpi.name == "new_leads" and labels == ["rep-7", window])
+
+    state, day = {}, 20_000
+    for offset in (1, 2):  # two leads created on `day`, as aggregate_sums applies their deltas
+        assert not already_applied(state, "leads@lead-events:0", offset, 0)
+        apply_sums(state, day, {"leads": 1})
+    first = scope_samples("rep:rep-7", state, day)
+    assert new_leads(first, "7d") == new_leads(first, "all") == 2
+    assert scope_samples("rep:rep-7", state, day) is first  # nothing moved: the cached samples
+
+    assert not already_applied(state, "leads@lead-events:3", 1, 0)
+    apply_sums(state, day + 1, {"leads": 1})
+    assert new_leads(scope_samples("rep:rep-7", state, day + 1), "7d") == 3
+    assert new_leads(scope_samples("rep:rep-7", state, day + 7), "7d") == 1  # the 7 days now start at day + 1
