@@ -16,7 +16,7 @@ setup_prometheus_sensors(app, pattern="/metrics", name_prefix="crm_pulse_faust")
 def freeze_what_is_loaded() -> None:
     """Keeps everything alive before the worker starts (modules, the app) out of the cyclic GC's full
     collections, which walk every tracked object: with it in them, they paused a worker at 1,000 events/s
-    ~65 ms each, several times a minute, and set the tail of the alert latency."""
+    ~63 ms each, 7 times in 45 s (~9 ms without it)."""
     gc.collect()
     gc.freeze()
 
