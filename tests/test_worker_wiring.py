@@ -1,12 +1,14 @@
 """How the worker's Faust app is wired where Faust's or Python's defaults do not fit: the fetch wait its
-consumer asks the broker for, the codec its tables write with, what is loaded frozen before it starts, and
-the KPI samples a scrape reuses."""
+consumer asks the broker for, the offsets it commits, the codec its tables write with, what is loaded frozen
+before it starts, and the KPI samples a scrape reuses."""
 
 import asyncio
 import gc
 import weakref
 
 import orjson
+from faust.types import TP
+from intervaltree import IntervalTree
 
 from agents.worker import freeze_what_is_loaded  # also registers every table
 from agents.aggregates import scope_samples
@@ -24,6 +26,33 @@ def test_the_consumer_asks_the_broker_to_hold_an_empty_fetch_no_longer_than_conf
     consumer = asyncio.run(build())
     # Faust's own value is 1,500 ms, which the embedded broker holds in full before answering.
     assert consumer._fetch_max_wait_ms == settings.fetch_max_wait_ms == 20
+
+
+def committable(acked: list[int], gaps: list[tuple[int, int]], committed: int) -> int | None:
+    """The offset the worker's consumer would commit for a partition in this state of its bookkeeping."""
+    consumer, tp = app.consumer, TP("offsets-under-test", 0)
+    consumer._acked[tp], consumer._acked_index[tp] = list(acked), set(acked)
+    consumer._gap[tp] = IntervalTree.from_tuples(gaps)
+    consumer._committed_offset[tp] = committed
+    try:
+        return consumer._new_offset(tp)
+    finally:
+        for bookkeeping in (consumer._acked, consumer._acked_index, consumer._gap, consumer._committed_offset):
+            bookkeeping.pop(tp)
+
+
+def test_a_gap_over_offsets_already_acked_does_not_hold_the_commit_back():
+    # As traced in a takeover: 242-255 were delivered and acked between the flow's resume and the seek back
+    # to 242, the next one read was 256, and Faust filed 243-256 as a gap. (Faust alone commits 244 here,
+    # then one offset more per commit interval.)
+    before_seek, after_seek = list(range(242, 256)), list(range(256, 301))
+    assert committable(before_seek + after_seek, [(243, 257)], committed=242) == 301
+
+
+def test_a_gap_still_counts_as_read_and_a_hole_still_holds_the_commit():
+    # Offsets never delivered (transaction markers, compaction) are a gap; one delivered but unacked is not.
+    assert committable([10, 11, 14, 15], [(12, 14)], committed=10) == 16
+    assert committable([10, 11, 14, 15], [], committed=10) == 12
 
 
 def test_every_table_writes_its_changelog_and_store_with_orjson():
