@@ -107,7 +107,9 @@ class Worker:
         except urllib.error.HTTPError as error:
             return error.code, orjson.loads(error.read())
 
-    def wait_for(self, predicate, what: str, timeout: float = 60.0):
+    def wait_for(self, predicate, what: str, timeout: float = 60.0, explain=None):
+        """The worker's metrics once `predicate` holds for them; on timeout, `explain` (if given) says
+        from the last metrics what is missing, instead of all of them."""
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
@@ -119,7 +121,13 @@ class Worker:
             except OSError:
                 pass
             time.sleep(0.3)
-        raise AssertionError(f"timed out waiting for {what}; last metrics: {last}")
+        detail = f"{explain(last)}" if explain and last is not None else f"last metrics: {last}"
+        raise AssertionError(f"timed out waiting for {what}; {detail}")
+
+    def wait_until_settled(self, what: str, timeout: float) -> dict:
+        """Until every topic the worker reads is committed up to its end offset: nothing in flight."""
+        return self.wait_for(lambda m: bool(end_offsets(m)) and not unsettled(m), what, timeout,
+                             explain=lambda m: f"not committed to their end (committed, end): {unsettled(m)}")  # fmt: skip
 
     def read(self, role: str, count: int, timeout: float = 60.0) -> list:
         """The first `count` records of the alerts or DLQ topic, read with assign() (no group join)."""
@@ -134,6 +142,21 @@ class Worker:
         consumer.close()
         assert len(records) >= count, f"expected {count} records on {role}, got {len(records)}"
         return records
+
+
+def end_offsets(metrics: dict) -> dict:
+    """{labels: end offset} of each partition the worker reads. (Changelogs are only read to restore tables,
+    and never committed.)"""
+    return {labels: v for (name, labels), v in metrics.items()
+            if name == "crm_pulse_faust_topic_partition_end_offset" and not dict(labels)["topic"].endswith("-changelog")}  # fmt: skip
+
+
+def unsettled(metrics: dict) -> dict[str, tuple]:
+    """{"topic/partition": (committed offset, end offset)} of each partition read but not committed to its end."""
+    committed = {labels: v for (name, labels), v in metrics.items()
+                 if name == "crm_pulse_faust_topic_partition_offset_commited"}  # fmt: skip
+    return {f"{dict(labels)['topic']}/{dict(labels)['partition']}": (committed.get(labels), end)
+            for labels, end in end_offsets(metrics).items() if committed.get(labels) != end}  # fmt: skip
 
 
 @pytest.fixture

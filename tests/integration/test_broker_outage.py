@@ -196,19 +196,11 @@ def processed(metrics) -> float:
     return total(metrics, "crm_events_processed_total", "crm_events_duplicate_total")
 
 
-def settled(metrics) -> bool:
-    """Every topic the worker reads is committed up to its end offset: nothing in flight."""
-    ends = {labels: v for (name, labels), v in metrics.items() if name == "crm_pulse_faust_topic_partition_end_offset"}
-    committed = {labels: v for (name, labels), v in metrics.items()
-                 if name == "crm_pulse_faust_topic_partition_offset_commited"}  # fmt: skip
-    return bool(ends) and all(committed.get(labels) == end for labels, end in ends.items())
-
-
 def run_to_end(worker: Worker, expected: int, timeout: float = 120) -> dict:
     worker.wait_for(lambda m: processed(m) >= expected, what=f"{expected} events", timeout=timeout)
-    worker.wait_for(settled, what="all topics committed to their end", timeout=timeout)
+    worker.wait_until_settled("all topics committed to their end", timeout=timeout)
     time.sleep(2)  # a few stall scans at the final watermark
-    return worker.wait_for(settled, what="all topics committed to their end", timeout=timeout)
+    return worker.wait_until_settled("all topics committed to their end", timeout=timeout)
 
 
 def kpis(worker: Worker) -> dict:

@@ -37,16 +37,6 @@ def processed(metrics) -> float:
     return sum(v for (name, _), v in metrics.items() if name in ("crm_events_processed_total", "crm_events_duplicate_total"))
 
 
-def settled(metrics) -> bool:
-    """Every topic the worker reads is committed up to its end offset: nothing in flight. (Changelogs are
-    only read to restore tables, and never committed.)"""
-    ends = {labels: v for (name, labels), v in metrics.items()
-            if name == "crm_pulse_faust_topic_partition_end_offset" and not dict(labels)["topic"].endswith("-changelog")}  # fmt: skip
-    committed = {labels: v for (name, labels), v in metrics.items()
-                 if name == "crm_pulse_faust_topic_partition_offset_commited"}  # fmt: skip
-    return bool(ends) and all(committed.get(labels) == end for labels, end in ends.items())
-
-
 def kpis(worker) -> dict:
     """Every KPI series the worker exports (its operational watermark gauge is not a KPI)."""
     status, body = worker.get_json("/kpis")
@@ -57,7 +47,7 @@ def kpis(worker) -> dict:
 
 def run_to_end(worker, expected: int) -> dict:
     worker.wait_for(lambda m: processed(m) >= expected, what=f"{expected} events", timeout=240)
-    worker.wait_for(settled, what="all topics committed to their end", timeout=120)
+    worker.wait_until_settled("all topics committed to their end", timeout=120)
     time.sleep(2)  # a few stall scans at the final watermark
     return kpis(worker)
 

@@ -14,7 +14,6 @@ from tests.integration.test_reliability import (
     kpis,
     processed,
     run_to_end,
-    settled,
     synthetic_events,
 )
 
@@ -59,14 +58,12 @@ def test_two_workers_equal_one(start_worker):
     first.send(*events)
     for worker in (first, second):
         worker.wait_for(lambda m: len(partitions(worker)) == 2, what="two partitions each", timeout=120)
-        worker.wait_for(settled, what="both workers caught up", timeout=300)
+        worker.wait_until_settled("both workers caught up", timeout=300)
     time.sleep(2)  # a few stall scans at the final watermark
     two = merged(kpis(first), kpis(second))
     assert two == expected
     assert by_id(alerts(first)) == expected_alerts
     assert kpis(first) and kpis(second), "both workers own part of the work"
-
-
 
 
 def test_when_one_of_two_stops_mid_stream_the_survivor_loses_nothing(start_worker):
@@ -80,7 +77,7 @@ def test_when_one_of_two_stops_mid_stream_the_survivor_loses_nothing(start_worke
     leaving.wait_for(lambda m: processed(m) >= len(events) * 0.2, what="part of the events", timeout=240)
     leaving.stop()
     survivor.wait_for(lambda m: len(partitions(survivor)) == 4, what="the survivor owning every partition", timeout=120)
-    survivor.wait_for(settled, what="the survivor caught up", timeout=300)
+    survivor.wait_until_settled("the survivor caught up", timeout=300)
     time.sleep(2)  # a few stall scans at the final watermark
     # The leaving worker's series left with it; the survivor alone must now export one worker's.
     assert merged(kpis(survivor)) == expected
