@@ -121,7 +121,7 @@ class Worker:
             except OSError:
                 pass
             time.sleep(0.3)
-        detail = f"{explain(last)}" if explain and last is not None else f"last metrics: {last}"
+        detail = explain(last) if explain and last is not None else f"last metrics: {last}"
         raise AssertionError(f"timed out waiting for {what}; {detail}")
 
     def wait_until_settled(self, what: str, timeout: float) -> dict:
