@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: demo test worker schemas bench clean
+.PHONY: demo test worker kafka schemas bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,9 @@ demo: $(VENV)/.installed  ## embedded broker + worker + synthetic CRM traffic; C
 
 worker: $(VENV)/.installed  ## the worker alone (CRM_PULSE_BROKER=kafka://host:port, else embedded)
 	$(VENV)/bin/crm-pulse worker
+
+kafka: $(VENV)/.installed  ## Apache Kafka (deploy/kafka/pom.xml, jars cached in .kafka/) on a free loopback port
+	$(VENV)/bin/crm-pulse kafka
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)

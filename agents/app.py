@@ -68,9 +68,10 @@ class KeepQueuesOnResume(FlowControlEvent):
 class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
-        # Faust fixes it at 1.5 s (see Settings.fetch_max_wait_ms); aiokafka reads it when the consumer
-        # starts, to build its fetcher.
-        consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms
+        # Faust fixes it at 1.5 s, which Tansu holds every fetch for (see Settings.fetch_max_wait_ms);
+        # aiokafka reads it when the consumer starts, to build its fetcher.
+        if settings.effective_fetch_max_wait_ms is not None:
+            consumer._fetch_max_wait_ms = settings.effective_fetch_max_wait_ms
         return consumer
 
 
@@ -112,11 +113,12 @@ app = App(
     settings.app_id,
     broker=settings.broker,
     broker_credentials=_credentials(settings),
-    # Faster group joins: the defaults make a worker wait ~30 s for its first event.
+    # Both brokers: a worker that died stays in the group until its session times out, holding back the
+    # rebalance that hands its partitions on (Faust's default is 60 s). Tansu also needs these for quick joins.
     broker_session_timeout=6,
     broker_heartbeat_interval=1,
     store=settings.store,
-    recovery_consistency_check=settings.recovery_consistency_check,
+    recovery_consistency_check=settings.effective_recovery_consistency_check,
     datadir=settings.data_dir,
     topic_partitions=settings.partitions,
     topic_replication_factor=settings.replication_factor,
@@ -155,7 +157,10 @@ async def drop_keys_now_owned_elsewhere(sender, assigned, **kwargs) -> None:
 
 async def seal_given_up_changelogs(partitions: set[int]) -> None:
     """The changelog partitions this worker gives up end with a batch of one record, for the worker that
-    restores them next (see `crm_pulse.broker.seal_changelogs`, which does the same before a start)."""
+    restores them next (see `crm_pulse.broker.seal_changelogs`, which does the same before a start): on
+    Tansu only, whose end offsets stop short of a partition's last batch."""
+    if not settings.on_tansu:
+        return
     producer = app.producer
     await producer.flush()
     for table in app.tables.values():

@@ -1,4 +1,5 @@
-"""The broker: the configured Kafka cluster, or an embedded Tansu broker on loopback when none is given."""
+"""The broker: the configured Kafka cluster, or an embedded one on loopback (Tansu, or Apache Kafka with
+`CRM_PULSE_EMBEDDED_BROKER=kafka`) when none is given."""
 
 from __future__ import annotations
 
@@ -67,15 +68,42 @@ class EmbeddedBroker:
                 self.process.kill()
 
 
+def start_embedded(kind: str):
+    """A started embedded broker of that kind, with `url` and `stop()`."""
+    if kind == "kafka":
+        from crm_pulse.kafka import KafkaBroker
+
+        broker = KafkaBroker().start()
+        log.info("started an embedded Apache Kafka broker at %s (its log is deleted when it stops)", broker.url)
+        broker.stop = broker.remove
+        return broker
+    return EmbeddedBroker().start()
+
+
+# Tansu's answer to DescribeCluster unless it is started with another --cluster-id; Kafka's ids are random.
+TANSU_CLUSTER_ID = "tansu_cluster"
+
+
+def detect_broker_kind(settings: Settings) -> str:
+    if settings.broker_kind != "auto":
+        return settings.broker_kind
+    admin = connect_admin(settings)
+    try:
+        return "tansu" if admin.describe_cluster()["cluster_id"] == TANSU_CLUSTER_ID else "kafka"
+    finally:
+        admin.close()
+
+
 @contextmanager
 def broker_for(settings: Settings) -> Iterator[Settings]:
-    """Yield settings whose `broker` is reachable: the configured one, else a fresh embedded broker."""
+    """Yield settings whose `broker` is reachable and whose `broker_kind` is known: the configured broker,
+    else a fresh embedded one."""
     if settings.broker:
-        yield settings
+        yield settings.model_copy(update={"broker_kind": detect_broker_kind(settings)})
         return
-    embedded = EmbeddedBroker().start()
+    embedded = start_embedded(settings.embedded_broker)
     try:
-        yield settings.model_copy(update={"broker": embedded.url})
+        yield settings.model_copy(update={"broker": embedded.url, "broker_kind": settings.embedded_broker})
     finally:
         embedded.stop()
 
@@ -95,18 +123,21 @@ def client_security(settings: Settings) -> dict:
     return options
 
 
-def ensure_topics(settings: Settings, timeout: float = 30.0) -> set[str]:
-    """Create the input, alerts and dead-letter topics if missing (production may pre-create them); the
-    topics that existed before."""
+def connect_admin(settings: Settings, timeout: float = 30.0) -> KafkaAdminClient:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_security(settings))
-            break
+            return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_security(settings))
         except KafkaError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> set[str]:
+    """Create the input, alerts and dead-letter topics if missing (production may pre-create them); the
+    topics that existed before."""
+    admin = connect_admin(settings, timeout)
     try:
         existing = set(admin.list_topics())
         wanted = [settings.input_topic, settings.alerts_topic, settings.dlq_topic]
@@ -132,7 +163,9 @@ def seal_changelogs(settings: Settings, topics: set[str]) -> None:
     restoring them. Tansu reports a partition's end offset as the first offset of its last record batch
     + 1, and Faust restores a changelog only up to the end offset: after a crash the tail of the last
     batch would be skipped, though its input offsets may be committed already. A tombstone of a key no
-    table uses makes the end offset exact; on Apache Kafka, which reports it exactly, it is a no-op."""
+    table uses makes the end offset exact. Apache Kafka reports end offsets exactly: nothing to do there."""
+    if not settings.on_tansu:
+        return
     changelogs = sorted(t for t in topics if t.startswith(f"{settings.app_id}-") and t.endswith("-changelog"))
     if not changelogs:
         return

@@ -16,7 +16,7 @@ def run_worker(settings: Settings) -> None:
     with broker_for(settings) as resolved:
         seal_changelogs(resolved, ensure_topics(resolved))
         # The Faust app reads its settings from the environment when first imported.
-        os.environ["CRM_PULSE_BROKER"] = resolved.broker
+        os.environ.update(CRM_PULSE_BROKER=resolved.broker, CRM_PULSE_BROKER_KIND=resolved.broker_kind)
         from agents.worker import run
 
         run()
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="embedded broker + worker + synthetic CRM traffic, with a live summary")
     demo.add_argument("--speed", type=float, default=3 * 3600, help="simulated seconds per real second")
     demo.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    kafka = commands.add_parser("kafka", help="run Apache Kafka (KRaft, one node) on loopback until Ctrl-C")
+    kafka.add_argument("--data-dir", type=Path, help="keep the broker's log here across runs (default: a temporary one)")
     alerts = commands.add_parser("alerts", help="example consumers of the alerts topic (docs/alerts.md)")
     alert_commands = alerts.add_subparsers(dest="alerts_command", required=True)
     tail = alert_commands.add_parser("tail", help="print alerts one per line; invalid records go to stderr")
@@ -54,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     # At debug level these log record keys and values (personal data) and SASL PLAIN tokens (passwords).
     for name in ("aiokafka", "faust.topics", "faust.transport.drivers.aiokafka"):
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
+    if args.command == "kafka":
+        from crm_pulse.kafka import serve
+
+        sys.exit(serve(args.data_dir))
     if args.command == "worker":
         run_worker(settings)
     elif args.command == "demo":

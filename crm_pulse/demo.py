@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from crm_pulse.broker import EmbeddedBroker, client_security, ensure_topics
+from crm_pulse.broker import client_security, ensure_topics, start_embedded
 from crm_pulse.config import Settings
 from crm_pulse.generator import SyntheticCrm
 
@@ -115,12 +115,16 @@ def run_demo(settings: Settings, speed: float, seconds: float | None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     console = Console()
-    broker = EmbeddedBroker().start()
-    settings = settings.model_copy(update={"broker": broker.url, "clock": "event"})
+    kind = settings.embedded_broker
+    name = {"tansu": "Tansu", "kafka": "Apache Kafka"}[kind]
+    if kind == "kafka":
+        console.print("starting the embedded Apache Kafka broker (the first run fetches its jars with Maven)…")
+    broker = start_embedded(kind)
+    settings = settings.model_copy(update={"broker": broker.url, "broker_kind": kind, "clock": "event"})
     ensure_topics(settings)
     url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
-    console.print(f"embedded Tansu broker at [bold]{broker.url}[/]; starting the worker…")
-    env = {**os.environ, "CRM_PULSE_BROKER": broker.url, "CRM_PULSE_CLOCK": "event",
+    console.print(f"embedded {name} broker at [bold]{broker.url}[/]; starting the worker…")
+    env = {**os.environ, "CRM_PULSE_BROKER": broker.url, "CRM_PULSE_BROKER_KIND": kind, "CRM_PULSE_CLOCK": "event",
            "CRM_PULSE_STALL_SCAN_SECONDS": "1", "CRM_PULSE_LOG_LEVEL": "warning",
            # Synthetic events arrive in order: a short grace period lets stall checks follow closely.
            "CRM_PULSE_GRACE_SECONDS": os.environ.get("CRM_PULSE_GRACE_SECONDS", "21600"),

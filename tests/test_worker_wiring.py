@@ -7,25 +7,34 @@ import gc
 import weakref
 
 import orjson
+import pytest
 from faust.types import TP
 from intervaltree import IntervalTree
 
 from agents.worker import freeze_what_is_loaded  # also registers every table
 from agents.aggregates import scope_samples
+import agents.app as app_module
 from agents.app import app, settings
 from streams.catalogue import apply_sums
 from streams.routing import already_applied
 
 
-def test_the_consumer_asks_the_broker_to_hold_an_empty_fetch_no_longer_than_configured():
+@pytest.mark.parametrize(("kind", "configured", "expected"),
+                         [("tansu", None, 20), ("kafka", None, 1500), ("kafka", 100, 100), ("tansu", 5, 5)])  # fmt: skip
+def test_the_consumer_asks_the_broker_to_hold_an_empty_fetch_no_longer_than_configured(
+    monkeypatch, kind, configured, expected
+):
+    # Faust's own value is 1,500 ms: Apache Kafka answers a fetch as soon as data arrives, but Tansu holds
+    # every fetch that long, so on Tansu the worker asks for 20 ms unless told otherwise.
+    monkeypatch.setattr(app_module, "settings",
+                        settings.model_copy(update={"broker_kind": kind, "fetch_max_wait_ms": configured}))  # fmt: skip
+
     async def build():
         consumer = app.consumer._thread._create_worker_consumer(app.transport)
         await consumer.stop()  # never started: only releases what construction took
         return consumer
 
-    consumer = asyncio.run(build())
-    # Faust's own value is 1,500 ms, which the embedded broker holds in full before answering.
-    assert consumer._fetch_max_wait_ms == settings.fetch_max_wait_ms == 20
+    assert asyncio.run(build())._fetch_max_wait_ms == expected
 
 
 def committable(acked: list[int], gaps: list[tuple[int, int]], committed: int) -> int | None:

@@ -1,4 +1,7 @@
-"""Real components for integration tests: the embedded Tansu broker and `crm-pulse worker` processes."""
+"""Real components for integration tests: a real broker and `crm-pulse worker` processes.
+
+The broker is the one `crm-pulse` embeds, chosen by the same setting: Tansu by default,
+`CRM_PULSE_EMBEDDED_BROKER=kafka` for Apache Kafka (`make test` runs the integration suite on both)."""
 
 from __future__ import annotations
 
@@ -16,15 +19,18 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from crm_pulse.broker import EmbeddedBroker, free_port
+from crm_pulse.broker import free_port, start_embedded
 from crm_pulse.generator import SyntheticCrm
 
 _names = itertools.count(1)
+BROKER_KIND = os.environ.get("CRM_PULSE_EMBEDDED_BROKER", "tansu")
+on_tansu_only = pytest.mark.skipif(BROKER_KIND != "tansu", reason="about Tansu (the run on Apache Kafka has its own)")
+on_kafka_only = pytest.mark.skipif(BROKER_KIND != "kafka", reason="needs Apache Kafka (CRM_PULSE_EMBEDDED_BROKER=kafka)")
 
 
 @pytest.fixture(scope="session")
 def broker():
-    embedded = EmbeddedBroker().start()
+    embedded = start_embedded(BROKER_KIND)
     yield embedded
     embedded.stop()
 
@@ -32,7 +38,7 @@ def broker():
 class Worker:
     """One `crm-pulse worker` process with its own app id and topics on the shared broker."""
 
-    def __init__(self, broker: EmbeddedBroker, tmp_path: Path, **overrides: str):
+    def __init__(self, broker, tmp_path: Path, **overrides: str):
         n = next(_names)
         self.broker, self.tmp_path = broker, tmp_path
         self.bootstrap = [broker.url.removeprefix("kafka://")]
