@@ -20,8 +20,9 @@ worker: $(VENV)/.installed  ## the worker alone (CRM_PULSE_BROKER=kafka://host:p
 kafka: $(VENV)/.installed  ## Apache Kafka (deploy/kafka/pom.xml, jars cached in .kafka/) on a free loopback port
 	$(VENV)/bin/crm-pulse kafka
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed  ## every test on the embedded Tansu, then the integration tests again on Apache Kafka
 	$(PY) -m pytest $(PYTEST_ARGS)
+	CRM_PULSE_EMBEDDED_BROKER=kafka $(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 schemas: $(VENV)/.installed  ## regenerate schemas/jsonschema/ from the models
 	$(PY) -m schemas.generate

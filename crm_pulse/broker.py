@@ -75,7 +75,6 @@ def start_embedded(kind: str):
 
         broker = KafkaBroker().start()
         log.info("started an embedded Apache Kafka broker at %s (its log is deleted when it stops)", broker.url)
-        broker.stop = broker.remove
         return broker
     return EmbeddedBroker().start()
 

@@ -60,8 +60,9 @@ class KafkaBroker:
 
     `listeners` maps extra listener names to their security protocol (SASL_SSL, SSL); each gets a port of
     its own in `ports`. `properties` are added to server.properties, and `scram_users` ({mechanism: {user:
-    password}}) are written into the storage when it is formatted, so they exist from the first start. The
-    log directory outlives `stop()`: `start()` again serves the same log on the same ports."""
+    password}}) are written into the storage when it is formatted, so they exist from the first start. A
+    given `log_dir` outlives `stop()`: `start()` again serves the same log on the same ports. Without one,
+    the broker keeps its log in a temporary directory that `stop()` deletes."""
 
     def __init__(self, log_dir: Path | None = None, listeners: dict[str, str] | None = None,
                  properties: dict[str, str] | None = None, scram_users: dict[str, dict[str, str]] | None = None,
@@ -167,18 +168,14 @@ class KafkaBroker:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+        if self._own_dir:
+            shutil.rmtree(self.home, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL: the broker dies as in a power loss, mid-write; a later start recovers the log."""
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
-
-    def remove(self) -> None:
-        """Stop, and delete the log directory if this broker made it."""
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.home, ignore_errors=True)
 
 
 def serve(log_dir: Path | None = None) -> int:
@@ -197,4 +194,4 @@ def serve(log_dir: Path | None = None) -> int:
         print("stopping Apache Kafka …", flush=True)
         return 0
     finally:
-        broker.stop() if log_dir else broker.remove()
+        broker.stop()
