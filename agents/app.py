@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
-
 import faust
 import orjson
 from faust.serializers import codecs
@@ -13,7 +11,7 @@ from mode.utils.queues import FlowControlEvent
 
 from kafka.partitioner.default import murmur2
 
-from crm_pulse.broker import CHANGELOG_SEAL_KEY
+from crm_pulse.broker import CHANGELOG_SEAL_KEY, DEAD_LETTER_MAX_BYTES, ssl_context
 from crm_pulse.config import Settings
 from streams.clock import Clock
 
@@ -31,16 +29,9 @@ codecs.register("orjson", OrjsonCodec())
 settings = Settings()
 
 
-def _ssl_context(settings: Settings) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=settings.ssl_cafile)
-    if settings.ssl_certfile:
-        context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
-    return context
-
-
 def _credentials(settings: Settings):
     # The protocol decides: a SASL mechanism left set beside SECURITY_PROTOCOL=SSL must not drop TLS.
-    tls = _ssl_context(settings) if settings.security_protocol in ("SSL", "SASL_SSL") else None
+    tls = ssl_context(settings) if settings.security_protocol in ("SSL", "SASL_SSL") else None
     if settings.security_protocol.startswith("SASL_"):
         return faust.SASLCredentials(
             username=settings.sasl_username,
@@ -130,7 +121,11 @@ app = App(
     # Standby copies would live in the same in-memory store and be counted as this worker's own.
     table_standby_replicas=0,
     # A dead letter carries its input base64-encoded (4/3 of its size): room for any input the broker took.
-    producer_max_request_size=4 * 1024 * 1024,
+    producer_max_request_size=DEAD_LETTER_MAX_BYTES,
+    # Apache Kafka: a topic Faust has just created may be missing from the metadata the group leader
+    # assigns with (KRaft publishes it a moment later); the leader rebalances once its metadata shows the
+    # topic, which by default it refreshes every 5 minutes: all that time nobody read it.
+    consumer_metadata_max_age_ms=5_000,
     autodiscover=False,
 )
 
@@ -144,12 +139,17 @@ def key_partition(key: str, partitions: int) -> int:
 @app.on_partitions_assigned.connect
 async def drop_keys_now_owned_elsewhere(sender, assigned, **kwargs) -> None:
     """The in-memory store keeps every key it ever held; after a rebalance, keys of partitions another
-    worker now owns would be exported and scanned twice. (RocksDB stores filter by partition themselves.)"""
-    mine = {tp.partition for tp in assigned}
-    clock.keep_only(mine)
+    worker now owns would be exported and scanned twice. (RocksDB stores filter by partition themselves.)
+    A table's own partitions are those of its changelog: the assignment spans every topic, and a partition
+    number held of one topic (the single partition of Faust's leader topic, say) says nothing of another."""
+    def held(topic: str) -> set[int]:
+        return {tp.partition for tp in assigned if tp.topic == topic}
+
+    clock.keep_only(held(input_topic.get_topic_name()))
     for table in app.tables.values():
         local = getattr(table.data, "data", None)
         if isinstance(local, dict):
+            mine = held(table.changelog_topic.get_topic_name())
             partition_of = int if table is event_time else lambda key: key_partition(key, table.partitions)
             for key in [k for k in local if partition_of(k) not in mine]:
                 del local[key]

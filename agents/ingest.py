@@ -36,6 +36,10 @@ def dead_letter(error: InvalidEvent, message) -> dict:
 @app.agent(input_topic)
 async def ingest(stream):
     async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
+        # Faust acknowledges the batch's input offsets when the next batch is taken: whatever the batch sent
+        # must be on the broker by then, or a send that failed (a dead letter over the topic's size limit,
+        # say) would be committed past and lost without a word.
+        sent = []
         packed = Envelopes()
         last_valid = {}  # input partition → its last valid event in the batch
         for event in events:
@@ -51,7 +55,7 @@ async def ingest(stream):
                 EVENTS_INVALID.labels(error.reason).inc()
                 log.warning("dead-lettered %s/%s@%s: %s", event.message.topic, event.message.partition,
                             event.message.offset, error)  # fmt: skip
-                await dlq_topic.send(key=event.key, value=dead_letter(error, event.message))
+                sent.append(await dlq_topic.send(key=event.key, value=dead_letter(error, event.message)))
                 continue
             partition = event.message.partition
             clock.observe(partition, crm_event.occurred_at)
@@ -61,7 +65,9 @@ async def ingest(stream):
         for partition, event in last_valid.items():
             with part_of(event):
                 clock.save(partition)
-        await packed.send(clock.partition_watermark)
+        sent.extend(await packed.send(clock.partition_watermark))
+        for delivery in sent:
+            await delivery
 
 
 class Envelopes:
@@ -85,8 +91,9 @@ class Envelopes:
         self.chunks[where][-1].append([key, source, offset, event])
         self.sizes[where] += size
 
-    async def send(self, watermark_of) -> None:
-        """The watermarks of the batch's input partitions go with the last message to each partition, and
+    async def send(self, watermark_of) -> list:
+        """The deliveries of one message per family partition. The watermarks of the batch's input
+        partitions go with the last message to each partition, and
         every partition of every family topic gets them, events or not: stall checks and id pruning wait
         until each has heard from every input partition (`streams.clock.UpstreamWatermark`), also from
         those whose events all went elsewhere (as when producers key by the same entity, or a partition
@@ -95,11 +102,13 @@ class Envelopes:
             for where in every_family_partition():
                 self.chunks.setdefault(where, [[]])
         watermarks = [[source, watermark_of(source)] for source in sorted(self.sources)]
+        deliveries = []
         for (topic, partition), chunks in self.chunks.items():
             for n, events in enumerate(chunks, 1):
                 # Only with the last: the lead agent may check stalls between two of them.
                 value = {"watermarks": watermarks if n == len(chunks) else [], "events": events}
-                await topic.send(partition=partition, value=value)
+                deliveries.append(await topic.send(partition=partition, value=value))
+        return deliveries
 
 
 @event_time.on_recover

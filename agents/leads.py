@@ -56,7 +56,8 @@ def stall_now_ms() -> int | None:
 
 @app.on_partitions_assigned.connect
 async def forget_moved_partitions(sender, assigned, **kwargs) -> None:
-    mine = {tp.partition for tp in assigned}
+    # The leads' own partitions: a partition number held of another topic says nothing of these.
+    mine = {tp.partition for tp in assigned if tp.topic == leads.changelog_topic.get_topic_name()}
     for lead_id in [k for k in raised_stalls if key_partition(k, settings.partitions) not in mine]:
         del raised_stalls[lead_id]
 

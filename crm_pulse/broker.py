@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+import ssl
 import subprocess
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
 import orjson
+from aiokafka import errors as aiokafka_errors
+from aiokafka.conn import create_conn
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import AuthorizationError, KafkaError, TopicAlreadyExistsError, TopicAuthorizationFailedError
 
 from crm_pulse.config import Settings
 
@@ -122,20 +126,94 @@ def client_security(settings: Settings) -> dict:
     return options
 
 
-def connect_admin(settings: Settings, timeout: float = 30.0) -> KafkaAdminClient:
-    deadline = time.monotonic() + timeout
-    while True:
+# A dead letter carries its input base64-encoded (4/3 of its size) with the reason: room for any input up
+# to 3 MiB. Apache Kafka takes 1 MiB per message by default, so the dead-letter topic is created with this.
+DEAD_LETTER_MAX_BYTES = 4 * 1024 * 1024
+
+
+class BrokerUnusable(Exception):
+    """The broker cannot be used as configured (credentials, certificates, rights, address): only the user can
+    fix it. The message is the one line `crm-pulse` prints before it exits with 1."""
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context of the aiokafka clients: Faust's (`agents.app`) and the log-in check below."""
+    context = ssl.create_default_context(cafile=settings.ssl_cafile)
+    if settings.ssl_certfile:
+        context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+    return context
+
+
+def principal(settings: Settings) -> str:
+    """Who the broker will take this client for, as its ACLs name it."""
+    if settings.security_protocol.startswith("SASL_"):
+        return f"User:{settings.sasl_username}"
+    if settings.security_protocol == "SSL" and settings.ssl_certfile:
+        return f"the principal of certificate {settings.ssl_certfile}"
+    return "User:ANONYMOUS"
+
+
+async def _try_log_in(settings: Settings) -> Exception | None:
+    """Connect to the bootstrap servers in turn, with TLS and SASL as every client will, until one lets us in:
+    None then, else the last error, which a retry may cure. Refused credentials or an untrusted certificate
+    raise BrokerUnusable."""
+    protocol, mechanism = settings.security_protocol, settings.sasl_mechanism
+    failure = None
+    for server in settings.bootstrap_servers:
+        host, port = server.rsplit(":", 1)
         try:
-            return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_security(settings))
-        except KafkaError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            connection = await create_conn(
+                host, int(port), request_timeout_ms=10_000, security_protocol=protocol,
+                ssl_context=ssl_context(settings) if protocol in ("SSL", "SASL_SSL") else None,
+                sasl_mechanism=mechanism if protocol.startswith("SASL_") else None,
+                sasl_plain_username=settings.sasl_username,
+                sasl_plain_password=settings.sasl_password.get_secret_value() if settings.sasl_password else None,
+            )  # fmt: skip
+        except (aiokafka_errors.SaslAuthenticationFailed, aiokafka_errors.AuthenticationFailedError) as exc:
+            raise BrokerUnusable(
+                f"authentication to {server} failed ({protocol}, {mechanism}, user {settings.sasl_username}): "
+                "check CRM_PULSE_SASL_USERNAME and CRM_PULSE_SASL_PASSWORD"
+            ) from exc
+        except aiokafka_errors.UnsupportedSaslMechanismError as exc:
+            raise BrokerUnusable(f"{server} refused SASL mechanism {mechanism} ({exc}): check CRM_PULSE_SASL_MECHANISM") from exc
+        except ssl.SSLCertVerificationError as exc:
+            raise BrokerUnusable(
+                f"certificate verification of {server} failed ({exc.verify_message}) against "
+                f"{settings.ssl_cafile or 'the system CAs'}: check CRM_PULSE_SSL_CAFILE"
+            ) from exc
+        except (OSError, asyncio.TimeoutError, aiokafka_errors.KafkaError) as exc:
+            failure = exc
+            continue
+        connection.close()
+        return None
+    return failure
 
 
-def ensure_topics(settings: Settings, timeout: float = 30.0) -> set[str]:
-    """Create the input, alerts and dead-letter topics if missing (production may pre-create them); the
-    topics that existed before."""
+def log_in(settings: Settings, timeout: float = 30.0) -> None:
+    """Return once a bootstrap server let this client in; a broker that is still starting gets `timeout` s.
+    Wrong credentials or an untrusted certificate raise BrokerUnusable at once: no retry can cure them, and each
+    is a failed login in the broker's log. kafka-python's clients (3.0.12) retry a refused login until their
+    bootstrap times out (25 failed logins in 30 s on Apache Kafka) and then say only "Unable to bootstrap":
+    call this before creating one. aiokafka's single connection raises the cause."""
+    deadline = time.monotonic() + timeout
+    while (failure := asyncio.run(_try_log_in(settings))) is not None:
+        if time.monotonic() > deadline:
+            raise BrokerUnusable(
+                f"no broker answered at {', '.join(settings.bootstrap_servers)} within {timeout:.0f} s "
+                f"({settings.security_protocol}): {failure!r}; check CRM_PULSE_BROKER"
+            ) from failure
+        time.sleep(0.5)
+
+
+def connect_admin(settings: Settings, timeout: float = 30.0) -> KafkaAdminClient:
+    log_in(settings, timeout)
+    return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_security(settings))
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0, writes: tuple[str, ...] = ()) -> set[str]:
+    """Create the input, alerts and dead-letter topics if missing (production may pre-create them), and check
+    that this client may write the topics `writes`; the topics that existed before. (A producer refused a
+    topic learns it only when it first sends there: for the worker, at its first alert.)"""
     admin = connect_admin(settings, timeout)
     try:
         existing = set(admin.list_topics())
@@ -143,11 +221,22 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> set[str]:
         for name in wanted:
             if name in existing:
                 continue
+            config = {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)} if name == settings.dlq_topic else {}
             try:
-                admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor)])
+                admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor, topic_configs=config)])
                 log.info("created topic %s with %d partitions", name, settings.partitions)
             except TopicAlreadyExistsError:
                 pass
+            except AuthorizationError as exc:
+                raise BrokerUnusable(f"{principal(settings)} may not create topic {name} on {settings.broker} "
+                                     f"({type(exc).__name__}): create it beforehand, or grant CREATE") from exc  # fmt: skip
+        for topic in admin.describe_topics(list(writes)) if writes else ():
+            allowed = topic["authorized_operations"]
+            # Rights unreported and no refusal: a broker without ACLs (Tansu).
+            denied = topic["error_code"] == TopicAuthorizationFailedError.errno
+            if denied or (allowed is not None and "WRITE" not in allowed):
+                raise BrokerUnusable(f"{principal(settings)} may not write topic {topic['name']} on {settings.broker} "
+                                     f"(allowed: {', '.join(allowed or ()) or 'nothing'}): grant it WRITE")  # fmt: skip
         return existing
     finally:
         admin.close()

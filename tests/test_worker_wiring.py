@@ -106,3 +106,21 @@ def test_a_scopes_kpi_samples_are_recomputed_once_its_deltas_or_the_day_move():
     apply_sums(state, day + 1, {"leads": 1})
     assert new_leads(scope_samples("rep:rep-7", state, day + 1), "7d") == 3
     assert new_leads(scope_samples("rep:rep-7", state, day + 7), "7d") == 1  # the 7 days now start at day + 1
+
+
+def test_a_rebalance_keeps_only_the_keys_of_the_tables_own_partitions():
+    from agents.aggregates import kpi_sums
+    from agents.app import drop_keys_now_owned_elsewhere, key_partition
+
+    local = kpi_sums.data.data  # the in-memory store's dict
+    own = key_partition("all", settings.partitions)
+    changelog = kpi_sums.changelog_topic.get_topic_name()
+    others = {TP(changelog, p) for p in range(settings.partitions) if p != own}
+    # Faust's leader topic has one partition, 0: holding it (or any other topic's partition `own`) does not
+    # make the key's changelog partition this worker's.
+    for assigned, kept in ((others | {TP(f"{settings.app_id}-__assignor-__leader", own)}, False),
+                           (others | {TP(changelog, own)}, True)):  # fmt: skip
+        local["all"] = {"applied": {}}
+        asyncio.run(drop_keys_now_owned_elsewhere(None, assigned))
+        assert ("all" in local) is kept
+    local.pop("all", None)
