@@ -43,13 +43,14 @@ def _credentials(settings: Settings):
 
 
 class KeepQueuesOnResume(FlowControlEvent):
-    """Flow control whose resume keeps what the agents' queues hold. Faust empties them on every resume,
-    and the last resume of a rebalance comes after it has resumed the stream partitions and sought them to
-    their committed offsets: messages delivered in between were dropped unprocessed while the fetch
-    position was past them, so their offsets were never acknowledged and the partition's commit stuck or
-    crept there (and on a restart the events were lost to the worker). Kept, a message delivered before
-    the seek is processed twice at worst, which entities and aggregates drop as a re-read. Revocation and
-    shutdown still empty the queues (`clear`): those messages belong to partitions that may move."""
+    """Flow control whose resume keeps what the agents' queues hold (a Faust matter, on either broker).
+    Faust empties them on every resume, and the last resume of a rebalance comes after it has resumed the
+    stream partitions and sought them to their committed offsets: messages delivered in between were
+    dropped unprocessed while the fetch position was past them, so their offsets were never acknowledged
+    and the partition's commit stuck or crept there (and on a restart the events were lost to the worker).
+    Kept, a message delivered before the seek is processed twice at worst, which entities and aggregates
+    drop as a re-read. Revocation and shutdown still empty the queues (`clear`): those messages belong to
+    partitions that may move."""
 
     def resume(self) -> None:
         self._suspend.clear()
@@ -71,12 +72,12 @@ class Consumer(aiokafka_driver.Consumer):
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     def _new_offset(self, tp):
-        """Faust's, with a gap in what was read merged into the acked offsets as a set. Faust appends the
-        gap's offsets to the acked list as they are, but a gap also covers acked ones: the offset that
-        ended it, and after a rebalance those delivered between the flow's resume and the seek to the
-        committed offset. Each duplicate ended the consecutive run Faust commits up to, holding the
-        partition's commit back one commit interval apiece (a takeover crept 1 offset per 2.8 s;
-        robinhood/faust#625)."""
+        """Faust's (a Faust matter, on either broker), with a gap in what was read merged into the acked
+        offsets as a set. Faust appends the gap's offsets to the acked list as they are, but a gap also
+        covers acked ones: the offset that ended it, and after a rebalance those delivered between the
+        flow's resume and the seek to the committed offset. Each duplicate ended the consecutive run Faust
+        commits up to, holding the partition's commit back one commit interval apiece (a takeover crept 1
+        offset per 2.8 s; robinhood/faust#625)."""
         acked, gap = self._acked[tp], self._gap[tp]
         if acked and gap:
             highest = max(acked)
