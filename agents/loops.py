@@ -12,7 +12,7 @@ from typing import AsyncIterator, Callable, Iterator
 
 from faust.streams import _current_event
 
-from agents.app import app, settings
+from agents.app import app, clock, settings
 from agents.metrics import EVENTS_DUPLICATE
 from streams.clock import UpstreamWatermark
 from streams.routing import already_applied, first_seen
@@ -121,6 +121,7 @@ def unseen_events(batch: Batch, received, upstream: UpstreamWatermark) -> Iterat
         yield key, event, state
     for source, watermark in envelope["watermarks"]:
         upstream.observe(received.message.partition, source, watermark)
+        clock.hear(watermark)
 
 
 async def unapplied_deltas(stream, table) -> AsyncIterator:

@@ -3,7 +3,8 @@
 Event time is tracked per input partition, as in Flink and Kafka Streams: events of one entity share a
 partition and arrive in order there, while partitions are read at different speeds. An event is late
 when it is older than its own partition's latest event by more than the grace period. Windows end at
-the latest event time seen. Stall checks need more: a lead may be declared stalled only once every event
+the latest event time seen of any partition (those other workers read are heard of through the
+watermarks forwarded with the events). Stall checks need more: a lead may be declared stalled only once every event
 that could still move it has been processed, which `UpstreamWatermark` tells behind the re-keying hop.
 """
 
@@ -22,6 +23,10 @@ class Clock:
         self.seen: dict[str, int] = {}
         # The same marks kept across restarts (the worker passes a table): "now" resumes where it was.
         self.saved: MutableMapping[str, int] = {} if saved is None else saved
+        # The latest event time of the input partitions other workers read, as heard through the watermarks
+        # forwarded with the events: a worker that reads some of the input partitions still ends its windows
+        # where a worker reading all of them would.
+        self.heard_ms: int | None = None
 
     def observe(self, partition: int, event_ms: int) -> None:
         key = str(partition)
@@ -47,6 +52,12 @@ class Clock:
         read now."""
         return [[int(key), mark - self.grace_ms] for key, mark in sorted(self.saved.items())]
 
+    def hear(self, watermark_ms: int) -> None:
+        """A forwarded input partition's watermark (its latest event time − grace)."""
+        latest = watermark_ms + self.grace_ms
+        if self.heard_ms is None or latest > self.heard_ms:
+            self.heard_ms = latest
+
     def keep_only(self, partitions: Iterable[int]) -> None:
         """After a rebalance: forget partitions another worker reads now."""
         mine = {str(p) for p in partitions}
@@ -62,7 +73,8 @@ class Clock:
 
     @property
     def latest_ms(self) -> int | None:
-        return max(self._marks(), default=None)
+        """The latest event time of any input partition, read here or heard of."""
+        return max([*self._marks(), *([] if self.heard_ms is None else [self.heard_ms])], default=None)
 
     def now_ms(self) -> int | None:
         """Where windows end."""

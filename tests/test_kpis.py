@@ -444,6 +444,19 @@ def test_clock_resumes_from_saved_marks_but_judges_lateness_on_what_it_has_read(
     assert not clock.is_late(0, at(1))
 
 
+def test_windows_end_at_the_latest_event_of_any_partition_also_of_those_only_heard_of():
+    # This worker reads partition 0; partition 1's events go to another worker, which forwards its
+    # watermark (latest − grace) with every envelope.
+    clock = Clock("event", grace_ms=2 * DAY_MS, saved={"0": at(10)})
+    clock.hear(at(9))  # partition 1 is at day 11
+    assert clock.now_ms() == clock.latest_ms == at(11)
+    clock.hear(at(8))  # an older watermark never moves it back
+    assert clock.now_ms() == at(11)
+    assert clock.watermark_ms == at(10)  # lateness and stalls still go by what this worker read
+    clock.observe(0, at(12))
+    assert clock.now_ms() == at(12)
+
+
 def test_saved_watermarks_are_the_restored_marks_less_the_grace_period():
     clock = Clock("wall", grace_ms=2 * DAY_MS, saved={"3": at(10), "1": at(7)})
     assert clock.saved_watermarks() == [[1, at(5)], [3, at(8)]]
