@@ -68,10 +68,9 @@ def by_id(records: list[bytes]) -> dict[str, set[bytes]]:
     return grouped
 
 
-# Tansu at times reports a changelog's end offset one short of an offset it acknowledged, which Faust's
-# RocksDB recovery check takes for lost data.
-@pytest.mark.parametrize("store", [{"CRM_PULSE_STORE": "memory://"},
-                                   {"CRM_PULSE_STORE": "rocksdb://", "CRM_PULSE_RECOVERY_CONSISTENCY_CHECK": "false"}],
+# On Apache Kafka, RocksDB's recovery consistency check is on; on Tansu, which at times reports a
+# changelog's end offset one short of an offset it acknowledged, the worker turns it off by itself.
+@pytest.mark.parametrize("store", [{"CRM_PULSE_STORE": "memory://"}, {"CRM_PULSE_STORE": "rocksdb://"}],
                          ids=["memory", "rocksdb"])  # fmt: skip
 def test_sigkill_mid_stream_then_restart_equals_clean_run(start_worker, store):
     events = synthetic_events(days=20)
