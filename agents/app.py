@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import aiokafka
 import faust
 import orjson
 from faust.serializers import codecs
@@ -88,8 +89,29 @@ class Consumer(aiokafka_driver.Consumer):
         return super()._new_offset(tp)
 
 
+class TopicTrackingProducer(aiokafka.AIOKafkaProducer):
+    """aiokafka's producer, with every topic it sends to tracked for metadata. aiokafka tracks a topic only
+    if the cluster metadata it holds lacks it, and once it tracks any, every metadata update keeps only
+    the tracked ones. So topics learned from a full fetch while none was tracked (at start) fall out of
+    the metadata as soon as one missing topic is tracked (on Apache Kafka, a topic just created may not
+    be in the broker's metadata yet). A batch already waiting for one of them then has no leader: the
+    sender asks for metadata in a tight loop that never brings it back, and the batch waits until it
+    expires (Faust's request timeout: 20 min), with `ingest` awaiting it and every commit behind it."""
+
+    async def send(self, topic, *args, **kwargs):
+        self.client.add_topic(topic)  # a set lookup once tracked
+        return await super().send(topic, *args, **kwargs)
+
+
+class Producer(aiokafka_driver.Producer):
+    @property
+    def _producer_type(self) -> type[aiokafka.AIOKafkaProducer]:
+        return TopicTrackingProducer
+
+
 class Transport(aiokafka_driver.Transport):
     Consumer = Consumer
+    Producer = Producer
 
 
 class App(faust.App):

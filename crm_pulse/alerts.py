@@ -22,7 +22,7 @@ from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
-from crm_pulse.broker import client_security
+from crm_pulse.broker import BrokerUnusable, client_security, log_in, principal
 from crm_pulse.config import Settings
 from schemas.records import Alert
 
@@ -58,6 +58,7 @@ def format_alert(alert: Alert) -> str:
 def _consumer(settings: Settings, *topics: str, **options) -> KafkaConsumer:
     if not settings.broker:
         raise SystemExit("set CRM_PULSE_BROKER=kafka://host:port to the cluster the worker publishes alerts to")
+    log_in(settings)  # a refused login fails here with its cause; KafkaConsumer would retry it for 30 s
     return KafkaConsumer(
         *topics, bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, **options,
         **client_security(settings),
@@ -79,9 +80,12 @@ def tail(settings: Settings, from_beginning: bool, follow: bool, out: TextIO) ->
     consumer = _consumer(settings)
     try:
         topic = settings.alerts_topic
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        # None: the topic does not exist, or this client may not see it.
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not partitions:
-            raise SystemExit(f"topic {topic!r} does not exist on {settings.broker}")
+            raise BrokerUnusable(
+                f"topic {topic} does not exist on {settings.broker}, or {principal(settings)} may not read it"
+            )
         consumer.assign(partitions)
         if from_beginning:
             consumer.seek_to_beginning()

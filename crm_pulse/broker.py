@@ -175,7 +175,9 @@ async def _try_log_in(settings: Settings) -> Exception | None:
                 "check CRM_PULSE_SASL_USERNAME and CRM_PULSE_SASL_PASSWORD"
             ) from exc
         except aiokafka_errors.UnsupportedSaslMechanismError as exc:
-            raise BrokerUnusable(f"{server} refused SASL mechanism {mechanism} ({exc}): check CRM_PULSE_SASL_MECHANISM") from exc
+            raise BrokerUnusable(
+                f"{server} refused SASL mechanism {mechanism} ({exc}): check CRM_PULSE_SASL_MECHANISM"
+            ) from exc
         except ssl.SSLCertVerificationError as exc:
             raise BrokerUnusable(
                 f"certificate verification of {server} failed ({exc.verify_message}) against "
@@ -228,15 +230,19 @@ def ensure_topics(settings: Settings, timeout: float = 30.0, writes: tuple[str, 
             except TopicAlreadyExistsError:
                 pass
             except AuthorizationError as exc:
-                raise BrokerUnusable(f"{principal(settings)} may not create topic {name} on {settings.broker} "
-                                     f"({type(exc).__name__}): create it beforehand, or grant CREATE") from exc  # fmt: skip
+                raise BrokerUnusable(
+                    f"{principal(settings)} may not create topic {name} on {settings.broker} "
+                    f"({type(exc).__name__}): create it beforehand, or grant CREATE"
+                ) from exc
         for topic in admin.describe_topics(list(writes)) if writes else ():
             allowed = topic["authorized_operations"]
             # Rights unreported and no refusal: a broker without ACLs (Tansu).
             denied = topic["error_code"] == TopicAuthorizationFailedError.errno
             if denied or (allowed is not None and "WRITE" not in allowed):
-                raise BrokerUnusable(f"{principal(settings)} may not write topic {topic['name']} on {settings.broker} "
-                                     f"(allowed: {', '.join(allowed or ()) or 'nothing'}): grant it WRITE")  # fmt: skip
+                raise BrokerUnusable(
+                    f"{principal(settings)} may not write topic {topic['name']} on {settings.broker} "
+                    f"(allowed: {', '.join(allowed or ()) or 'nothing'}): grant it WRITE"
+                )
         return existing
     finally:
         admin.close()

