@@ -27,7 +27,7 @@ test: $(VENV)/.installed  ## every test on the embedded Tansu, then the integrat
 schemas: $(VENV)/.installed  ## regenerate schemas/jsonschema/ from the models
 	$(PY) -m schemas.generate
 
-bench: $(VENV)/.installed  ## bench/: throughput, latency, stall scan, recovery, scale-out → bench/results.json + .png
+bench: $(VENV)/.installed  ## bench/: throughput, latency, stall scan, recovery, scale-out, on Tansu and Apache Kafka → bench/results.json + .png
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench $(BENCH_ARGS)
 

