@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiokafka
 import faust
 import orjson
@@ -67,6 +69,20 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
             consumer._fetch_max_wait_ms = settings.effective_fetch_max_wait_ms
         return consumer
 
+    async def seek_to_committed(self):
+        """aiokafka's, with every stream partition that has no committed offset (or 0) sought back to its
+        beginning, where the reset policy (Faust's default, earliest) started it (a Faust and aiokafka
+        matter, on either broker). During recovery the fetcher already reads stream partitions and Faust
+        drops what it brings, trusting this seek to go back; aiokafka seeks only to a committed offset
+        > 0, so a partition never committed stayed past everything fetched meanwhile: a worker killed
+        before its first commit came back on Apache Kafka, restored its tables, and never read its input."""
+        committed = await super().seek_to_committed()
+        changelogs = self.app.tables.changelog_topics
+        never_committed = [tp for tp, offset in committed.items() if not offset and tp.topic not in changelogs]
+        if never_committed:
+            await self.seek_to_beginning(*never_committed)
+        return committed
+
 
 class Consumer(aiokafka_driver.Consumer):
     def _new_consumer_thread(self) -> ConsumerThread:
@@ -104,6 +120,26 @@ class TopicTrackingProducer(aiokafka.AIOKafkaProducer):
 
 
 class Producer(aiokafka_driver.Producer):
+    """Faust's, whose flush (awaited before every commit) waits for every message of its buffer to be
+    delivered (a Faust matter, on either broker). Faust's gives up on the buffer as soon as a send takes
+    over 0.1 s and then waits only for what aiokafka already holds; on Apache Kafka the first writes to a
+    changelog Faust has just created wait for its metadata that long, and the offsets of the events behind
+    those table writes were committed before the writes left: a crash then would lose that state."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.undelivered: set[asyncio.Future] = set()
+
+    def send_soon(self, fut) -> None:
+        self.undelivered.add(fut)
+        fut.add_done_callback(self.undelivered.discard)
+        super().send_soon(fut)
+
+    async def flush(self) -> None:
+        await super().flush()
+        if self.undelivered:
+            await asyncio.wait(list(self.undelivered))
+
     @property
     def _producer_type(self) -> type[aiokafka.AIOKafkaProducer]:
         return TopicTrackingProducer

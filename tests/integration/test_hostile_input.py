@@ -1,10 +1,10 @@
 """Issue 5, hostile input: more than 10,000 malformed messages mixed with a few hundred valid events, on the real
-embedded broker. Every bad message must reach the dead-letter topic exactly once, with the reason the README's
-contract gives for it and its original bytes; every valid event (hostile-looking strings included) must be
+embedded broker. Every bad message must reach the dead-letter topic exactly once, with the reason the contract
+(docs/events.md) gives for it and its original bytes; every valid event (hostile-looking strings included) must be
 processed; the worker must keep running.
 
 The expected outcome of each message is decided here, by construction: each generator below knows which single
-rule of the contract ("Event contract v1" and "Dead letters" in the README) its message breaks. The test does not
+rule of the contract ("Event contract v1" and "Dead letters" in docs/events.md) its message breaks. The test does not
 ask `schemas.validate.parse_event` what it thinks.
 """
 
@@ -37,7 +37,7 @@ LIMIT = 64 * 1024  # the contract: "Every event is a single JSON object of at mo
 N_BAD = 10_600
 N_HOSTILE_VALID = 300
 
-# The reasons of the README's "Dead letters" table, written out rather than imported.
+# The reasons of the "Dead letters" table in docs/events.md, written out rather than imported.
 REASONS = ("oversized", "malformed_json", "not_an_object", "unsupported_version", "unknown_type", "bad_timestamp",
            "invalid_field", "late")  # fmt: skip
 
@@ -478,7 +478,7 @@ class Hostile:
         return self.dumps(doc)
 
     def edges(self) -> list[tuple[str, Callable[[int], bytes]]]:
-        """A fixed handful of messages at the edges of the contract, each with the outcome the README gives it."""
+        """A fixed handful of messages at the edges of the contract, each with the outcome docs/events.md gives it."""
 
         def version(literal: bytes):  # "schema_version: Must be 1. Any other value is rejected as unsupported_version",
             def make(at: int) -> bytes:  # and "a value must already have the JSON type of its field"

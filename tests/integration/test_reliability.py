@@ -97,3 +97,19 @@ def test_sigkill_mid_stream_then_restart_equals_clean_run(start_worker, store):
     # the very same record (same alert_id), which consumers drop; none is lost and none differs.
     crashed_alerts = by_id(alerts(crashed))
     assert crashed_alerts == by_id(clean_alerts)
+
+
+def test_a_worker_killed_before_its_first_commit_reads_its_input_after_the_restart(start_worker):
+    """The restarted worker restores its tables, and meanwhile the fetcher reads its input and Faust drops
+    what it brings, trusting the seek to the committed offsets that follows; aiokafka seeks only to a
+    committed offset > 0, so input never committed was never read (agents.app.ConsumerThread)."""
+    events = synthetic_events(days=20)
+    worker = start_worker(**STABLE)
+    worker.send(*events)
+    worker.wait_for(lambda m: processed(m) >= len(events) * 0.4, what="40% of the events", timeout=60)
+    os.kill(worker.process.pid, signal.SIGKILL)  # most often before Faust's first commit (after 2.8 s)
+    worker.process.wait(10)
+    worker.start()
+    won = sum(1 for e in {e["event_id"]: e for e in events}.values() if e["type"] == "deal.won")
+    deals_won = ("crm_deals_won", (("window", "all"),))
+    worker.wait_for(lambda m: m.get(deals_won) == won, what=f"{won} deals won", timeout=120)
