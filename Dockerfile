@@ -1,4 +1,4 @@
-# crm-pulse worker image: `docker build -t crm-pulse .`; see README "Production".
+# crm-pulse worker image: `docker build -t crm-pulse .`; see docs/operations.md.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

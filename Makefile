@@ -25,7 +25,7 @@ test: $(VENV)/.installed  ## every test on the embedded Tansu, then the integrat
 	CRM_PULSE_EMBEDDED_BROKER=kafka $(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 schemas: $(VENV)/.installed  ## regenerate schemas/jsonschema/ from the models
-	$(PY) -m schemas.generate
+	$(PY) -m crm_pulse.schemas.generate
 
 bench: $(VENV)/.installed  ## bench/: throughput, latency, stall scan, recovery, scale-out, on Tansu and Apache Kafka → bench/results.json + .png
 	$(PY) -m pip install --quiet -e '.[bench]'

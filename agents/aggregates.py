@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prometheus_client.core import GaugeMetricFamily
 
-from agents.app import RETENTION_DAYS, app, clock, histogram_deltas_topic, settings, sums_deltas_topic, table
-from agents.metrics import export_gauges
-from streams.catalogue import (
+from crm_pulse.agents.app import RETENTION_DAYS, app, clock, histogram_deltas_topic, settings, sums_deltas_topic, table
+from crm_pulse.agents.metrics import export_gauges
+from crm_pulse.streams.catalogue import (
     KPIS,
     WINDOWS,
     apply_sums,
@@ -17,8 +17,8 @@ from streams.catalogue import (
     prune_sums,
     window_sums,
 )
-from streams.kpis import apply_dwell, day_of, dwell_stats, prune_days
-from agents.loops import unapplied_deltas
+from crm_pulse.streams.kpis import apply_dwell, day_of, dwell_stats, prune_days
+from crm_pulse.agents.batches import unapplied_deltas
 
 histograms = table("histograms")
 kpi_sums = table("kpi-sums")
@@ -53,7 +53,7 @@ async def aggregate_sums(stream):
 
 class DeltaSender:
     """Queues on its batch the deltas caused by one input message, numbered so aggregates can drop re-sent
-    ones (`streams.routing.already_applied`). The batch sends them and waits until the broker has them all
+    ones (`streams.dedupe.already_applied`). The batch sends them and waits until the broker has them all
     before writing the entity's own state, so a crash in between replays the message with the same ids."""
 
     def __init__(self, sender: str, batch, received):

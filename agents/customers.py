@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from prometheus_client.core import GaugeMetricFamily
 
-from agents.aggregates import DeltaSender, kpi_sums
-from agents.app import app, churn_deltas_topic, clock, family_topics, settings, table
-from agents.loops import envelopes, unapplied_deltas, unseen_events, upstream_watermark
-from agents.metrics import EVENTS_PROCESSED, export_gauges
-from streams.catalogue import customer_base_kpis, window_sums
-from streams.kpis import CHURN_WINDOW_DAYS, advance_churn_horizon, apply_spell, churn, day_of
-from streams.routing import OVERALL, apply_customer_event
+from crm_pulse.agents.aggregates import DeltaSender, kpi_sums
+from crm_pulse.agents.app import app, churn_deltas_topic, clock, family_topics, settings, table
+from crm_pulse.agents.batches import envelopes, unapplied_deltas, unseen_events, upstream_watermark
+from crm_pulse.agents.metrics import EVENTS_PROCESSED, export_gauges
+from crm_pulse.streams.catalogue import customer_base_kpis, window_sums
+from crm_pulse.streams.kpis import CHURN_WINDOW_DAYS, advance_churn_horizon, apply_spell, churn, day_of
+from crm_pulse.streams.entities import apply_customer_event
+from crm_pulse.streams.families import OVERALL
 
 HORIZON_SLACK_DAYS = CHURN_WINDOW_DAYS + int(settings.grace_seconds // 86400) + 2
 

@@ -8,12 +8,12 @@ import logging
 import time
 from collections import defaultdict
 
-from agents.app import app, clock, dlq_topic, event_time, family_topics, input_topic, key_partition, settings
-from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, part_of
-from agents.metrics import EVENTS_INVALID, EVENTS_RECEIVED
-from schemas.events import ms_to_iso
-from schemas.validate import InvalidEvent, parse_event
-from streams.routing import FAMILY_OF_TYPE
+from crm_pulse.agents.app import app, clock, dlq_topic, event_time, family_topics, input_topic, key_partition, settings
+from crm_pulse.agents.batches import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, part_of
+from crm_pulse.agents.metrics import EVENTS_INVALID, EVENTS_RECEIVED
+from crm_pulse.schemas.events import ms_to_iso
+from crm_pulse.schemas.validate import InvalidEvent, parse_event
+from crm_pulse.streams.families import FAMILY_OF_TYPE
 
 # Well under the broker's default 1 MiB message limit (events are at most 64 KiB).
 ENVELOPE_MAX_BYTES = 512 * 1024

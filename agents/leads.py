@@ -10,8 +10,8 @@ import logging
 from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from agents.aggregates import DeltaSender, stage_p90
-from agents.app import (
+from crm_pulse.agents.aggregates import DeltaSender, stage_p90
+from crm_pulse.agents.app import (
     actor_activity_topic,
     alerts_topic,
     app,
@@ -22,11 +22,11 @@ from agents.app import (
     stall_levels_topic,
     table,
 )
-from agents.loops import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events, upstream_watermark
-from agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, export_gauges
-from streams.kpis import day_of
-from streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
-from streams.stall_index import StallIndex
+from crm_pulse.agents.batches import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events, upstream_watermark
+from crm_pulse.agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, export_gauges
+from crm_pulse.streams.kpis import day_of
+from crm_pulse.streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
+from crm_pulse.streams.stall_index import StallIndex
 
 log = logging.getLogger(__name__)
 policy = settings.stall_policy

@@ -9,9 +9,9 @@ from prometheus_client import REGISTRY, Counter
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from schemas.events import EVENT_TYPES
-from schemas.validate import REASONS
-from streams.leads import ALERT_TYPES
+from crm_pulse.schemas.events import EVENT_TYPES
+from crm_pulse.schemas.validate import REASONS
+from crm_pulse.streams.leads import ALERT_TYPES
 
 EVENTS_RECEIVED = Counter("crm_events_received_total", "Messages read from the input topic, valid or not.")
 EVENTS_PROCESSED = Counter(

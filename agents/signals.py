@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from agents.aggregates import DeltaSender
-from agents.app import actor_activity_topic, app, family_topics, table
-from agents.loops import envelopes, unapplied_deltas, unseen_events, upstream_watermark
-from agents.metrics import EVENTS_PROCESSED
-from streams.routing import apply_actor_activity
+from crm_pulse.agents.aggregates import DeltaSender
+from crm_pulse.agents.app import actor_activity_topic, app, family_topics, table
+from crm_pulse.agents.batches import envelopes, unapplied_deltas, unseen_events, upstream_watermark
+from crm_pulse.agents.metrics import EVENTS_PROCESSED
+from crm_pulse.streams.entities import apply_actor_activity
 
 signal_sources = table("signal-sources")
 actors = table("actors")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from faust import web
 
-from agents import aggregates, customers, leads
-from agents.app import app, clock
-from schemas.events import ms_to_iso
+from crm_pulse.agents import aggregates, customers, leads
+from crm_pulse.agents.app import app, clock
+from crm_pulse.schemas.events import ms_to_iso
 
 COLLECTORS = (aggregates.collect_kpis, aggregates.collect_histograms, customers.collect, leads.collect)
 
@@ -29,6 +29,8 @@ def _envelope(body: dict) -> dict:
     now = clock.now_ms()
     return {
         "clock": clock.mode,
+        # What "now" is: windows and stall checks end there.
+        "time_basis": "wall clock" if clock.mode == "wall" else "event time: the latest event read, not the wall clock",
         "now": ms_to_iso(now) if now is not None else None,
         "watermark": ms_to_iso(clock.watermark_ms) if clock.watermark_ms is not None else None,
         "latest_event": ms_to_iso(clock.latest_ms) if clock.latest_ms is not None else None,

@@ -7,8 +7,9 @@ import gc
 import faust
 from faust.sensors.prometheus import setup_prometheus_sensors
 
-from agents import aggregates, customers, ingest, leads, signals, web  # noqa: F401  (registers agents, tables, views)
-from agents.app import app, settings
+from crm_pulse.agents import aggregates, changelog_seals, customers, ingest, leads, signals, web  # noqa: F401  (registers agents, tables, views, seals)
+from crm_pulse.agents.app import app, settings
+from crm_pulse.agents.faust_fixes import check_versions
 
 setup_prometheus_sensors(app, pattern="/metrics", name_prefix="crm_pulse_faust")
 
@@ -22,5 +23,6 @@ def freeze_what_is_loaded() -> None:
 
 
 def run() -> None:
+    check_versions()
     freeze_what_is_loaded()
     faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()

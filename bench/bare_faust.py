@@ -17,7 +17,7 @@ from pathlib import Path
 import faust
 import orjson
 
-from schemas.validate import parse_event
+from crm_pulse.schemas.validate import parse_event
 
 app = faust.App(
     os.environ["BENCH_APP_ID"],

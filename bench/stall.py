@@ -28,8 +28,8 @@ from kafka.partitioner.default import murmur2
 from bench.harness import DAY_MS, App, Bench, Worker, applied, stop_process, total
 from crm_pulse.config import Settings
 from crm_pulse.generator import CAMPAIGNS, SOURCES, STAGES
-from streams.leads import apply_lead_event, check_stall, new_lead
-from streams.routing import first_seen
+from crm_pulse.streams.leads import apply_lead_event, check_stall, new_lead
+from crm_pulse.streams.dedupe import first_seen
 
 SETTINGS = Settings(stall_p90_min_samples=1_000_000_000)
 STALLED_SHARE = 0.05

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from crm_pulse.broker import BrokerUnusable, client_security, log_in, principal
 from crm_pulse.config import Settings
-from schemas.records import Alert
+from crm_pulse.schemas.records import Alert
 
 log = logging.getLogger(__name__)
 

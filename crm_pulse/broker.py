@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import signal
 import socket
 import ssl
 import subprocess
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -22,6 +26,33 @@ from kafka.errors import AuthorizationError, KafkaError, TopicAlreadyExistsError
 from crm_pulse.config import Settings
 
 log = logging.getLogger(__name__)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def dies_with_this_process() -> dict:
+    """Popen arguments for a child that must not outlive this process, even one killed with SIGKILL (a demo's
+    broker and worker): Linux sends it SIGTERM then. The signal follows the thread that started the child,
+    so only a child of the main thread gets it."""
+    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+        return {"preexec_fn": _terminate_with_parent}
+    return {}
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on host:port now, or None if it could."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
 
 
 def free_port() -> int:
@@ -58,6 +89,7 @@ class EmbeddedBroker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches whoever started it, who stops it after its clients
+            **dies_with_this_process(),
         )
         wait_for_port(self.port)
         log.info("started the embedded Tansu broker at %s (in-memory: topics are lost when it stops)", self.url)
@@ -191,28 +223,31 @@ async def _try_log_in(settings: Settings) -> Exception | None:
     return failure
 
 
-def log_in(settings: Settings, timeout: float = 30.0) -> None:
-    """Return once a bootstrap server let this client in; a broker that is still starting gets `timeout` s.
+def log_in(settings: Settings, timeout: float | None = None) -> None:
+    """Return once a bootstrap server let this client in; one that does not answer gets `timeout` s
+    (default: CRM_PULSE_BROKER_CONNECT_TIMEOUT_SECONDS), as a broker that is still starting may need.
     Wrong credentials or an untrusted certificate raise BrokerUnusable at once: no retry can cure them, and each
     is a failed login in the broker's log. kafka-python's clients (3.0.12) retry a refused login until their
     bootstrap times out (25 failed logins in 30 s on Apache Kafka) and then say only "Unable to bootstrap":
     call this before creating one. aiokafka's single connection raises the cause."""
+    timeout = settings.broker_connect_timeout_seconds if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while (failure := asyncio.run(_try_log_in(settings))) is not None:
         if time.monotonic() > deadline:
             raise BrokerUnusable(
                 f"no broker answered at {', '.join(settings.bootstrap_servers)} within {timeout:.0f} s "
-                f"({settings.security_protocol}): {failure!r}; check CRM_PULSE_BROKER"
+                f"({settings.security_protocol}): {failure!r}; check CRM_PULSE_BROKER, or wait longer with "
+                f"CRM_PULSE_BROKER_CONNECT_TIMEOUT_SECONDS"
             ) from failure
         time.sleep(0.5)
 
 
-def connect_admin(settings: Settings, timeout: float = 30.0) -> KafkaAdminClient:
+def connect_admin(settings: Settings, timeout: float | None = None) -> KafkaAdminClient:
     log_in(settings, timeout)
     return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_security(settings))
 
 
-def ensure_topics(settings: Settings, timeout: float = 30.0, writes: tuple[str, ...] = ()) -> set[str]:
+def ensure_topics(settings: Settings, timeout: float | None = None, writes: tuple[str, ...] = ()) -> set[str]:
     """Create the input, alerts and dead-letter topics if missing (production may pre-create them), and check
     that this client may write the topics `writes`; the topics that existed before. (A producer refused a
     topic learns it only when it first sends there: for the worker, at its first alert.)"""

@@ -3,21 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 from pathlib import Path
 
-from crm_pulse.broker import BrokerUnusable, broker_for, ensure_topics, seal_changelogs
-from crm_pulse.config import Settings
+import orjson
+
+from crm_pulse.broker import BrokerUnusable, bind_error, broker_for, ensure_topics, seal_changelogs
+from crm_pulse.config import Settings, SettingsInvalid, env_name, load_settings
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Faust would find the port taken only once it has joined its group, and then stop with tracebacks."""
+    if (exc := bind_error(host, port)) is not None:
+        reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+        raise SettingsInvalid(
+            f"CRM_PULSE_METRICS_PORT={port}: {host}:{port} {reason}; stop what listens there or choose another port"
+        ) from exc
+
+
+def settings_help() -> str:
+    """Every setting with its default, for `crm-pulse worker --help`."""
+    def shown(value) -> str:
+        if value is None:
+            return "unset"
+        if isinstance(value, (frozenset, dict)):
+            return orjson.dumps(sorted(value) if isinstance(value, frozenset) else value).decode()
+        return str(value)
+
+    rows = [f"  {env_name(name):<42} {shown(field.default)}" for name, field in Settings.model_fields.items()]
+    return "\n".join(["settings (default; docs/configuration.md says what each does):", *rows])
 
 
 def run_worker(settings: Settings) -> None:
+    check_port_free(settings.metrics_host, settings.metrics_port)
     with broker_for(settings) as resolved:
         seal_changelogs(resolved, ensure_topics(resolved, writes=(resolved.alerts_topic, resolved.dlq_topic)))
         # The Faust app reads its settings from the environment when first imported.
         os.environ.update(CRM_PULSE_BROKER=resolved.broker, CRM_PULSE_BROKER_KIND=resolved.broker_kind)
-        from agents.worker import run
+        from crm_pulse.agents.worker import run
 
         run()
 
@@ -25,7 +51,11 @@ def run_worker(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="crm-pulse", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("worker", help="run the stream processor (embedded broker unless CRM_PULSE_BROKER is set)")
+    commands.add_parser(
+        "worker", help="run the stream processor (embedded broker unless CRM_PULSE_BROKER is set)",
+        description="Run the stream processor, configured by the CRM_PULSE_* environment variables below.",
+        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     demo = commands.add_parser("demo", help="embedded broker + worker + synthetic CRM traffic, with a live summary")
     demo.add_argument("--speed", type=float, default=3 * 3600, help="simulated seconds per real second")
     demo.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
@@ -50,7 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     importer.add_argument("--rejects", type=Path, help="rejected rows (default: OUT.rejects.csv, ./FILE.rejects.csv)")
     args = parser.parse_args(argv)
 
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except SettingsInvalid as exc:
+        print(f"crm-pulse: {exc} (settings: docs/configuration.md)", file=sys.stderr, flush=True)
+        sys.exit(2)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     # At debug level these log record keys and values (personal data) and SASL PLAIN tokens (passwords).
@@ -83,9 +117,9 @@ def main(argv: list[str] | None = None) -> None:
                 max_attempts=args.max_attempts, max_idle_seconds=args.max_idle,
             )  # fmt: skip
             sys.exit(1 if counts["failed"] else 0)
-    except BrokerUnusable as exc:
+    except (BrokerUnusable, SettingsInvalid) as exc:
         # The user's mistake, said in one line; how it came about only for whoever asked for debug output.
-        logging.getLogger("crm_pulse").debug("the broker is unusable", exc_info=True)
+        logging.getLogger("crm_pulse").debug("cannot go on", exc_info=True)
         print(f"crm-pulse: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
 

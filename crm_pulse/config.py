@@ -1,17 +1,23 @@
-"""Configuration from `CRM_PULSE_*` environment variables (see README, "Configuration")."""
+"""Configuration from `CRM_PULSE_*` environment variables (docs/configuration.md)."""
 
 from __future__ import annotations
 
+import os
+import re
 from datetime import date
 from functools import cached_property
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from streams.leads import StallPolicy
+from crm_pulse.streams.leads import StallPolicy
 
 EPOCH = date(1970, 1, 1)
+
+
+class SettingsInvalid(ValueError):
+    """A setting that cannot be used: the message is one line naming it, its value and what it expects."""
 
 
 class Settings(BaseSettings):
@@ -24,6 +30,8 @@ class Settings(BaseSettings):
     # Tansu needs work-arounds that Apache Kafka must not pay for (each says so where it is applied). "auto"
     # asks the cluster: Tansu answers with its own cluster id.
     broker_kind: Literal["auto", "kafka", "tansu"] = "auto"
+    # How long `worker`, `import` and `alerts` wait for a broker that does not answer before they give up.
+    broker_connect_timeout_seconds: float = Field(10, gt=0)
     app_id: str = "crm-pulse"
     input_topic: str = "crm-events"
     alerts_topic: str = "crm-alerts"
@@ -134,3 +142,36 @@ class Settings(BaseSettings):
     def bootstrap_servers(self) -> list[str]:
         assert self.broker, "broker is resolved before clients connect"
         return [host.removeprefix("kafka://") for host in self.broker.split(",")]
+
+
+# What a setting given as JSON must look like, for the error that says it is not.
+JSON_SHAPES = {
+    "stall_stage_days": 'a JSON object of stage → days, e.g. {"new": 2, "qualified": 5}',
+    "closed_stages": 'a JSON array of stage names, e.g. ["won", "lost"]',
+    "deal_stages": 'a JSON array of stage names, e.g. ["proposal", "negotiation"]',
+}
+
+
+def env_name(field: str) -> str:
+    return f"CRM_PULSE_{field.upper()}"
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or SettingsInvalid naming the first setting that is wrong."""
+    try:
+        return Settings()
+    except SettingsError as exc:  # a JSON setting that does not parse
+        field = match.group(1) if (match := re.search(r'field "(\w+)"', str(exc))) else None
+        if field is None:
+            raise SettingsInvalid(str(exc)) from exc
+        name = env_name(field)
+        raise SettingsInvalid(f"{name}={os.environ.get(name)!r} is not JSON: expected {JSON_SHAPES.get(field, 'JSON')}") from exc
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:  # a rule across settings, whose message names them
+            raise SettingsInvalid(message) from exc
+        name = env_name(str(error["loc"][0]))
+        within = "".join(f"[{part!r}]" for part in error["loc"][1:])
+        expected = f" (expected {JSON_SHAPES[error['loc'][0]]})" if error["loc"][0] in JSON_SHAPES else ""
+        raise SettingsInvalid(f"{name}={os.environ.get(name)!r}: {within and within + ': '}{message}{expected}") from exc

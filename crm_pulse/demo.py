@@ -4,6 +4,7 @@ with a live terminal summary of the KPIs the worker exports. Ctrl-C stops everyt
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,14 +20,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from crm_pulse.broker import client_security, ensure_topics, start_embedded
+from crm_pulse.broker import bind_error, client_security, dies_with_this_process, ensure_topics, free_port, start_embedded
 from crm_pulse.config import Settings
 from crm_pulse.generator import SyntheticCrm
 
 # (sample name, label shown); windowed KPIs show their 30-day window.
 SUMMARY = (
     ("crm_events_processed_total", "events processed"),
-    ("crm_events_invalid_total", "events dead-lettered"),
+    ("crm_events_invalid_total", "events dead-lettered (one a minute on purpose)"),
     ("crm_leads_open", "open leads"),
     ("crm_leads_stalled", "stalled leads"),
     ("crm_alerts_emitted_total", "alerts emitted"),
@@ -119,12 +120,18 @@ def run_demo(settings: Settings, speed: float, seconds: float | None) -> int:
     name = {"tansu": "Tansu", "kafka": "Apache Kafka"}[kind]
     if kind == "kafka":
         console.print("starting the embedded Apache Kafka broker (the first run fetches its jars with Maven)…")
+    port = settings.metrics_port
+    if bind_error(settings.metrics_host, port) is not None:  # another demo, say: take a free port instead
+        port = free_port()
+        console.print(f"port {settings.metrics_port} is taken: the worker serves on {port} instead")
     broker = start_embedded(kind)
-    settings = settings.model_copy(update={"broker": broker.url, "broker_kind": kind, "clock": "event"})
+    settings = settings.model_copy(update={"broker": broker.url, "broker_kind": kind, "clock": "event", "metrics_port": port})
     ensure_topics(settings)
-    url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+    base = f"http://{settings.metrics_host}:{port}"
+    url = f"{base}/metrics"
     console.print(f"embedded {name} broker at [bold]{broker.url}[/]; starting the worker…")
     env = {**os.environ, "CRM_PULSE_BROKER": broker.url, "CRM_PULSE_BROKER_KIND": kind, "CRM_PULSE_CLOCK": "event",
+           "CRM_PULSE_METRICS_PORT": str(port),
            "CRM_PULSE_STALL_SCAN_SECONDS": "1", "CRM_PULSE_LOG_LEVEL": "warning",
            # Synthetic events arrive in order: a short grace period lets stall checks follow closely.
            "CRM_PULSE_GRACE_SECONDS": os.environ.get("CRM_PULSE_GRACE_SECONDS", "21600"),
@@ -133,7 +140,8 @@ def run_demo(settings: Settings, speed: float, seconds: float | None) -> int:
                                                         '{"new": 1.5, "qualified": 2, "proposal": 2, "negotiation": 2.5}'),
            "CRM_PULSE_DATA_DIR": tempfile.mkdtemp(prefix="crm-pulse-demo-")}  # fmt: skip
     # Own session: on Ctrl-C the demo stops the worker first, then the broker it still needs to shut down.
-    worker = subprocess.Popen([sys.executable, "-m", "crm_pulse.cli", "worker"], env=env, start_new_session=True)
+    worker = subprocess.Popen([sys.executable, "-m", "crm_pulse.cli", "worker"], env=env, start_new_session=True,
+                              **dies_with_this_process())  # fmt: skip
     stop = threading.Event()
     alerts: dict[str, int] = {}
     threads = [
@@ -142,7 +150,19 @@ def run_demo(settings: Settings, speed: float, seconds: float | None) -> int:
     ]
     for thread in threads:
         thread.start()
-    console.print(f"worker pid {worker.pid}; Prometheus metrics at [bold]{url}[/]")
+    command = shutil.which("crm-pulse") or "crm-pulse"
+    topic = "" if settings.alerts_topic == Settings.model_fields["alerts_topic"].default else f"CRM_PULSE_ALERTS_TOPIC={settings.alerts_topic} "
+    console.print(
+        f"worker pid {worker.pid}\n"
+        f"  Prometheus metrics  [bold]{url}[/]\n"
+        f"  KPIs as JSON        [bold]{base}/kpis[/]  (and {base}/leads/stalled)\n"
+        f"  alerts, in another terminal:\n"
+        f"    CRM_PULSE_BROKER={broker.url} {topic}{command} alerts tail --from-beginning\n"
+        f"Time is simulated: {speed / 3600:g} h of CRM events per real second, and the worker's clock is the events' "
+        f"own (\"now\" in /kpis is simulated time). One malformed message a minute is sent on purpose: it is "
+        f"dead-lettered.",
+        highlight=False, soft_wrap=True,
+    )
     deadline = None if seconds is None else time.monotonic() + seconds
     try:
         with Live(console=console, refresh_per_second=1) as live:

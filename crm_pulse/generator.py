@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from streams.kpis import DAY_MS
+from crm_pulse.streams.kpis import DAY_MS
 
 HOUR_MS = 3_600_000
 STAGES = ("new", "qualified", "proposal", "negotiation")

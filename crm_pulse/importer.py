@@ -28,8 +28,8 @@ from rich.text import Text
 
 from crm_pulse.broker import client_security, ensure_topics
 from crm_pulse.config import Settings
-from schemas.events import EVENT_TYPES, ms_to_iso
-from schemas.validate import InvalidEvent, parse_event
+from crm_pulse.schemas.events import EVENT_TYPES, ms_to_iso
+from crm_pulse.schemas.validate import InvalidEvent, parse_event
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 PARSERS = {"str": str, "int": int, "float": float}

@@ -13,7 +13,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from crm_pulse.broker import free_port
+from crm_pulse.broker import dies_with_this_process, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 POM = ROOT / "deploy" / "kafka" / "pom.xml"
@@ -143,6 +143,7 @@ class KafkaBroker:
             self.process = subprocess.Popen(
                 self._java("kafka.Kafka", str(properties)), stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches whoever started it, who stops it after its clients
+                **dies_with_this_process(),
             )  # fmt: skip
         deadline = time.monotonic() + timeout
         while READY_LINE not in self._log_since(offset):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import orjson
 
-from schemas.events import EVENT_ADAPTER
-from schemas.records import Alert, DeadLetter
+from crm_pulse.schemas.events import EVENT_ADAPTER
+from crm_pulse.schemas.records import Alert, DeadLetter
 
 SCHEMA_DIR = Path(__file__).with_name("jsonschema")
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.validate import REASONS
+from crm_pulse.schemas.validate import REASONS
 
 
 class _Record(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from pydantic import ValidationError
 
-from schemas.events import EVENT_ADAPTER, EVENT_TYPES, SCHEMA_VERSION, CrmEvent
+from crm_pulse.schemas.events import EVENT_ADAPTER, EVENT_TYPES, SCHEMA_VERSION, CrmEvent
 
 MAX_EVENT_BYTES = 64 * 1024
 

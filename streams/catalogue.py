@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from streams.kpis import day_of, dwell_observations
+from crm_pulse.streams.kpis import day_of, dwell_observations
 
 WINDOWS: dict[str, int | None] = {"7d": 7, "30d": 30, "all": None}
 SCORE_BANDS = ((0, 19), (20, 39), (40, 59), (60, 79), (80, 100))

@@ -12,9 +12,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from schemas.events import ms_to_iso
-from streams.catalogue import lead_facts
-from streams.kpis import DAY_MS, counter_deltas, insert_sorted
+from crm_pulse.schemas.events import ms_to_iso
+from crm_pulse.streams.catalogue import lead_facts
+from crm_pulse.streams.kpis import DAY_MS, counter_deltas, insert_sorted
 
 ALERT_SCHEMA_VERSION = 1
 ALERT_NAMESPACE = uuid.UUID("5b0c1f3e-6d2a-4f57-9a43-2f1d3c8e7a10")

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
-from streams.leads import UNASSIGNED, StallPolicy, ThresholdFn, current_stage, idle_since, is_open
+from crm_pulse.streams.leads import UNASSIGNED, StallPolicy, ThresholdFn, current_stage, idle_since, is_open
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,8 @@ from collections import defaultdict
 import orjson
 import pytest
 
-from schemas.validate import parse_event
-from streams.catalogue import (
+from crm_pulse.schemas.validate import parse_event
+from crm_pulse.streams.catalogue import (
     KPIS,
     WINDOWS,
     apply_sums,
@@ -25,9 +25,11 @@ from streams.catalogue import (
     prune_sums,
     window_sums,
 )
-from streams.kpis import DAY_MS, advance_churn_horizon, apply_dwell, apply_spell, churn, day_of, dwell_stats, prune_days
-from streams.leads import StallPolicy, apply_lead_event, new_lead
-from streams.routing import CUSTOMER_TYPES, LEAD_TYPES, apply_actor_activity, apply_customer_event, first_seen
+from crm_pulse.streams.kpis import DAY_MS, advance_churn_horizon, apply_dwell, apply_spell, churn, day_of, dwell_stats, prune_days
+from crm_pulse.streams.leads import StallPolicy, apply_lead_event, new_lead
+from crm_pulse.streams.dedupe import first_seen
+from crm_pulse.streams.entities import apply_actor_activity, apply_customer_event
+from crm_pulse.streams.families import CUSTOMER_TYPES, LEAD_TYPES
 
 D0 = 20454  # 2026-01-01
 H = 3_600_000

@@ -8,7 +8,7 @@ import ssl
 import pytest
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from agents.app import _credentials
+from crm_pulse.agents.app import _credentials
 from crm_pulse.broker import client_security
 from crm_pulse.config import Settings
 

@@ -8,10 +8,10 @@ import jsonschema
 import orjson
 import pytest
 
-from schemas.generate import SCHEMA_DIR, render, schemas
-from schemas.validate import InvalidEvent, parse_event
-from streams.leads import StallPolicy, check_stall, new_lead
-from streams.kpis import DAY_MS
+from crm_pulse.schemas.generate import SCHEMA_DIR, render, schemas
+from crm_pulse.schemas.validate import InvalidEvent, parse_event
+from crm_pulse.streams.leads import StallPolicy, check_stall, new_lead
+from crm_pulse.streams.kpis import DAY_MS
 
 
 def load(name: str) -> dict:
@@ -73,7 +73,7 @@ def test_alerts_follow_the_alert_schema():
 
 
 def test_dead_letters_follow_the_dead_letter_schema():
-    from agents.ingest import dead_letter
+    from crm_pulse.agents.ingest import dead_letter
 
     message = SimpleNamespace(topic="crm-events", partition=2, offset=41, key=b"L1", value=b"{oops")
     try:

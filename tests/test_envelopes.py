@@ -1,13 +1,13 @@
-"""agents.ingest.Envelopes: how one batch of valid events is packed into messages for the family agents."""
+"""crm_pulse.agents.ingest.Envelopes: how one batch of valid events is packed into messages for the family agents."""
 
 import asyncio
 
 import pytest
 
-import agents.ingest as ingest
-from agents.app import key_partition, settings
-from agents.loops import Batch, unseen_events
-from streams.clock import UpstreamWatermark
+import crm_pulse.agents.ingest as ingest
+from crm_pulse.agents.app import key_partition, settings
+from crm_pulse.agents.batches import Batch, unseen_events
+from crm_pulse.streams.clock import UpstreamWatermark
 
 
 class Topic:

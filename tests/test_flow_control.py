@@ -4,7 +4,8 @@ empties them when told to, as on revocation and shutdown."""
 
 from mode.utils.queues import FlowControlQueue
 
-from agents.app import KeepQueuesOnResume, app
+from crm_pulse.agents.app import app
+from crm_pulse.agents.faust_fixes import KeepQueuesOnResume
 
 
 def test_resume_keeps_delivered_messages_and_clear_still_empties():

@@ -17,8 +17,8 @@ import pytest
 from crm_pulse.cli import main
 from crm_pulse.config import Settings
 from crm_pulse.importer import ImportFailed, convert, import_csv, load_mapping, parse_date, pseudonymise
-from schemas.events import to_epoch_ms
-from schemas.validate import parse_event
+from crm_pulse.schemas.events import to_epoch_ms
+from crm_pulse.schemas.validate import parse_event
 
 ROOT = Path(__file__).resolve().parents[1]
 MAVEN_MAPPING = ROOT / "mappings" / "maven-crm.toml"

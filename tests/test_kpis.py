@@ -8,9 +8,9 @@ from collections import defaultdict
 
 import pytest
 
-from streams.catalogue import KPIS, apply_sums, event_sums, window_sums
-from streams.clock import Clock, UpstreamWatermark
-from streams.kpis import (
+from crm_pulse.streams.catalogue import KPIS, apply_sums, event_sums, window_sums
+from crm_pulse.streams.clock import Clock, UpstreamWatermark
+from crm_pulse.streams.kpis import (
     DAY_MS,
     Churn,
     advance_churn_horizon,
@@ -23,8 +23,9 @@ from streams.kpis import (
     histogram_quantile,
     window_day_range,
 )
-from streams.leads import CLEARED, ESCALATED, STALLED, StallPolicy, apply_lead_event, check_stall, new_lead
-from streams.routing import apply_customer_event, first_seen
+from crm_pulse.streams.leads import CLEARED, ESCALATED, STALLED, StallPolicy, apply_lead_event, check_stall, new_lead
+from crm_pulse.streams.dedupe import first_seen
+from crm_pulse.streams.entities import apply_customer_event
 
 D0 = 20454
 H = 3_600_000  # one hour in ms
@@ -389,7 +390,7 @@ def test_alert_ids_are_deterministic():
     assert len({by_timer["alert_id"], cleared["alert_id"], other_lead["alert_id"]}) == 3
 
 
-# --- routing: de-duplication -------------------------------------------------------------------
+# --- de-duplication (streams.dedupe) -------------------------------------------------------------------
 
 
 def test_first_seen_skips_re_reads_and_duplicates_and_forgets_ids_before_the_given_time():
@@ -479,7 +480,7 @@ def test_upstream_watermark_is_the_least_advanced_pair_of_own_and_input_partitio
 
 
 def test_wall_clock_reads_the_system_time(monkeypatch):
-    monkeypatch.setattr("streams.clock.time.time", lambda: 1_767_225_600.25)
+    monkeypatch.setattr("crm_pulse.streams.clock.time.time", lambda: 1_767_225_600.25)
     clock = Clock("wall", grace_ms=0)
     clock.observe(0, at(-30))
     assert clock.now_ms() == 1_767_225_600_250

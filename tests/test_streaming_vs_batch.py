@@ -8,10 +8,10 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.validate import parse_event
-from streams.catalogue import apply_sums, event_sums, group_sums, prune_sums, window_sums
-from streams.clock import Clock
-from streams.kpis import (
+from crm_pulse.schemas.validate import parse_event
+from crm_pulse.streams.catalogue import apply_sums, event_sums, group_sums, prune_sums, window_sums
+from crm_pulse.streams.clock import Clock
+from crm_pulse.streams.kpis import (
     DAY_MS,
     DWELL_BUCKETS_SECONDS,
     advance_churn_horizon,
@@ -22,8 +22,10 @@ from streams.kpis import (
     dwell_stats,
     prune_days,
 )
-from streams.leads import StallPolicy, apply_lead_event, new_lead
-from streams.routing import LEAD_TYPES, OVERALL, apply_customer_event, first_seen
+from crm_pulse.streams.leads import StallPolicy, apply_lead_event, new_lead
+from crm_pulse.streams.dedupe import first_seen
+from crm_pulse.streams.entities import apply_customer_event
+from crm_pulse.streams.families import LEAD_TYPES, OVERALL
 
 GRACE_MS = 2 * DAY_MS  # the default CRM_PULSE_GRACE_SECONDS
 DEDUPE_HORIZON_MS = GRACE_MS  # the shortest horizon Settings accept: ids are forgotten as early as allowed
@@ -106,7 +108,7 @@ def stream(order, crash_at: int, resume_at: int):
         is_lead = event["type"] in LEAD_TYPES
         key = event["lead_id"] if is_lead else event["customer_id"]
         entity = entities.setdefault(key, new_lead() if is_lead else {})
-        # agents/loops.py first_seen_event: one input partition, so its watermark is the upstream one.
+        # agents/batches.py unseen_events: one input partition, so its watermark is the upstream one.
         forget_before = clock.partition_watermark(0) - (DEDUPE_HORIZON_MS - GRACE_MS)
         if not first_seen(entity, event, 0, offset, forget_before):
             duplicates += 1

@@ -1,13 +1,13 @@
-"""schemas.validate.parse_event: one concrete bad message per dead-letter reason, and valid events of every type."""
+"""crm_pulse.schemas.validate.parse_event: one concrete bad message per dead-letter reason, and valid events of every type."""
 
 import zlib
 
 import orjson
 import pytest
 
-from schemas.events import EVENT_TYPES
-from schemas.validate import MAX_EVENT_BYTES, REASONS, InvalidEvent, parse_event
-from streams.routing import FAMILY_OF_TYPE
+from crm_pulse.schemas.events import EVENT_TYPES
+from crm_pulse.schemas.validate import MAX_EVENT_BYTES, REASONS, InvalidEvent, parse_event
+from crm_pulse.streams.families import FAMILY_OF_TYPE
 
 # 2026-01-01T00:00Z is 20454 days (56 years × 365 + 14 leap days) × 86400 s = 1_767_225_600 s after the epoch.
 NEW_YEAR_MS = 1_767_225_600_000

@@ -11,12 +11,11 @@ import pytest
 from faust.types import TP
 from intervaltree import IntervalTree
 
-from agents.worker import freeze_what_is_loaded  # also registers every table
-from agents.aggregates import scope_samples
-import agents.app as app_module
-from agents.app import app, settings
-from streams.catalogue import apply_sums
-from streams.routing import already_applied
+from crm_pulse.agents.worker import freeze_what_is_loaded  # also registers every table
+from crm_pulse.agents.aggregates import scope_samples
+from crm_pulse.agents.app import app, settings
+from crm_pulse.streams.catalogue import apply_sums
+from crm_pulse.streams.dedupe import already_applied
 
 
 @pytest.mark.parametrize(("kind", "configured", "expected"),
@@ -26,8 +25,8 @@ def test_the_consumer_asks_the_broker_to_hold_an_empty_fetch_no_longer_than_conf
 ):
     # Faust's own value is 1,500 ms: Apache Kafka answers a fetch as soon as data arrives, but Tansu holds
     # every fetch that long, so on Tansu the worker asks for 20 ms unless told otherwise.
-    monkeypatch.setattr(app_module, "settings",
-                        settings.model_copy(update={"broker_kind": kind, "fetch_max_wait_ms": configured}))  # fmt: skip
+    configured_settings = settings.model_copy(update={"broker_kind": kind, "fetch_max_wait_ms": configured})
+    monkeypatch.setattr(app, "fetch_max_wait_ms", configured_settings.effective_fetch_max_wait_ms)
 
     async def build():
         consumer = app.consumer._thread._create_worker_consumer(app.transport)
@@ -109,8 +108,8 @@ def test_a_scopes_kpi_samples_are_recomputed_once_its_deltas_or_the_day_move():
 
 
 def test_a_rebalance_keeps_only_the_keys_of_the_tables_own_partitions():
-    from agents.aggregates import kpi_sums
-    from agents.app import drop_keys_now_owned_elsewhere, key_partition
+    from crm_pulse.agents.aggregates import kpi_sums
+    from crm_pulse.agents.app import drop_keys_now_owned_elsewhere, key_partition
 
     local = kpi_sums.data.data  # the in-memory store's dict
     own = key_partition("all", settings.partitions)

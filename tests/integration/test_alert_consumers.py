@@ -15,7 +15,7 @@ import pytest
 
 from crm_pulse.alerts import post_with_retries
 from crm_pulse.broker import free_port
-from streams.kpis import DAY_MS
+from crm_pulse.streams.kpis import DAY_MS
 from tests.integration.test_pipeline import T0, lead_event, m
 
 pytestmark = pytest.mark.integration

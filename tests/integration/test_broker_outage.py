@@ -23,7 +23,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from crm_pulse.broker import free_port, wait_for_port
 from crm_pulse.kafka import KafkaBroker
-from streams.kpis import DAY_MS
+from crm_pulse.streams.kpis import DAY_MS
 
 from . import test_reliability as reliability
 from .conftest import BROKER_KIND, Worker
@@ -303,7 +303,7 @@ def test_worker_rides_out_a_30s_broker_outage(start_worker, tmp_path, mode):
 
         # Nothing lost, nothing counted twice, nothing dead-lettered. Apache Kafka drops the worker from its
         # group in the outage (its session times out), and the rebalance as it rejoins may have it read a
-        # message again (see agents/app.KeepQueuesOnResume): received again, and dropped as a duplicate.
+        # message again (see agents/faust_fixes.KeepQueuesOnResume): received again, and dropped as a duplicate.
         assert total(final, "crm_events_processed_total") == len({e["event_id"] for e in events})
         seen["re-read"] = final[("crm_events_received_total", ())] - len(events)
         assert seen["re-read"] >= 0

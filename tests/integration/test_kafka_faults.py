@@ -3,7 +3,7 @@ disk and a worker on it, and while a producer keeps sending events the broker is
 30 s, or killed with SIGKILL, and restarted on the same log; in the third fault the worker is also killed
 with SIGKILL just as it recovers, and restarted. Each ends with the KPIs that a batch computation over the
 events gives, and with exactly the KPIs and alerts of a clean worker that read the same events. The last
-test pins down a producer hang that the clean worker ran into (agents/app.TopicTrackingProducer)."""
+test pins down a producer hang that the clean worker ran into (crm_pulse.agents.faust_fixes.TopicTrackingProducer)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 
-from agents.app import TopicTrackingProducer
+from crm_pulse.agents.faust_fixes import TopicTrackingProducer
 from crm_pulse.generator import SyntheticCrm
 from crm_pulse.kafka import KafkaBroker
 

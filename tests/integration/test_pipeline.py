@@ -10,7 +10,7 @@ import uuid
 import orjson
 import pytest
 
-from streams.kpis import DAY_MS
+from crm_pulse.streams.kpis import DAY_MS
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from crm_pulse.generator import SyntheticCrm
-from streams.kpis import DAY_MS
+from crm_pulse.streams.kpis import DAY_MS
 
 pytestmark = pytest.mark.integration
 
@@ -102,7 +102,7 @@ def test_sigkill_mid_stream_then_restart_equals_clean_run(start_worker, store):
 def test_a_worker_killed_before_its_first_commit_reads_its_input_after_the_restart(start_worker):
     """The restarted worker restores its tables, and meanwhile the fetcher reads its input and Faust drops
     what it brings, trusting the seek to the committed offsets that follows; aiokafka seeks only to a
-    committed offset > 0, so input never committed was never read (agents.app.ConsumerThread)."""
+    committed offset > 0, so input never committed was never read (crm_pulse.agents.faust_fixes.ConsumerThread)."""
     events = synthetic_events(days=20)
     worker = start_worker(**STABLE)
     worker.send(*events)

@@ -12,10 +12,10 @@ from typing import AsyncIterator, Callable, Iterator
 
 from faust.streams import _current_event
 
-from agents.app import app, clock, settings
-from agents.metrics import EVENTS_DUPLICATE
-from streams.clock import UpstreamWatermark
-from streams.routing import already_applied, first_seen
+from crm_pulse.agents.app import app, clock, settings
+from crm_pulse.agents.metrics import EVENTS_DUPLICATE
+from crm_pulse.streams.clock import UpstreamWatermark
+from crm_pulse.streams.dedupe import already_applied, first_seen
 
 # Event ids are kept this far behind the slowest input partition's latest event (its watermark + grace).
 FORGET_BEHIND_WATERMARK_MS = int((settings.dedupe_horizon_seconds - settings.grace_seconds) * 1000)

@@ -1,0 +1,125 @@
+"""A user's mistake gets one line on stderr that names the setting, value or address and says what to do,
+and a non-zero exit; tracebacks only at debug level. Each case runs `crm-pulse` as a user would."""
+
+from __future__ import annotations
+
+import ast
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def crm_pulse(*args: str, **env: str) -> tuple[int, list[str], float]:
+    """(exit code, stderr lines, seconds taken) of `crm-pulse ARGS` with the given settings."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CRM_PULSE_")}
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "crm_pulse.cli", *args], env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return done.returncode, done.stderr.splitlines(), time.monotonic() - began
+
+
+def refused_address() -> str:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"kafka://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("CRM_PULSE_STALL_STAGE_DAYS", "new:2",
+     "CRM_PULSE_STALL_STAGE_DAYS='new:2' is not JSON: expected a JSON object of stage → days, "
+     'e.g. {"new": 2, "qualified": 5}'),
+    ("CRM_PULSE_STALL_STAGE_DAYS", '{"new": "two"}',
+     "CRM_PULSE_STALL_STAGE_DAYS='{\"new\": \"two\"}': ['new']: Input should be a valid number, unable to parse "
+     'string as a number (expected a JSON object of stage → days, e.g. {"new": 2, "qualified": 5})'),
+    ("CRM_PULSE_CLOSED_STAGES", "won,lost",
+     "CRM_PULSE_CLOSED_STAGES='won,lost' is not JSON: expected a JSON array of stage names, e.g. [\"won\", \"lost\"]"),
+    ("CRM_PULSE_PARTITIONS", "0", "CRM_PULSE_PARTITIONS='0': Input should be greater than or equal to 1"),
+    ("CRM_PULSE_BROKER", "localhost:9092",
+     "CRM_PULSE_BROKER='localhost:9092': CRM_PULSE_BROKER must look like kafka://host:port[,host:port]"),
+    ("CRM_PULSE_GRACE_SECONDS", "9999999999", "CRM_PULSE_DEDUPE_HORIZON_SECONDS must be at least CRM_PULSE_GRACE_SECONDS"),
+])  # fmt: skip
+@pytest.mark.parametrize("command", [["worker"], ["demo", "--seconds", "1"], ["alerts", "tail"]])
+def test_a_bad_setting_is_one_line_naming_it_and_exit_2(command, name, value, expected):
+    code, stderr, _ = crm_pulse(*command, **{name: value})
+    assert (code, stderr) == (2, [f"crm-pulse: {expected} (settings: docs/configuration.md)"])
+
+
+def test_a_busy_metrics_port_is_one_line_naming_it_and_exit_1():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, stderr, seconds = crm_pulse("worker", CRM_PULSE_METRICS_PORT=str(port), CRM_PULSE_BROKER=refused_address())
+    assert (code, stderr) == (1, [f"crm-pulse: CRM_PULSE_METRICS_PORT={port}: 127.0.0.1:{port} is in use; stop what "
+                                  "listens there or choose another port"])  # fmt: skip
+    assert seconds < 10  # before any broker is tried
+
+
+@pytest.mark.parametrize("timeout, within", [(None, 10), ("2", 2)])
+@pytest.mark.parametrize("command", [["worker"], ["alerts", "tail"]])
+def test_an_unreachable_broker_is_one_line_within_the_connect_timeout_and_exit_1(command, timeout, within):
+    broker = refused_address()
+    settings = {"CRM_PULSE_BROKER": broker, "CRM_PULSE_METRICS_PORT": "0"}
+    if timeout:
+        settings["CRM_PULSE_BROKER_CONNECT_TIMEOUT_SECONDS"] = timeout
+    code, stderr, seconds = crm_pulse(*command, **settings)
+    address = broker.removeprefix("kafka://")
+    assert code == 1 and len(stderr) == 1, stderr
+    assert stderr[0].startswith(f"crm-pulse: no broker answered at {address} within {within} s (PLAINTEXT): ")
+    assert stderr[0].endswith("check CRM_PULSE_BROKER, or wait longer with CRM_PULSE_BROKER_CONNECT_TIMEOUT_SECONDS")
+    assert within <= seconds < within + 5
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+# Data flows one way: contract (schemas) → pure KPI math (streams) → Faust wiring (agents) → commands.
+ALLOWED = {
+    "schemas": ("crm_pulse.schemas",),
+    "streams": ("crm_pulse.schemas", "crm_pulse.streams"),
+    "agents": ("crm_pulse.schemas", "crm_pulse.streams", "crm_pulse.agents", "crm_pulse.config", "crm_pulse.broker"),
+}
+
+
+@pytest.mark.parametrize("folder", sorted(ALLOWED))
+def test_no_module_imports_upward(folder):
+    upward = {
+        f"{path.name}: {name}"
+        for path in (ROOT / folder).glob("*.py")
+        for name in imports_of(path)
+        if name.startswith("crm_pulse") and not name.startswith(ALLOWED[folder])
+    }
+    assert not upward
+
+
+def test_the_kpi_math_imports_no_faust_and_no_client():
+    clients = ("faust", "mode", "aiokafka", "kafka")
+    impure = {f"{path.name}: {name}" for path in (ROOT / "streams").glob("*.py") for name in imports_of(path)
+              if name.split(".")[0] in clients}  # fmt: skip
+    assert not impure
+
+
+def test_worker_help_and_the_configuration_page_list_every_setting():
+    from crm_pulse.config import Settings, env_name
+
+    code = subprocess.run([sys.executable, "-m", "crm_pulse.cli", "worker", "--help"], capture_output=True, text=True)
+    documented = (ROOT / "docs" / "configuration.md").read_text()
+    names = [env_name(field) for field in Settings.model_fields]
+    assert code.returncode == 0
+    assert [name for name in names if name not in code.stdout] == []
+    assert [name for name in names if f"| `{name}` |" not in documented] == []
