@@ -4,7 +4,6 @@ with a live terminal summary of the KPIs the worker exports. Ctrl-C stops everyt
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -150,7 +150,8 @@ def run_demo(settings: Settings, speed: float, seconds: float | None) -> int:
     ]
     for thread in threads:
         thread.start()
-    command = shutil.which("crm-pulse") or "crm-pulse"
+    script = Path(sys.executable).with_name("crm-pulse")  # the one installed beside this Python (the venv's)
+    command = str(script) if script.exists() else f"{sys.executable} -m crm_pulse.cli"
     topic = "" if settings.alerts_topic == Settings.model_fields["alerts_topic"].default else f"CRM_PULSE_ALERTS_TOPIC={settings.alerts_topic} "
     console.print(
         f"worker pid {worker.pid}\n"
