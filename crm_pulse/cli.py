@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     tail.add_argument("--from-beginning", action="store_true", help="start at the oldest alert, not the newest")
     tail.add_argument("--no-follow", action="store_true", help="stop at the end of the topic instead of waiting")
     notify = alert_commands.add_parser("notify", help="post alerts to a Slack-compatible webhook")
-    webhook = os.environ.get("CRM_PULSE_WEBHOOK_URL")
-    notify.add_argument("--webhook-url", default=webhook, required=not webhook, help="default: $CRM_PULSE_WEBHOOK_URL")
+    notify.add_argument("--webhook-url", help="default: $CRM_PULSE_WEBHOOK_URL")
     notify.add_argument("--group", help="consumer group (default: <app id>-alerts-notify); one per webhook")
     notify.add_argument("--from-beginning", action="store_true", help="a new group starts at the oldest alert")
     notify.add_argument("--max-attempts", type=int, default=5, help="posts per alert before giving up")
@@ -112,8 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "alerts" and args.alerts_command == "notify":
             from crm_pulse.alerts import notify
 
+            webhook_url = args.webhook_url or (settings.webhook_url and settings.webhook_url.get_secret_value())
+            if not webhook_url:
+                raise SettingsInvalid("alerts notify needs --webhook-url URL or CRM_PULSE_WEBHOOK_URL")
             counts = notify(
-                settings, args.webhook_url, group=args.group, from_beginning=args.from_beginning,
+                settings, webhook_url, group=args.group, from_beginning=args.from_beginning,
                 max_attempts=args.max_attempts, max_idle_seconds=args.max_idle,
             )  # fmt: skip
             sys.exit(1 if counts["failed"] else 0)

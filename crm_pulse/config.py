@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
 
+    # Where `crm-pulse alerts notify` posts (a Slack-compatible incoming webhook; its URL holds a token).
+    webhook_url: SecretStr | None = None
+
     log_level: str = "info"
 
     @field_validator("broker")

@@ -123,3 +123,8 @@ def test_worker_help_and_the_configuration_page_list_every_setting():
     assert code.returncode == 0
     assert [name for name in names if name not in code.stdout] == []
     assert [name for name in names if f"| `{name}` |" not in documented] == []
+
+
+def test_alerts_notify_without_a_webhook_is_one_line_and_exit_1():
+    code, stderr, _ = crm_pulse("alerts", "notify", CRM_PULSE_BROKER=refused_address())
+    assert (code, stderr) == (1, ["crm-pulse: alerts notify needs --webhook-url URL or CRM_PULSE_WEBHOOK_URL"])
