@@ -59,18 +59,20 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         return consumer
 
     async def seek_to_committed(self):
-        """aiokafka's, with every stream partition that has no committed offset (or 0) sought back to its
-        beginning, where the reset policy (Faust's default, earliest) started it (a Faust and aiokafka
-        matter, on either broker). During recovery the fetcher already reads stream partitions and Faust
+        """aiokafka's, with every stream partition that has no committed offset (or 0), and from which this
+        process has delivered nothing yet, sought back to its beginning, where the reset policy (Faust's
+        default, earliest) started it (a Faust and aiokafka matter, on either broker). During recovery the fetcher already reads stream partitions and Faust
         drops what it brings, trusting this seek to go back; aiokafka seeks only to a committed offset
         > 0, so a partition never committed stayed past everything fetched meanwhile: a worker killed
         before its first commit came back on Apache Kafka, restored its tables, and never read its input
         (aio-libs/aiokafka#1003 reports the committed offset 0 case)."""
         committed = await super().seek_to_committed()
-        changelogs = self.app.tables.changelog_topics
-        never_committed = [tp for tp, offset in committed.items() if not offset and tp.topic not in changelogs]
-        if never_committed:
-            await self.seek_to_beginning(*never_committed)
+        changelogs, delivered = self.app.tables.changelog_topics, self.consumer._read_offset
+        # Only partitions this process has delivered nothing from: one it reads already goes on where it was.
+        never_read = [tp for tp, offset in committed.items()
+                      if not offset and tp.topic not in changelogs and delivered.get(tp) is None]  # fmt: skip
+        if never_read:
+            await self.seek_to_beginning(*never_read)
         return committed
 
 

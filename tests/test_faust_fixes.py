@@ -48,11 +48,11 @@ def test_aiokafka_seeks_only_to_a_committed_offset_above_0():
     assert consumer._fetcher.sought == {TopicPartition("t", 2): 7}
 
 
-def test_the_worker_seeks_partitions_never_committed_to_their_beginning(monkeypatch):
+def test_the_worker_seeks_partitions_never_committed_nor_read_to_their_beginning(monkeypatch):
     thread = app.consumer._thread
     changelog = next(iter(app.tables.values())).changelog_topic.get_topic_name()
-    committed = {TopicPartition("input", 0): None, TopicPartition("input", 1): 0, TopicPartition("input", 2): 7,
-                 TopicPartition(changelog, 0): None}  # fmt: skip
+    never, zero, committed_7, read_on = (TopicPartition("input", p) for p in range(4))
+    committed = {never: None, zero: 0, committed_7: 7, read_on: None, TopicPartition(changelog, 0): None}
     sought_to_beginning = []
 
     async def upstream(self):
@@ -63,9 +63,10 @@ def test_the_worker_seeks_partitions_never_committed_to_their_beginning(monkeypa
 
     monkeypatch.setattr(faust_fixes.aiokafka_driver.AIOKafkaConsumerThread, "seek_to_committed", upstream)
     monkeypatch.setattr(thread, "seek_to_beginning", seek_to_beginning)
+    monkeypatch.setitem(app.consumer._read_offset, read_on, 41)  # this process delivered up to 41: it goes on
     assert asyncio.run(thread.seek_to_committed()) == committed
     # The changelog is Faust's recovery's to position, not this seek's.
-    assert sorted(sought_to_beginning) == [TopicPartition("input", 0), TopicPartition("input", 1)]
+    assert sorted(sought_to_beginning) == [never, zero]
 
 
 class SlowChannel:
