@@ -156,7 +156,7 @@ JSON_SHAPES = {
 
 
 def env_name(field: str) -> str:
-    return f"CRM_PULSE_{field.upper()}"
+    return f"{Settings.model_config['env_prefix']}{field.upper()}"
 
 
 def load_settings() -> Settings:
