@@ -12,13 +12,11 @@ from typing import AsyncIterator, Callable, Iterator
 
 from faust.streams import _current_event
 
-from crm_pulse.agents.app import app, clock, settings
+from crm_pulse.agents.app import Pipeline
 from crm_pulse.agents.metrics import EVENTS_DUPLICATE
 from crm_pulse.streams.clock import UpstreamWatermark
 from crm_pulse.streams.dedupe import already_applied, first_seen
 
-# Event ids are kept this far behind the slowest input partition's latest event (its watermark + grace).
-FORGET_BEHIND_WATERMARK_MS = int((settings.dedupe_horizon_seconds - settings.grace_seconds) * 1000)
 # A batch closes when full or when no more events came within this time: the latency it may add.
 BATCH_MAX_EVENTS = 1000
 BATCH_WITHIN_SECONDS = 0.05
@@ -85,12 +83,12 @@ async def batches(stream, table, new: Callable[[], dict] = dict) -> AsyncIterato
         await batch.commit()
 
 
-def upstream_watermark(topic) -> UpstreamWatermark:
+def upstream_watermark(pipeline: Pipeline, topic) -> UpstreamWatermark:
     """The watermarks forwarded to the partitions of `topic` this worker holds, followed by one agent."""
     # The input topic has the app's partition count (crm_pulse.broker.ensure_topics creates it so).
-    upstream = UpstreamWatermark(sources=settings.partitions)
+    upstream = UpstreamWatermark(sources=pipeline.settings.partitions)
 
-    @app.on_partitions_assigned.connect
+    @pipeline.app.on_partitions_assigned.connect
     async def keep_own_partitions(sender, assigned, **kwargs) -> None:
         upstream.keep_only(tp.partition for tp in assigned if tp.topic == topic.get_topic_name())
 
@@ -104,14 +102,16 @@ async def envelopes(stream, table, new: Callable[[], dict] = dict) -> AsyncItera
             yield batch, received
 
 
-def unseen_events(batch: Batch, received, upstream: UpstreamWatermark) -> Iterator[tuple[str, dict, dict]]:
+def unseen_events(
+    pipeline: Pipeline, batch: Batch, received, upstream: UpstreamWatermark
+) -> Iterator[tuple[str, dict, dict]]:
     """(key, event, state) for each event of a message of packed events its entity has not applied yet;
-    `upstream` follows the watermarks the message carries."""
+    `upstream` follows the watermarks the message carries, and so does the pipeline's clock."""
     envelope = received.value
     # Ids are forgotten by the watermarks heard before this message: its own are those at the end of its
     # batch, ahead of events in it that were on time when ingest read them (and maybe of their duplicates).
     watermark = upstream.watermark_ms
-    forget_before = None if watermark is None else watermark - FORGET_BEHIND_WATERMARK_MS
+    forget_before = None if watermark is None else watermark - pipeline.forget_behind_watermark_ms
     for key, source, offset, event in envelope["events"]:
         state = batch.state(key)
         if not first_seen(state, event, source, offset, forget_before):
@@ -121,7 +121,7 @@ def unseen_events(batch: Batch, received, upstream: UpstreamWatermark) -> Iterat
         yield key, event, state
     for source, watermark in envelope["watermarks"]:
         upstream.observe(received.message.partition, source, watermark)
-        clock.hear(watermark)
+        pipeline.clock.hear(watermark)
 
 
 async def unapplied_deltas(stream, table) -> AsyncIterator:

@@ -8,7 +8,7 @@ import logging
 import time
 from collections import defaultdict
 
-from crm_pulse.agents.app import app, clock, dlq_topic, event_time, family_topics, input_topic, key_partition, settings
+from crm_pulse.agents.app import Pipeline, key_partition
 from crm_pulse.agents.batches import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, part_of
 from crm_pulse.agents.metrics import EVENTS_INVALID, EVENTS_RECEIVED
 from crm_pulse.schemas.events import ms_to_iso
@@ -33,54 +33,73 @@ def dead_letter(error: InvalidEvent, message) -> dict:
     }
 
 
-# Input partition → the highest offset whose outcome (forwarded or dead-lettered) this process has delivered.
-# After a rebalance Faust seeks every partition it holds back to its committed offset, which lags what was
-# read when the commit on revocation failed (the group had dropped this worker: its session timed out in a
-# broker outage). A message read again is on its way already; judged again, it would be late against the
-# marks of the events read after it, and dead-lettered.
-delivered: dict[int, int] = {}
+class Ingest:
+    """The ingest agent of one pipeline, and what it remembers of the input partitions it reads."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        # Input partition → the highest offset whose outcome (forwarded or dead-lettered) this process has
+        # delivered. After a rebalance Faust seeks every partition it holds back to its committed offset, which
+        # lags what was read when the commit on revocation failed (the group had dropped this worker: its
+        # session timed out in a broker outage). A message read again is on its way already; judged again, it
+        # would be late against the marks of the events read after it, and dead-lettered.
+        self.delivered: dict[int, int] = {}
+
+    async def ingest(self, stream):
+        clock, delivered = self.pipeline.clock, self.delivered
+        async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
+            # Faust acknowledges the batch's input offsets when the next batch is taken: whatever the batch sent
+            # must be on the broker by then, or a send that failed (a dead letter over the topic's size limit,
+            # say) would be committed past and lost without a word.
+            sent = []
+            packed = Envelopes(self.pipeline.family_topics, self.pipeline.settings.partitions)
+            last_valid = {}  # input partition → its last valid event in the batch
+            last_read = {}  # input partition → the offset of its last message in the batch
+            for event in events:
+                EVENTS_RECEIVED.inc()
+                if event.message.offset <= delivered.get(event.message.partition, -1):
+                    continue
+                last_read[event.message.partition] = event.message.offset
+                try:
+                    crm_event = parse_event(event.value)
+                    if clock.is_late(event.message.partition, crm_event.occurred_at):
+                        raise InvalidEvent(
+                            "late", f"occurred_at {ms_to_iso(crm_event.occurred_at)} is more than the grace period "
+                            f"behind the latest event of its partition"
+                        )
+                except InvalidEvent as error:
+                    EVENTS_INVALID.labels(error.reason).inc()
+                    log.warning("dead-lettered %s/%s@%s: %s", event.message.topic, event.message.partition,
+                                event.message.offset, error)  # fmt: skip
+                    sent.append(await self.pipeline.dlq_topic.send(key=event.key, value=dead_letter(error, event.message)))
+                    continue
+                partition = event.message.partition
+                clock.observe(partition, crm_event.occurred_at)
+                last_valid[partition] = event
+                packed.add(partition, event.message.offset, crm_event.key, crm_event.model_dump(by_alias=True), len(event.value))
+            # Once per batch and partition, as part of the partition's last event (the table is keyed by it).
+            for partition, event in last_valid.items():
+                with part_of(event):
+                    clock.save(partition)
+            sent.extend(await packed.send(clock.partition_watermark))
+            for delivery in sent:
+                await delivery
+            delivered.update(last_read)
+
+    async def announce_restored_watermarks(self) -> None:
+        """After every rebalance, every family partition hears from each input partition this worker now reads,
+        from the mark restored with it. One that has nothing left to read would otherwise stay silent on the
+        family partitions that just changed hands, holding their stall checks and id pruning back for good."""
+        if watermarks := self.pipeline.clock.saved_watermarks():
+            for topic, partition in every_family_partition(self.pipeline.family_topics, self.pipeline.settings.partitions):
+                await topic.send(partition=partition, value={"watermarks": watermarks, "events": []})
 
 
-@app.agent(input_topic)
-async def ingest(stream):
-    async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
-        # Faust acknowledges the batch's input offsets when the next batch is taken: whatever the batch sent
-        # must be on the broker by then, or a send that failed (a dead letter over the topic's size limit,
-        # say) would be committed past and lost without a word.
-        sent = []
-        packed = Envelopes()
-        last_valid = {}  # input partition → its last valid event in the batch
-        last_read = {}  # input partition → the offset of its last message in the batch
-        for event in events:
-            EVENTS_RECEIVED.inc()
-            if event.message.offset <= delivered.get(event.message.partition, -1):
-                continue
-            last_read[event.message.partition] = event.message.offset
-            try:
-                crm_event = parse_event(event.value)
-                if clock.is_late(event.message.partition, crm_event.occurred_at):
-                    raise InvalidEvent(
-                        "late", f"occurred_at {ms_to_iso(crm_event.occurred_at)} is more than the grace period "
-                        f"behind the latest event of its partition"
-                    )
-            except InvalidEvent as error:
-                EVENTS_INVALID.labels(error.reason).inc()
-                log.warning("dead-lettered %s/%s@%s: %s", event.message.topic, event.message.partition,
-                            event.message.offset, error)  # fmt: skip
-                sent.append(await dlq_topic.send(key=event.key, value=dead_letter(error, event.message)))
-                continue
-            partition = event.message.partition
-            clock.observe(partition, crm_event.occurred_at)
-            last_valid[partition] = event
-            packed.add(partition, event.message.offset, crm_event.key, crm_event.model_dump(by_alias=True), len(event.value))
-        # Once per batch and partition, as part of the partition's last event (the table is keyed by it).
-        for partition, event in last_valid.items():
-            with part_of(event):
-                clock.save(partition)
-        sent.extend(await packed.send(clock.partition_watermark))
-        for delivery in sent:
-            await delivery
-        delivered.update(last_read)
+def install(pipeline: Pipeline) -> Ingest:
+    ingest = Ingest(pipeline)
+    pipeline.app.agent(pipeline.input_topic)(ingest.ingest)
+    pipeline.event_time.on_recover(ingest.announce_restored_watermarks)
+    return ingest
 
 
 class Envelopes:
@@ -90,14 +109,15 @@ class Envelopes:
     order; events from different input partitions never had an order between them) and their input
     position, by which entities tell a re-read after a crash from a new event."""
 
-    def __init__(self):
+    def __init__(self, family_topics: dict, partitions: int):
+        self.family_topics, self.partitions = family_topics, partitions
         self.chunks: dict[tuple, list[list]] = defaultdict(lambda: [[]])
         self.sizes: dict[tuple, int] = defaultdict(int)
         self.sources: set[int] = set()
 
     def add(self, source: int, offset: int, key: str, event: dict, size: int) -> None:
         self.sources.add(source)
-        where = (family_topics[FAMILY_OF_TYPE[event["type"]]], key_partition(key, settings.partitions))
+        where = (self.family_topics[FAMILY_OF_TYPE[event["type"]]], key_partition(key, self.partitions))
         if self.sizes[where] + size > ENVELOPE_MAX_BYTES:
             self.chunks[where].append([])
             self.sizes[where] = 0
@@ -112,7 +132,7 @@ class Envelopes:
         those whose events all went elsewhere (as when producers key by the same entity, or a partition
         carries no event of a family)."""
         if self.sources:
-            for where in every_family_partition():
+            for where in every_family_partition(self.family_topics, self.partitions):
                 self.chunks.setdefault(where, [[]])
         watermarks = [[source, watermark_of(source)] for source in sorted(self.sources)]
         deliveries = []
@@ -124,15 +144,5 @@ class Envelopes:
         return deliveries
 
 
-@event_time.on_recover
-async def announce_restored_watermarks() -> None:
-    """After every rebalance, every family partition hears from each input partition this worker now reads,
-    from the mark restored with it. One that has nothing left to read would otherwise stay silent on the
-    family partitions that just changed hands, holding their stall checks and id pruning back for good."""
-    if watermarks := clock.saved_watermarks():
-        for topic, partition in every_family_partition():
-            await topic.send(partition=partition, value={"watermarks": watermarks, "events": []})
-
-
-def every_family_partition() -> list[tuple]:
-    return [(topic, partition) for topic in family_topics.values() for partition in range(settings.partitions)]
+def every_family_partition(family_topics: dict, partitions: int) -> list[tuple]:
+    return [(topic, partition) for topic in family_topics.values() for partition in range(partitions)]

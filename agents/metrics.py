@@ -1,14 +1,13 @@
-"""Prometheus counters every worker owns (sum them across workers in PromQL), and the hook by which each
-KPI family exports gauges computed from its tables at scrape time."""
+"""Prometheus counters every worker owns (sum them across workers in PromQL), and what a worker serves at
+/metrics: these, its pipeline's gauges computed from the tables at scrape time (`agents.gauges`), and Faust's
+own sensors."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from faust.sensors.prometheus import setup_prometheus_sensors
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
-from prometheus_client import REGISTRY, Counter
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
-
+from crm_pulse.agents.app import Pipeline
 from crm_pulse.schemas.events import EVENT_TYPES
 from crm_pulse.schemas.validate import REASONS
 from crm_pulse.streams.leads import ALERT_TYPES
@@ -24,6 +23,10 @@ EVENTS_DUPLICATE = Counter(
     "crm_events_duplicate_total", "Events ignored because their event_id was already applied.", ["type"]
 )
 ALERTS_EMITTED = Counter("crm_alerts_emitted_total", "Alerts published to the alerts topic, by type.", ["type"])
+STALL_SCAN_SECONDS = Histogram(
+    "crm_stall_scan_duration_seconds", "Stall scan ticks: finding the leads due, raising and publishing their alerts.",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)  # fmt: skip
 
 # Known label values start at zero, so rate() and dashboards see the series before the first increment.
 for _reason in REASONS:
@@ -35,15 +38,8 @@ for _type in ALERT_TYPES:
     ALERTS_EMITTED.labels(_type)
 
 
-class _ScrapeTimeCollector(Collector):
-    def __init__(self, collect: Callable[[], Iterable[Metric]]):
-        self._collect = collect
-
-    def collect(self) -> Iterable[Metric]:
-        return self._collect()
-
-
-def export_gauges(collect: Callable[[], Iterable[Metric]]) -> Callable[[], Iterable[Metric]]:
-    """Decorator: register `collect` so that its gauges are computed from live state on every scrape."""
-    REGISTRY.register(_ScrapeTimeCollector(collect))
-    return collect
+def serve_metrics(pipeline: Pipeline, registry: CollectorRegistry = REGISTRY) -> None:
+    """Add the pipeline's gauges and Faust's sensors to `registry`, served at /metrics: once per registry,
+    which takes each metric name once (the counters above are in the default one)."""
+    registry.register(pipeline.gauges)
+    setup_prometheus_sensors(pipeline.app, pattern="/metrics", registry=registry, name_prefix="crm_pulse_faust")

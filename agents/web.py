@@ -8,66 +8,64 @@ from __future__ import annotations
 
 from faust import web
 
-from crm_pulse.agents import aggregates, customers, leads
-from crm_pulse.agents.app import app, clock
+from crm_pulse.agents.app import Pipeline
+from crm_pulse.agents.gauges import Gauges
+from crm_pulse.agents.leads import Leads
 from crm_pulse.schemas.events import ms_to_iso
 
-COLLECTORS = (aggregates.collect_kpis, aggregates.collect_histograms, customers.collect, leads.collect)
 
-
-def kpi_snapshot(prefix: str = "crm_") -> dict[str, list[dict]]:
+def kpi_snapshot(gauges: Gauges, prefix: str = "crm_") -> dict[str, list[dict]]:
     """{metric: [{"labels": {...}, "value": v}]} for every KPI gauge whose name starts with `prefix`."""
-    snapshot: dict[str, list[dict]] = {}
-    for collect in COLLECTORS:
-        for family in collect():
-            if family.name.startswith(prefix) and family.samples:
-                snapshot[family.name] = [{"labels": s.labels, "value": s.value} for s in family.samples]
-    return snapshot
-
-
-def _envelope(body: dict) -> dict:
-    now = clock.now_ms()
     return {
-        "clock": clock.mode,
-        # What "now" is: windows and stall checks end there.
-        "time_basis": "wall clock" if clock.mode == "wall" else "event time: the latest event read, not the wall clock",
-        "now": ms_to_iso(now) if now is not None else None,
-        "watermark": ms_to_iso(clock.watermark_ms) if clock.watermark_ms is not None else None,
-        "latest_event": ms_to_iso(clock.latest_ms) if clock.latest_ms is not None else None,
-        "partitions": sorted(tp.partition for tp in app.assignor.assigned_actives()
-                             if tp.topic == leads.leads.changelog_topic.get_topic_name()),  # fmt: skip
-        **body,
+        family.name: [{"labels": s.labels, "value": s.value} for s in family.samples]
+        for family in gauges.collect()
+        if family.name.startswith(prefix) and family.samples
     }
 
 
-@app.page("/kpis")
-async def all_kpis(self: web.View, request: web.Request) -> web.Response:
-    return self.json(_envelope({"kpis": kpi_snapshot()}))
+def install(pipeline: Pipeline, gauges: Gauges, leads: Leads) -> None:
+    app, clock = pipeline.app, pipeline.clock
 
+    def _envelope(body: dict) -> dict:
+        now = clock.now_ms()
+        return {
+            "clock": clock.mode,
+            # What "now" is: windows and stall checks end there.
+            "time_basis": "wall clock" if clock.mode == "wall" else "event time: the latest event read, not the wall clock",
+            "now": ms_to_iso(now) if now is not None else None,
+            "watermark": ms_to_iso(clock.watermark_ms) if clock.watermark_ms is not None else None,
+            "latest_event": ms_to_iso(clock.latest_ms) if clock.latest_ms is not None else None,
+            "partitions": sorted(tp.partition for tp in app.assignor.assigned_actives()
+                                 if tp.topic == leads.leads.changelog_topic.get_topic_name()),  # fmt: skip
+            **body,
+        }
 
-@app.page("/kpis/{family}")
-async def kpi_family(self: web.View, request: web.Request, family: str) -> web.Response:
-    """/kpis/stage-dwell → every crm_stage_dwell_* gauge; /kpis/win-rate → crm_win_rate_ratio; …"""
-    snapshot = kpi_snapshot(f"crm_{family.replace('-', '_')}")
-    if not snapshot:
-        return self.json({"error": f"no KPI family {family!r}; see /kpis for the names"}, status=404)
-    return self.json(_envelope({"kpis": snapshot}))
+    @app.page("/kpis")
+    async def all_kpis(self: web.View, request: web.Request) -> web.Response:
+        return self.json(_envelope({"kpis": kpi_snapshot(gauges)}))
 
+    @app.page("/kpis/{family}")
+    async def kpi_family(self: web.View, request: web.Request, family: str) -> web.Response:
+        """/kpis/stage-dwell → every crm_stage_dwell_* gauge; /kpis/win-rate → crm_win_rate_ratio; …"""
+        snapshot = kpi_snapshot(gauges, f"crm_{family.replace('-', '_')}")
+        if not snapshot:
+            return self.json({"error": f"no KPI family {family!r}; see /kpis for the names"}, status=404)
+        return self.json(_envelope({"kpis": snapshot}))
 
-@app.page("/leads/stalled")
-async def stalled_leads(self: web.View, request: web.Request) -> web.Response:
-    """Open leads currently stalled, longest idle first; `?rep=<rep id>` for one rep's."""
-    rep = request.query.get("rep")
-    now = leads.stall_now_ms()
-    found = []
-    for lead_id, lead in leads.index.open.items():
-        if not lead.level or rep is not None and lead.rep != rep:
-            continue
-        found.append({
-            "lead_id": lead_id, "rep_id": lead.rep, "stage": lead.stage,
-            "level": "escalated" if lead.level == 2 else "stalled", "rule": lead.rule,
-            "threshold_seconds": lead.threshold / 1000, "idle_since": ms_to_iso(lead.idle_since),
-            "idle_seconds": None if now is None else (now - lead.idle_since) / 1000,
-        })  # fmt: skip
-    found.sort(key=lambda item: item["idle_since"])
-    return self.json(_envelope({"stalled": found}))
+    @app.page("/leads/stalled")
+    async def stalled_leads(self: web.View, request: web.Request) -> web.Response:
+        """Open leads currently stalled, longest idle first; `?rep=<rep id>` for one rep's."""
+        rep = request.query.get("rep")
+        now = leads.stall_now_ms()
+        found = []
+        for lead_id, lead in leads.index.open.items():
+            if not lead.level or rep is not None and lead.rep != rep:
+                continue
+            found.append({
+                "lead_id": lead_id, "rep_id": lead.rep, "stage": lead.stage,
+                "level": "escalated" if lead.level == 2 else "stalled", "rule": lead.rule,
+                "threshold_seconds": lead.threshold / 1000, "idle_since": ms_to_iso(lead.idle_since),
+                "idle_seconds": None if now is None else (now - lead.idle_since) / 1000,
+            })  # fmt: skip
+        found.sort(key=lambda item: item["idle_since"])
+        return self.json(_envelope({"stalled": found}))

@@ -5,13 +5,28 @@ from __future__ import annotations
 import gc
 
 import faust
-from faust.sensors.prometheus import setup_prometheus_sensors
 
-from crm_pulse.agents import aggregates, changelog_seals, customers, ingest, leads, signals, web  # noqa: F401  (registers agents, tables, views, seals)
-from crm_pulse.agents.app import app, settings
+from crm_pulse.agents import aggregates, changelog_seals, customers, ingest, leads, signals, web
+from crm_pulse.agents.app import Pipeline
 from crm_pulse.agents.faust_fixes import check_versions
+from crm_pulse.agents.gauges import Gauges
+from crm_pulse.agents.metrics import serve_metrics
+from crm_pulse.config import Settings
 
-setup_prometheus_sensors(app, pattern="/metrics", name_prefix="crm_pulse_faust")
+
+def build_app(settings: Settings) -> Pipeline:
+    """A pipeline with every KPI family's tables, agents, timer, rebalance handlers and query pages on its
+    app, configured by `settings` alone. Nothing process-wide is touched: `run` adds /metrics."""
+    pipeline = Pipeline(settings)
+    pipeline.aggregates = aggregates.install(pipeline)
+    changelog_seals.install(pipeline)
+    pipeline.customers = customers.install(pipeline)
+    pipeline.ingest = ingest.install(pipeline)
+    pipeline.leads = leads.install(pipeline, pipeline.aggregates)
+    pipeline.signals = signals.install(pipeline)
+    pipeline.gauges = Gauges(pipeline.clock, pipeline.aggregates, pipeline.customers, pipeline.leads)
+    web.install(pipeline, pipeline.gauges, pipeline.leads)
+    return pipeline
 
 
 def freeze_what_is_loaded() -> None:
@@ -22,7 +37,9 @@ def freeze_what_is_loaded() -> None:
     gc.freeze()
 
 
-def run() -> None:
+def run(settings: Settings) -> None:
     check_versions()
+    pipeline = build_app(settings)
+    serve_metrics(pipeline)
     freeze_what_is_loaded()
-    faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    faust.Worker(pipeline.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -41,11 +40,9 @@ def run_worker(settings: Settings) -> None:
     check_port_free(settings.metrics_host, settings.metrics_port)
     with broker_for(settings) as resolved:
         seal_changelogs(resolved, ensure_topics(resolved, writes=(resolved.alerts_topic, resolved.dlq_topic)))
-        # The Faust app reads its settings from the environment when first imported.
-        os.environ.update(CRM_PULSE_BROKER=resolved.broker, CRM_PULSE_BROKER_KIND=resolved.broker_kind)
         from crm_pulse.agents.worker import run
 
-        run()
+        run(resolved)
 
 
 def main(argv: list[str] | None = None) -> None:

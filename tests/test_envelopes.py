@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 import crm_pulse.agents.ingest as ingest
-from crm_pulse.agents.app import key_partition, settings
+from crm_pulse.agents.app import key_partition
 from crm_pulse.agents.batches import Batch, unseen_events
 from crm_pulse.streams.clock import UpstreamWatermark
 
@@ -19,10 +19,8 @@ class Topic:
 
 
 @pytest.fixture
-def topics(monkeypatch):
-    family = {name: Topic(name) for name in ("lead", "customer", "signal")}
-    monkeypatch.setattr(ingest, "family_topics", family)
-    return family
+def topics():
+    return {name: Topic(name) for name in ("lead", "customer", "signal")}
 
 
 def with_events(sent: list) -> list:
@@ -34,15 +32,19 @@ def event(n: int, kind: str = "lead.created") -> dict:
     return {"event_id": f"e{n}", "type": kind}
 
 
-def pack(events, monkeypatch, max_bytes: int = 1000):
-    monkeypatch.setattr(ingest, "ENVELOPE_MAX_BYTES", max_bytes)
-    envelopes = ingest.Envelopes()
-    for offset, (source, key, doc, size) in enumerate(events):
-        envelopes.add(source, 100 + offset, key, doc, size)
-    asyncio.run(envelopes.send(lambda source: 1000 + source))
+@pytest.fixture
+def pack(topics, settings):
+    def pack(events, monkeypatch, max_bytes: int = 1000):
+        monkeypatch.setattr(ingest, "ENVELOPE_MAX_BYTES", max_bytes)
+        envelopes = ingest.Envelopes(topics, settings.partitions)
+        for offset, (source, key, doc, size) in enumerate(events):
+            envelopes.add(source, 100 + offset, key, doc, size)
+        asyncio.run(envelopes.send(lambda source: 1000 + source))
+
+    return pack
 
 
-def test_events_travel_per_family_and_partition_in_input_order(topics, monkeypatch):
+def test_events_travel_per_family_and_partition_in_input_order(topics, pack, settings, monkeypatch):
     lead, customer = "lead-a", "cust-b"
     pack([(0, lead, event(1), 10), (1, lead, event(2), 10), (0, customer, event(3, "customer.purchase"), 10),
           (0, lead, event(4), 10)], monkeypatch)  # fmt: skip
@@ -56,14 +58,14 @@ def test_events_travel_per_family_and_partition_in_input_order(topics, monkeypat
     ]
 
 
-def test_a_full_message_is_split_and_only_the_last_part_carries_the_watermarks(topics, monkeypatch):
+def test_a_full_message_is_split_and_only_the_last_part_carries_the_watermarks(topics, pack, monkeypatch):
     pack([(2, "lead-a", event(n), 400) for n in range(5)], monkeypatch)
     sent = with_events(topics["lead"].sent)
     assert [[e["event_id"] for *_, e in value["events"]] for _, value in sent] == [["e0", "e1"], ["e2", "e3"], ["e4"]]
     assert [value["watermarks"] for _, value in sent] == [[], [], [[2, 1002]]]
 
 
-def test_every_partition_of_every_family_topic_hears_from_each_source(topics, monkeypatch):
+def test_every_partition_of_every_family_topic_hears_from_each_source(topics, pack, settings, monkeypatch):
     pack([(3, "cust-b", event(1, "customer.purchase"), 10)], monkeypatch)
     only_watermarks = [(partition, {"watermarks": [[3, 1003]], "events": []}) for partition in range(settings.partitions)]
     assert sorted(topics["lead"].sent, key=lambda sent: sent[0]) == only_watermarks
@@ -75,7 +77,7 @@ def test_every_partition_of_every_family_topic_hears_from_each_source(topics, mo
     ]
 
 
-def test_a_batch_of_dead_letters_only_sends_nothing(topics, monkeypatch):
+def test_a_batch_of_dead_letters_only_sends_nothing(topics, pack, monkeypatch):
     pack([], monkeypatch)
     assert topics["lead"].sent == topics["customer"].sent == topics["signal"].sent == []
 
@@ -88,7 +90,7 @@ class Received:
         self.message = type("Message", (), {"partition": partition, "offset": offset})()
 
 
-def test_an_event_and_its_duplicate_in_one_message_count_once_however_far_its_batch_got():
+def test_an_event_and_its_duplicate_in_one_message_count_once_however_far_its_batch_got(pipeline, settings):
     day = 86_400_000
     upstream = UpstreamWatermark(sources=settings.partitions)
     upstream.keep_only([0])
@@ -99,11 +101,11 @@ def test_an_event_and_its_duplicate_in_one_message_count_once_however_far_its_ba
     value = {"watermarks": [[source, 40 * day] for source in range(settings.partitions)],
              "events": [["cust-a", 2, 14, first], ["cust-a", 2, 15, dict(first)]]}  # fmt: skip
     batch = Batch({}, dict)
-    applied = [event["event_id"] for _, event, _ in unseen_events(batch, Received(0, 1, value), upstream)]
+    applied = [event["event_id"] for _, event, _ in unseen_events(pipeline, batch, Received(0, 1, value), upstream)]
     assert applied == ["e1"]
     assert upstream.watermark_ms == 40 * day  # heard once the message is done
     # A later message: the id is now older than the horizon behind day 40 and is forgotten.
     later = {"event_id": "e2", "type": "customer.renewed", "occurred_at": 40 * day}
     value = {"watermarks": [], "events": [["cust-a", 2, 900, later]]}
-    assert [event["event_id"] for _, event, _ in unseen_events(batch, Received(0, 2, value), upstream)] == ["e2"]
+    assert [event["event_id"] for _, event, _ in unseen_events(pipeline, batch, Received(0, 2, value), upstream)] == ["e2"]
     assert batch.state("cust-a")["seen"] == {"e2": 40 * day}

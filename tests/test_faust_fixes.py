@@ -17,7 +17,6 @@ from intervaltree import IntervalTree
 from mode.utils.queues import FlowControlEvent, FlowControlQueue
 
 from crm_pulse.agents import faust_fixes
-from crm_pulse.agents.app import app
 
 
 def test_the_corrections_know_the_releases_installed():
@@ -48,7 +47,7 @@ def test_aiokafka_seeks_only_to_a_committed_offset_above_0():
     assert consumer._fetcher.sought == {TopicPartition("t", 2): 7}
 
 
-def test_the_worker_seeks_partitions_never_committed_nor_read_to_their_beginning(monkeypatch):
+def test_the_worker_seeks_partitions_never_committed_nor_read_to_their_beginning(app, monkeypatch):
     thread = app.consumer._thread
     changelog = next(iter(app.tables.values())).changelog_topic.get_topic_name()
     never, zero, committed_7, read_on = (TopicPartition("input", p) for p in range(4))
@@ -105,7 +104,7 @@ def test_fausts_buffer_flush_gives_up_on_a_send_that_takes_over_a_tenth_of_a_sec
     assert asyncio.run(flush_with_a_slow_send()) == ([False, False], 1)
 
 
-def test_the_worker_producer_flush_waits_for_every_queued_message():
+def test_the_worker_producer_flush_waits_for_every_queued_message(app):
     async def flush_with_a_slow_send():
         producer = faust_fixes.Producer(app.transport)
         await producer.buffer.start()
@@ -131,7 +130,7 @@ def test_modes_flow_control_empties_the_queues_on_resume():
     assert queue.empty()
 
 
-def test_fausts_own_commit_offset_stops_at_a_gap_over_acked_offsets():
+def test_fausts_own_commit_offset_stops_at_a_gap_over_acked_offsets(app):
     """robinhood/faust#625, what faust_fixes.Consumer._new_offset corrects (tests/test_worker_wiring.py checks
     the correction on the state traced in a takeover)."""
     consumer, tp = app.consumer, faust.types.TP("offsets-under-test", 0)

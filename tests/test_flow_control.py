@@ -4,7 +4,6 @@ empties them when told to, as on revocation and shutdown."""
 
 from mode.utils.queues import FlowControlQueue
 
-from crm_pulse.agents.app import app
 from crm_pulse.agents.faust_fixes import KeepQueuesOnResume
 
 
@@ -22,5 +21,5 @@ def test_resume_keeps_delivered_messages_and_clear_still_empties():
     assert not flow.is_active() and queue.empty()
 
 
-def test_the_worker_app_uses_it():
+def test_the_worker_app_uses_it(app):
     assert isinstance(app.flow_control, KeepQueuesOnResume)
