@@ -6,6 +6,7 @@ import os
 import re
 from datetime import date
 from functools import cached_property
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -157,6 +158,18 @@ JSON_SHAPES = {
 
 def env_name(field: str) -> str:
     return f"{Settings.model_config['env_prefix']}{field.upper()}"
+
+
+def worker_environment(**settings: str) -> dict[str, str]:
+    """This process's environment with the given settings (field name → the value as its variable holds it),
+    for a child process that reads its settings from there."""
+    return {**os.environ, **{env_name(field): value for field, value in settings.items()}}
+
+
+def kafka_cache(default: Path) -> Path:
+    """Where Apache Kafka's jars are kept (`crm_pulse.kafka`): CRM_PULSE_KAFKA_CACHE, else `default`. Not a
+    setting: the test fixtures and benchmarks that start Apache Kafka have no settings to pass."""
+    return Path(os.environ.get("CRM_PULSE_KAFKA_CACHE", default))
 
 
 def load_settings() -> Settings:

@@ -3,7 +3,6 @@ with a live terminal summary of the KPIs the worker exports. Ctrl-C stops everyt
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from crm_pulse.broker import bind_error, client_security, dies_with_this_process, ensure_topics, free_port, start_embedded
-from crm_pulse.config import Settings
+from crm_pulse.config import Settings, worker_environment
 from crm_pulse.generator import SyntheticCrm
 
 # (sample name, label shown); windowed KPIs show their 30-day window.
@@ -131,15 +130,16 @@ def run_demo(settings: Settings, speed: float, seconds: float | None) -> int:
     url = f"{base}/metrics"
     console.print(f"embedded {name} broker at [bold]{broker.url}[/]; starting the worker…")
     chosen = settings.model_fields_set  # what the user set: the demo's own defaults give way to it
-    env = {**os.environ, "CRM_PULSE_BROKER": broker.url, "CRM_PULSE_BROKER_KIND": kind, "CRM_PULSE_CLOCK": "event",
-           "CRM_PULSE_METRICS_PORT": str(port),
-           "CRM_PULSE_STALL_SCAN_SECONDS": "1", "CRM_PULSE_LOG_LEVEL": "warning",
-           # Synthetic events arrive in order: a short grace period lets stall checks follow closely.
-           "CRM_PULSE_GRACE_SECONDS": str(settings.grace_seconds if "grace_seconds" in chosen else 21600),
-           # Synthetic leads spend 0.3-1.8 days per stage: tight thresholds make some rot within the minute.
-           "CRM_PULSE_STALL_STAGE_DAYS": orjson.dumps(settings.stall_stage_days if "stall_stage_days" in chosen
-                                                      else {"new": 1.5, "qualified": 2, "proposal": 2, "negotiation": 2.5}).decode(),
-           "CRM_PULSE_DATA_DIR": tempfile.mkdtemp(prefix="crm-pulse-demo-")}  # fmt: skip
+    env = worker_environment(
+        broker=broker.url, broker_kind=kind, clock="event", metrics_port=str(port),
+        stall_scan_seconds="1", log_level="warning",
+        # Synthetic events arrive in order: a short grace period lets stall checks follow closely.
+        grace_seconds=str(settings.grace_seconds if "grace_seconds" in chosen else 21600),
+        # Synthetic leads spend 0.3-1.8 days per stage: tight thresholds make some rot within the minute.
+        stall_stage_days=orjson.dumps(settings.stall_stage_days if "stall_stage_days" in chosen
+                                      else {"new": 1.5, "qualified": 2, "proposal": 2, "negotiation": 2.5}).decode(),
+        data_dir=tempfile.mkdtemp(prefix="crm-pulse-demo-"),
+    )  # fmt: skip
     # Own session: on Ctrl-C the demo stops the worker first, then the broker it still needs to shut down.
     worker = subprocess.Popen([sys.executable, "-m", "crm_pulse.cli", "worker"], env=env, start_new_session=True,
                               **dies_with_this_process())  # fmt: skip

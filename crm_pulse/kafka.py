@@ -4,7 +4,6 @@ loopback. `make kafka` and the test fixtures both use `KafkaBroker`."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -14,11 +13,12 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from crm_pulse.broker import dies_with_this_process, free_port
+from crm_pulse.config import kafka_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 POM = ROOT / "deploy" / "kafka" / "pom.xml"
 # Ignored by git; the jars of each version live in their own folder, so a version bump downloads anew.
-CACHE = Path(os.environ.get("CRM_PULSE_KAFKA_CACHE", ROOT / ".kafka"))
+CACHE = kafka_cache(ROOT / ".kafka")
 LOG4J = ROOT / "deploy" / "kafka" / "log4j2.properties"
 READY_LINE = "Kafka Server started"
 
