@@ -128,3 +128,70 @@ def test_worker_help_and_the_configuration_page_list_every_setting():
 def test_alerts_notify_without_a_webhook_is_one_line_and_exit_1():
     code, stderr, _ = crm_pulse("alerts", "notify", CRM_PULSE_BROKER=refused_address())
     assert (code, stderr) == (1, ["crm-pulse: alerts notify needs --webhook-url URL or CRM_PULSE_WEBHOOK_URL"])
+
+
+ENVIRONMENT = ("environ", "environb", "getenv", "getenvb")
+
+
+def environment_reads(source: str, filename: str) -> list[str]:
+    """file:line of each read of the process environment: os.environ or os.getenv, or either imported by name."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os":
+            names = [node.attr]
+        elif isinstance(node, ast.Name):
+            names = [node.id]
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        if any(name in ENVIRONMENT for name in names):
+            lines.append(node.lineno)
+    return [f"{filename}:{line}" for line in sorted(lines)]
+
+
+def test_the_environment_check_finds_every_way_of_reading_it():
+    snippet = "import os\nfrom os import environ as env, getenv\nos.environ.get('X')\nos.getenv('X')\nenviron['X']\n"
+    assert environment_reads(snippet, "snippet.py") == ["snippet.py:2", "snippet.py:3", "snippet.py:4", "snippet.py:5"]
+
+
+def test_only_the_settings_read_the_environment():
+    # Settings are read once, at start (crm_pulse/config.py): everything else is given them.
+    reads = [
+        read
+        for folder in ("crm_pulse", *ALLOWED)
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path != ROOT / "crm_pulse" / "config.py"
+        for read in environment_reads(path.read_text(), str(path.relative_to(ROOT)))
+    ]
+    assert reads == []
+
+
+def test_importing_the_agents_builds_no_app_and_reads_no_settings():
+    # A setting that cannot be read fails only whoever builds an app from the environment: nobody, on import.
+    agents = sorted(f"crm_pulse.agents.{path.stem}" for path in (ROOT / "agents").glob("*.py") if path.stem != "__init__")
+    script = "\n".join([
+        "import gc, importlib, faust",
+        *(f"importlib.import_module({name!r})" for name in agents),
+        "assert not [obj for obj in gc.get_objects() if isinstance(obj, faust.App)]",
+    ])  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "CRM_PULSE_PARTITIONS": "zero"},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_two_apps_built_in_one_process_keep_their_own_topics_and_tables():
+    from crm_pulse.agents.worker import build_app
+    from crm_pulse.config import Settings
+
+    first = build_app(Settings(app_id="crm-pulse-a", input_topic="events-a", partitions=2))
+    second = build_app(Settings(app_id="crm-pulse-b", input_topic="events-b", partitions=3))
+    for pipeline, app_id, topic, partitions in ((first, "crm-pulse-a", "events-a", 2), (second, "crm-pulse-b", "events-b", 3)):
+        assert pipeline.app.conf.id == app_id
+        assert pipeline.input_topic.get_topic_name() == topic
+        assert pipeline.family_topics["lead"].get_topic_name() == f"{app_id}-lead-events"
+        assert {table.changelog_topic.get_topic_name() for table in pipeline.app.tables.values()} == {
+            f"{app_id}-{name}-changelog" for name in pipeline.app.tables
+        }
+        assert {table.partitions for table in pipeline.app.tables.values()} == {partitions}
+    assert first.leads.index is not second.leads.index and first.clock is not second.clock
