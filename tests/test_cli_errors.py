@@ -181,6 +181,9 @@ def test_importing_the_agents_builds_no_app_and_reads_no_settings():
 
 
 def test_two_apps_built_in_one_process_keep_their_own_topics_and_tables():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from crm_pulse.agents.metrics import serve_metrics
     from crm_pulse.agents.worker import build_app
     from crm_pulse.config import Settings
 
@@ -195,3 +198,8 @@ def test_two_apps_built_in_one_process_keep_their_own_topics_and_tables():
         }
         assert {table.partitions for table in pipeline.app.tables.values()} == {partitions}
     assert first.leads.index is not second.leads.index and first.clock is not second.clock
+    # Building exports nothing (the second build would collide with the first): a worker serves its own gauges.
+    for pipeline in (first, second):
+        registry = CollectorRegistry()
+        serve_metrics(pipeline, registry)
+        assert "# TYPE crm_leads_open gauge" in generate_latest(registry).decode()
