@@ -117,7 +117,9 @@ class Pipeline:
         # rebalance and shutdown, so a message one agent took and another lost is never acknowledged (the
         # commit sticks there, and shutdown waits for it forever). Packed per ingest batch into one message per
         # partition (see agents.ingest.Envelopes).
-        self.family_topics = {family: self.internal_topic(f"{family}-events") for family in ("lead", "customer", "signal")}
+        self.family_topics = {
+            family: self.internal_topic(f"{family}-events") for family in ("lead", "customer", "signal")
+        }
         # Deltas for the keyed aggregates: histograms by "dwell:<stage>" / "cycle:all" / "resolution:all",
         # KPI sums by scope ("all", "rep:<id>", "source:<s>", ...), churn spells by "all", rep activity by "rep:<id>".
         self.histogram_deltas_topic = self.internal_topic("histogram-deltas")

@@ -71,12 +71,14 @@ class Ingest:
                     EVENTS_INVALID.labels(error.reason).inc()
                     log.warning("dead-lettered %s/%s@%s: %s", event.message.topic, event.message.partition,
                                 event.message.offset, error)  # fmt: skip
-                    sent.append(await self.pipeline.dlq_topic.send(key=event.key, value=dead_letter(error, event.message)))
+                    dead = dead_letter(error, event.message)
+                    sent.append(await self.pipeline.dlq_topic.send(key=event.key, value=dead))
                     continue
                 partition = event.message.partition
                 clock.observe(partition, crm_event.occurred_at)
                 last_valid[partition] = event
-                packed.add(partition, event.message.offset, crm_event.key, crm_event.model_dump(by_alias=True), len(event.value))
+                packed.add(partition, event.message.offset, crm_event.key, crm_event.model_dump(by_alias=True),
+                           len(event.value))  # fmt: skip
             # Once per batch and partition, as part of the partition's last event (the table is keyed by it).
             for partition, event in last_valid.items():
                 with part_of(event):
@@ -90,8 +92,9 @@ class Ingest:
         """After every rebalance, every family partition hears from each input partition this worker now reads,
         from the mark restored with it. One that has nothing left to read would otherwise stay silent on the
         family partitions that just changed hands, holding their stall checks and id pruning back for good."""
-        if watermarks := self.pipeline.clock.saved_watermarks():
-            for topic, partition in every_family_partition(self.pipeline.family_topics, self.pipeline.settings.partitions):
+        pipeline = self.pipeline
+        if watermarks := pipeline.clock.saved_watermarks():
+            for topic, partition in every_family_partition(pipeline.family_topics, pipeline.settings.partitions):
                 await topic.send(partition=partition, value={"watermarks": watermarks, "events": []})
 
 

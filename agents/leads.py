@@ -100,7 +100,8 @@ class Leads:
                         fact_deltas, alerts = apply_lead_event(lead, event, lead_id, self.policy, thresholds[day])
                         deltas.facts(fact_deltas, event)
                         if event["type"] == "lead.activity" and event.get("rep_id"):
-                            deltas.send(pipeline.actor_activity_topic, f"rep:{event['rep_id']}", {"at": event["occurred_at"]})
+                            activity = {"at": event["occurred_at"]}
+                            deltas.send(pipeline.actor_activity_topic, f"rep:{event['rep_id']}", activity)
                         for future, on_delivered in self.publish_alerts(alerts):
                             batch.sent(future, on_delivered)
                         EVENTS_PROCESSED.labels(event["type"]).inc()
@@ -129,8 +130,8 @@ class Leads:
                 await future
                 on_delivered()
             # Only after the alerts: a crash in between raises them again rather than losing them.
-            stall_levels_topic = self.pipeline.stall_levels_topic
-            for future in [stall_levels_topic.send_soon(key=lead_id, value=record) for lead_id, record in raised.items()]:
+            stall_levels = self.pipeline.stall_levels_topic
+            for future in [stall_levels.send_soon(key=lead_id, value=record) for lead_id, record in raised.items()]:
                 await future
 
 
