@@ -45,11 +45,16 @@ class Leads:
         return clock.now_ms() if clock.mode == "wall" else self.processed.watermark_ms
 
     async def forget_moved_partitions(self, sender, assigned, **kwargs) -> None:
+        """Leads of partitions another worker owns now leave the index at once, with their table keys: the
+        index is rebuilt only once recovery ends, and a stall scan in between looked up a key already gone
+        (a worker joining mid-stream crashed its peer with a KeyError on Apache Kafka)."""
         # The leads' own partitions: a partition number held of another topic says nothing of these.
         mine = {tp.partition for tp in assigned if tp.topic == self.leads.changelog_topic.get_topic_name()}
         partitions = self.pipeline.settings.partitions
         for lead_id in [k for k in self.raised_stalls if key_partition(k, partitions) not in mine]:
             del self.raised_stalls[lead_id]
+        for lead_id in [k for k in self.index.open if key_partition(k, partitions) not in mine]:
+            self.index.discard(lead_id)
 
     async def rebuild_index(self) -> None:
         """After every rebalance, from the leads this worker now owns (restored from the changelog)."""
@@ -119,7 +124,10 @@ class Leads:
                 alerts: list[dict] = []
                 raised: dict[str, dict] = {}
                 for lead_id in self.index.due(now, threshold):
-                    lead = dict(self.leads[lead_id])  # a copy: the agent alone writes the table
+                    if (saved := self.leads.get(lead_id)) is None:  # its partition moved, in this rebalance
+                        self.index.discard(lead_id)
+                        continue
+                    lead = dict(saved)  # a copy: the agent alone writes the table
                     self.fold_raised_stall(lead_id, lead)
                     alerts += check_stall(lead, lead_id, now, self.policy, threshold)
                     raised[lead_id] = self.raised_stalls[lead_id] = stall_record(lead)

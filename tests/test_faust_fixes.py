@@ -47,11 +47,11 @@ def test_aiokafka_seeks_only_to_a_committed_offset_above_0():
     assert consumer._fetcher.sought == {TopicPartition("t", 2): 7}
 
 
-def test_the_worker_seeks_partitions_never_committed_nor_read_to_their_beginning(app, monkeypatch):
+def test_the_worker_seeks_every_stream_partition_never_committed_to_its_beginning(app, monkeypatch):
     thread = app.consumer._thread
     changelog = next(iter(app.tables.values())).changelog_topic.get_topic_name()
-    never, zero, committed_7, read_on = (TopicPartition("input", p) for p in range(4))
-    committed = {never: None, zero: 0, committed_7: 7, read_on: None, TopicPartition(changelog, 0): None}
+    never, zero, committed_7, read_before = (TopicPartition("input", p) for p in range(4))
+    committed = {never: None, zero: 0, committed_7: 7, read_before: None, TopicPartition(changelog, 0): None}
     sought_to_beginning = []
 
     async def upstream(self):
@@ -62,10 +62,60 @@ def test_the_worker_seeks_partitions_never_committed_nor_read_to_their_beginning
 
     monkeypatch.setattr(faust_fixes.aiokafka_driver.AIOKafkaConsumerThread, "seek_to_committed", upstream)
     monkeypatch.setattr(thread, "seek_to_beginning", seek_to_beginning)
-    monkeypatch.setitem(app.consumer._read_offset, read_on, 41)  # this process delivered up to 41: it goes on
+    # Read up to 41 before the rebalance, and never committed: read again from the start, not from 42.
+    monkeypatch.setitem(app.consumer._read_offset, read_before, 41)
     assert asyncio.run(thread.seek_to_committed()) == committed
     # The changelog is Faust's recovery's to position, not this seek's.
-    assert sorted(sought_to_beginning) == [never, zero]
+    assert sorted(sought_to_beginning) == [never, zero, read_before]
+
+
+class RecordingConsumer:
+    """The calls `_resume_streams` makes on the consumer, in order."""
+
+    def __init__(self, assignment):
+        self.calls, self._assignment = [], assignment
+
+    def assignment(self):
+        return self._assignment
+
+    def resume_partitions(self, partitions):
+        self.calls.append(("resume", sorted(partitions)))
+
+    async def perform_seek(self):
+        self.calls.append(("seek",))
+
+    def resume_flow(self):
+        self.calls.append(("flow",))
+
+
+def resume_streams(recovery_type, app, monkeypatch) -> list[tuple]:
+    stream, changelog = TopicPartition("input", 0), TopicPartition(next(iter(app.tables.changelog_topics)), 0)
+    recovery = recovery_type(app, app.tables)
+    monkeypatch.setattr(recovery, "_wait", lambda coro, timeout=None: coro)
+
+    async def fetcher_started():
+        return None
+
+    monkeypatch.setattr(app._fetcher, "maybe_start", fetcher_started)
+    monkeypatch.setattr(app, "on_rebalance_end", lambda: None)
+    monkeypatch.setattr(app, "consumer_generation_id", 3)
+    consumer = RecordingConsumer({stream, changelog})
+    monkeypatch.setattr(type(app), "consumer", consumer, raising=False)
+    asyncio.run(recovery._resume_streams(generation_id=3))
+    return consumer.calls
+
+
+def test_faust_resumes_stream_partitions_before_it_seeks_them(app, monkeypatch):
+    """What faust_fixes.Recovery corrects: the fetcher may deliver from where recovery left a partition
+    while the seek is on its way."""
+    calls = resume_streams(faust.tables.recovery.Recovery, app, monkeypatch)
+    assert calls[:2] == [("resume", [TopicPartition("input", 0)]), ("seek",)]
+
+
+def test_the_worker_seeks_stream_partitions_before_it_resumes_them(app, monkeypatch):
+    assert isinstance(app.tables.recovery, faust_fixes.Recovery)
+    calls = resume_streams(faust_fixes.Recovery, app, monkeypatch)
+    assert calls == [("seek",), ("resume", [TopicPartition("input", 0)]), ("flow",)]
 
 
 class SlowChannel:
