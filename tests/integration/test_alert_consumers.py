@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import orjson
 import pytest
 
-from crm_pulse.alerts import post_with_retries
+from crm_pulse.channels import deliver_with_retries, post_json
 from crm_pulse.broker import free_port
 from crm_pulse.streams.kpis import DAY_MS
 from tests.integration.test_pipeline import T0, lead_event, m
@@ -124,10 +124,14 @@ def webhook():
         hook.close()
 
 
+def post(url: str, body: bytes, max_attempts: int, backoff_seconds: float) -> str | None:
+    return deliver_with_retries("webhook", lambda: post_json(url, body, 5), max_attempts, backoff_seconds)
+
+
 def test_posts_retry_5xx_and_429_with_backoff_or_retry_after_and_give_up(webhook, caplog):
-    caplog.set_level(logging.WARNING, logger="crm_pulse.alerts")
+    caplog.set_level(logging.WARNING, logger="crm_pulse.channels")
     flaky = webhook(429, 503)
-    assert post_with_retries(flaky.url, b'{"text": "hi"}', max_attempts=4, backoff_seconds=0.05, timeout_seconds=5)
+    assert post(flaky.url, b'{"text": "hi"}', max_attempts=4, backoff_seconds=0.05) is None
     assert flaky.requests == [(429, {"text": "hi"}), (503, {"text": "hi"}), (200, {"text": "hi"})]
     assert caplog.messages == [
         "webhook attempt 1/4 failed (HTTP 429); retrying in 1.0s",  # Retry-After
@@ -136,13 +140,14 @@ def test_posts_retry_5xx_and_429_with_backoff_or_retry_after_and_give_up(webhook
 
     caplog.clear()
     rejecting = webhook(404)
-    assert not post_with_retries(rejecting.url, b"{}", max_attempts=4, backoff_seconds=0.05, timeout_seconds=5)
+    assert post(rejecting.url, b"{}", max_attempts=4, backoff_seconds=0.05) == "HTTP 404"
     assert [status for status, _ in rejecting.requests] == [404]
-    assert caplog.messages == ["webhook answered HTTP 404; the request will not get better by retrying"]
+    assert caplog.messages == ["webhook answered HTTP 404; retrying would not help"]
 
     caplog.clear()
     nobody = f"http://127.0.0.1:{free_port()}/hook"
-    assert not post_with_retries(nobody, b"{}", max_attempts=3, backoff_seconds=0.01, timeout_seconds=5)
+    reason = post(nobody, b"{}", max_attempts=3, backoff_seconds=0.01)
+    assert "Connection refused" in reason and reason.endswith(" after 3 attempts")
     attempts = [message.split(" (")[0] for message in caplog.messages]
     assert attempts == ["webhook attempt 1/3 failed", "webhook attempt 2/3 failed", "webhook attempt 3/3 failed"]
     assert "Connection refused" in caplog.messages[-1] and caplog.messages[-1].endswith("; giving up")
@@ -182,7 +187,7 @@ def test_notify_posts_each_alert_once_retrying_a_failed_post_and_resumes_after_i
         f"alert {escalated['alert_id']}",
     )
     assert hook.requests == [(500, first), (200, first), (200, second)]
-    assert "webhook attempt 1/5 failed (HTTP 500); retrying in 1.0s" in result.stderr
+    assert "slack attempt 1/5 failed (HTTP 500); retrying in 1.0s" in result.stderr
     assert "notify stopped: posted=2 failed=0 duplicate=1 invalid=1" in result.stderr
 
     # Offsets were committed per record: the same group, even told to start from the beginning, resumes after

@@ -217,6 +217,9 @@ def secured_worker(kafka, pki: Path, admin: KafkaAdminClient, tmp_path: Path, us
         # `alerts tail` reads the alerts; `alerts notify` also commits in its group.
         *allow(READER, ResourceType.TOPIC, topics["alerts"], ACLOperation.READ),
         *allow(READER, ResourceType.GROUP, f"{app}-alerts-notify", ACLOperation.READ),
+        # ... and keeps its sent-set and dead letters in topics of its own.
+        *allow(READER, ResourceType.TOPIC, f"{app}-notify-", ACLOperation.CREATE, ACLOperation.READ,
+               ACLOperation.WRITE, ACLOperation.DESCRIBE, prefixed=True),
     ])  # fmt: skip
     # conftest's producer is on PLAINTEXT, where User:ANONYMOUS may not even get a producer id.
     worker.producer.close()
