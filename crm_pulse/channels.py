@@ -15,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.message import EmailMessage
+from email.policy import default as default_policy
 from email.utils import parsedate_to_datetime
 from typing import Callable, ClassVar
 
@@ -25,6 +26,9 @@ from crm_pulse.config import Settings, SettingsInvalid
 log = logging.getLogger(__name__)
 
 MAX_DELAY_SECONDS = 30.0
+# The default folds a header at 78 characters, which can put a long subject wholly on a continuation line;
+# 998 is the RFC 5322 limit.
+UNFOLDED = default_policy.clone(max_line_length=998)
 SIGNATURE_HEADER = "X-CRM-Pulse-Signature"
 TIMESTAMP_HEADER = "X-CRM-Pulse-Timestamp"
 
@@ -228,7 +232,7 @@ class Email(Channel):
     timeout_seconds: float
 
     def send(self, message: Message, alert: dict, address: str | None) -> None:
-        email = EmailMessage()
+        email = EmailMessage(policy=UNFOLDED)
         email["Subject"], email["From"], email["To"] = message.headline, self.sender, address
         email.set_content("\n\n".join(filter(None, (message.facts, message.link, message.details))) + "\n")
         try:

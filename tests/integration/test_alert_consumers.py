@@ -81,23 +81,29 @@ def test_tail_prints_each_alert_and_reports_invalid_records_on_stderr(start_work
 
 
 class Webhook:
-    """A webhook on a free loopback port: the scripted statuses in turn (a 429 with Retry-After: 1), then 200s."""
+    """A webhook on a free loopback port: the scripted statuses in turn (a 429 with Retry-After: 1), then 200s
+    with the body `answer` gives for the request (default: none). Keeps each request's body and headers."""
 
-    def __init__(self, *statuses: int):
+    def __init__(self, *statuses: int, answer=lambda body: b""):
         self.requests: list[tuple[int, dict]] = []
+        self.raw: list[tuple] = []  # (headers, body) as received
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(raw)
                 n = len(hook.requests)
                 status = statuses[n] if n < len(statuses) else 200
                 hook.requests.append((status, body))
+                hook.raw.append((self.headers, raw))  # looked up case-insensitively, as HTTP names are
+                reply = answer(body) if status == 200 else b""
                 self.send_response(status)
                 if status == 429:
                     self.send_header("Retry-After", "1")
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
+                self.wfile.write(reply)
 
             def log_message(self, *args):
                 pass
@@ -115,8 +121,8 @@ class Webhook:
 def webhook():
     hooks = []
 
-    def start(*statuses: int) -> Webhook:
-        hooks.append(Webhook(*statuses))
+    def start(*statuses: int, **options) -> Webhook:
+        hooks.append(Webhook(*statuses, **options))
         return hooks[-1]
 
     yield start
