@@ -178,23 +178,25 @@ class SlackBot(Channel):
 
 
 @dataclass
-class SlackWebhook(Channel):
+class RenderedWebhook(Channel):
+    """Posts each alert once, in the format `render` makes, to a URL that holds its own credential."""
+
+    render: ClassVar[Callable[[Message], dict]]
+    url: str
+    timeout_seconds: float
+
+    def send(self, message: Message, alert: dict, address: str | None) -> None:
+        post_json(self.url, orjson.dumps(self.render(message)), self.timeout_seconds)
+
+
+class SlackWebhook(RenderedWebhook):
     name = "slack"
-    url: str
-    timeout_seconds: float
-
-    def send(self, message: Message, alert: dict, address: str | None) -> None:
-        post_json(self.url, orjson.dumps(slack_payload(message)), self.timeout_seconds)
+    render = staticmethod(slack_payload)
 
 
-@dataclass
-class TeamsWebhook(Channel):
+class TeamsWebhook(RenderedWebhook):
     name = "teams"
-    url: str
-    timeout_seconds: float
-
-    def send(self, message: Message, alert: dict, address: str | None) -> None:
-        post_json(self.url, orjson.dumps(teams_payload(message)), self.timeout_seconds)
+    render = staticmethod(teams_payload)
 
 
 def signature(secret: bytes, timestamp: str, body: bytes) -> str:

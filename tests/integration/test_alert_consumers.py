@@ -183,12 +183,12 @@ def test_notify_posts_each_alert_once_retrying_a_failed_post_and_resumes_after_i
     assert result.returncode == 0, result.stderr
     first = slack(
         "Lead L1 stalled in stage new",
-        "idle 2.0d, threshold 2.0d, rep rep-7",
+        "idle 2.0d, threshold 2.0d, rep rep-7, team t1",  # no directory: the team is named
         f"lead.stalled · detected 2026-01-03T00:00:00.000Z · rule stage_threshold · alert {stalled['alert_id']}",
     )
     second = slack(
         "Lead L1 still stalled in stage new (escalated)",
-        "idle 4.0d, threshold 2.0d, rep rep-7",
+        "idle 4.0d, threshold 2.0d, rep rep-7, team t1",
         "lead.stall_escalated · detected 2026-01-05T00:00:00.000Z · rule stage_threshold · "
         f"alert {escalated['alert_id']}",
     )

@@ -337,8 +337,9 @@ def test_worker_import_tail_and_notify_over_sasl_ssl_with_least_privilege(kafka,
         assert notify.returncode == 0, notify.stderr[-3000:]
         assert "notify stopped: posted=2 failed=0 duplicate=0 invalid=0" in notify.stderr
         assert [(status, body["text"]) for status, body in hook.requests] == [
-            (200, f"Lead O3 stalled in stage engaging: idle 2.0d, threshold 2.0d, rep {CARA}"),
-            (200, f"Lead O3 still stalled in stage engaging (escalated): idle 4.0d, threshold 2.0d, rep {CARA}"),
+            (200, f"Lead O3 (account Acme) stalled in stage engaging: idle 2.0d, threshold 2.0d, rep {CARA}"),
+            (200, f"Lead O3 (account Acme) still stalled in stage engaging (escalated): idle 4.0d, threshold 2.0d, "
+                  f"rep {CARA}"),
         ]
 
         status, kpis = worker.get_json("/kpis")
