@@ -12,6 +12,7 @@ import orjson
 
 from crm_pulse.broker import BrokerUnusable, bind_error, broker_for, ensure_topics, seal_changelogs
 from crm_pulse.config import Settings, SettingsInvalid, env_name, load_settings
+from crm_pulse.directory import DirectoryInvalid, import_user_export
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -63,12 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     tail = alert_commands.add_parser("tail", help="print alerts one per line; invalid records go to stderr")
     tail.add_argument("--from-beginning", action="store_true", help="start at the oldest alert, not the newest")
     tail.add_argument("--no-follow", action="store_true", help="stop at the end of the topic instead of waiting")
-    notify = alert_commands.add_parser("notify", help="post alerts to a Slack-compatible webhook")
-    notify.add_argument("--webhook-url", help="default: $CRM_PULSE_WEBHOOK_URL")
-    notify.add_argument("--group", help="consumer group (default: <app id>-alerts-notify); one per webhook")
+    notify = alert_commands.add_parser("notify", help="route alerts to reps on Slack, e-mail, Teams, webhooks")
+    notify.add_argument("--webhook-url", help="a Slack incoming webhook (default: $CRM_PULSE_WEBHOOK_URL)")
+    notify.add_argument("--group", help="consumer group (default: <app id>-alerts-notify); one per notifier setup")
     notify.add_argument("--from-beginning", action="store_true", help="a new group starts at the oldest alert")
-    notify.add_argument("--max-attempts", type=int, default=5, help="posts per alert before giving up")
+    notify.add_argument("--max-attempts", type=int, default=5, help="tries per delivery before dead-lettering it")
     notify.add_argument("--max-idle", type=float, default=None, help="stop after this many seconds without alerts")
+    import_reps = alert_commands.add_parser("import-reps", help="write a rep directory CSV from a CRM user export")
+    import_reps.add_argument("export", type=Path, help="the CRM's user export (CSV)")
+    import_reps.add_argument("out", type=Path, help="the rep directory to write (CSV; see docs/alerts.md)")
     importer = commands.add_parser("import", help="publish a CSV export as CRM events (see docs/importer.md)")
     importer.add_argument("file", type=Path, help="the CSV export")
     importer.add_argument("--mapping", type=Path, required=True, help="TOML mapping: columns → events")
@@ -106,17 +110,17 @@ def main(argv: list[str] | None = None) -> None:
 
             tail(settings, from_beginning=args.from_beginning, follow=not args.no_follow, out=sys.stdout)
         elif args.command == "alerts" and args.alerts_command == "notify":
-            from crm_pulse.alerts import notify
+            from crm_pulse.notify import notify
 
-            webhook_url = args.webhook_url or (settings.webhook_url and settings.webhook_url.get_secret_value())
-            if not webhook_url:
-                raise SettingsInvalid("alerts notify needs --webhook-url URL or CRM_PULSE_WEBHOOK_URL")
             counts = notify(
-                settings, webhook_url, group=args.group, from_beginning=args.from_beginning,
+                settings, args.webhook_url, group=args.group, from_beginning=args.from_beginning,
                 max_attempts=args.max_attempts, max_idle_seconds=args.max_idle,
             )  # fmt: skip
             sys.exit(1 if counts["failed"] else 0)
-    except (BrokerUnusable, SettingsInvalid) as exc:
+        elif args.command == "alerts" and args.alerts_command == "import-reps":
+            reps = import_user_export(args.export, args.out)
+            print(f"wrote {reps} reps to {args.out}")
+    except (BrokerUnusable, SettingsInvalid, DirectoryInvalid) as exc:
         # The user's mistake, said in one line; how it came about only for whoever asked for debug output.
         logging.getLogger("crm_pulse").debug("cannot go on", exc_info=True)
         print(f"crm-pulse: {exc}", file=sys.stderr, flush=True)

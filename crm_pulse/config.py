@@ -79,6 +79,27 @@ class Settings(BaseSettings):
 
     # Where `crm-pulse alerts notify` posts (a Slack-compatible incoming webhook; its URL holds a token).
     webhook_url: SecretStr | None = None
+    # `crm-pulse alerts notify` routing (docs/alerts.md#notify-route-alerts-to-reps).
+    rep_directory: Path | None = None
+    notify_channels: frozenset[Literal["slack", "email", "teams", "webhook"]] = frozenset({"slack"})
+    slack_bot_token: SecretStr | None = None
+    slack_api_url: str = "https://slack.com/api/chat.postMessage"
+    smtp_host: str | None = None
+    smtp_port: int = Field(587, ge=1, le=65535)
+    smtp_starttls: bool = True
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str | None = None
+    smtp_cafile: str | None = None
+    teams_webhook_url: SecretStr | None = None
+    signed_webhook_url: SecretStr | None = None
+    signed_webhook_secret: SecretStr | None = None
+    crm_record_url: str | None = None
+    # Unset: `<app id>-notify-sent` (compacted) and `<app id>-notify-dlq`.
+    notify_sent_topic: str | None = None
+    notify_dlq_topic: str | None = None
+    notify_metrics_host: str = "127.0.0.1"
+    notify_metrics_port: int = Field(6067, ge=0, le=65535)
 
     log_level: str = "info"
 
@@ -109,6 +130,14 @@ class Settings(BaseSettings):
         if self.security_protocol.startswith("SASL_") and not self.sasl_mechanism:
             raise ValueError(f"CRM_PULSE_SECURITY_PROTOCOL={self.security_protocol} needs CRM_PULSE_SASL_MECHANISM")
         return self
+
+    @property
+    def effective_notify_sent_topic(self) -> str:
+        return self.notify_sent_topic or f"{self.app_id}-notify-sent"
+
+    @property
+    def effective_notify_dlq_topic(self) -> str:
+        return self.notify_dlq_topic or f"{self.app_id}-notify-dlq"
 
     @property
     def on_tansu(self) -> bool:
@@ -153,6 +182,7 @@ JSON_SHAPES = {
     "stall_stage_days": 'a JSON object of stage → days, e.g. {"new": 2, "qualified": 5}',
     "closed_stages": 'a JSON array of stage names, e.g. ["won", "lost"]',
     "deal_stages": 'a JSON array of stage names, e.g. ["proposal", "negotiation"]',
+    "notify_channels": 'a JSON array of channels among slack, email, teams, webhook, e.g. ["slack", "email"]',
 }
 
 

@@ -29,6 +29,9 @@ class Alert(_Record):
     threshold_seconds: float
     rule: Literal["stage_threshold", "p90_dwell"]
     detected_at: str = Field(description="ISO-8601 UTC event time at which the stall began, escalated or cleared.")
+    # Additive fields of version 1: absent from records of workers older than them (docs/alerts.md#versioning).
+    account_id: str | None = Field(None, description="The latest account seen on the lead's events.")
+    deal_value: float | None = Field(None, description="The amount of the lead's latest quote (quote.sent).")
 
 
 class SourcePosition(_Record):
@@ -46,4 +49,18 @@ class DeadLetter(_Record):
     source: SourcePosition
     key_base64: str | None
     original_base64: str
+    dead_lettered_at: str
+
+
+class NotificationDeadLetter(_Record):
+    """A delivery `crm-pulse alerts notify` gave up on, with the reason and the alert as it was published."""
+
+    schema_version: Literal[1] = 1
+    alert_id: str
+    channel: Literal["slack", "email", "teams", "webhook"] | None = Field(
+        description="The channel that failed, or null when the alert had nobody to go to."
+    )
+    recipient: str | None = Field(description='"rep:<id>", "manager:<id>", "team:<id>", "all" or null.')
+    reason: str
+    alert: dict
     dead_lettered_at: str

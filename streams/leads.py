@@ -104,6 +104,8 @@ def apply_lead_event(lead: dict, event: dict, lead_id: str, policy: StallPolicy,
         lead["won_amount"] = payload["amount"]
     elif event["type"] == "quote.sent":
         lead["quote_amount"] = payload["amount"]
+    if event.get("account_id") is not None:
+        lead["account"] = event["account_id"]
     if at >= (lead.get("owner_at") or 0):  # the latest event in event time says who owns the lead
         for field_name, attr in (("rep", "rep_id"), ("team", "team_id"), ("pipeline", "pipeline")):
             if event.get(attr) is not None:
@@ -151,6 +153,9 @@ def _alert(kind: str, lead: dict, lead_id: str, stage: str, since: int, detected
         "threshold_seconds": limit / 1000,
         "rule": rule,
         "detected_at": ms_to_iso(detected_at),
+        # Additive v1 fields, for a message a rep can act on; .get: leads stored before them lack the keys.
+        "account_id": lead.get("account"),
+        "deal_value": lead.get("quote_amount"),
     }
 
 

@@ -125,9 +125,44 @@ def test_worker_help_and_the_configuration_page_list_every_setting():
     assert [name for name in names if f"| `{name}` |" not in documented] == []
 
 
-def test_alerts_notify_without_a_webhook_is_one_line_and_exit_1():
-    code, stderr, _ = crm_pulse("alerts", "notify", CRM_PULSE_BROKER=refused_address())
-    assert (code, stderr) == (1, ["crm-pulse: alerts notify needs --webhook-url URL or CRM_PULSE_WEBHOOK_URL"])
+@pytest.mark.parametrize("env, expected", [
+    ({}, "alerts notify sends to slack (CRM_PULSE_NOTIFY_CHANNELS) and needs CRM_PULSE_SLACK_BOT_TOKEN, or "
+         "--webhook-url URL or CRM_PULSE_WEBHOOK_URL"),
+    ({"CRM_PULSE_NOTIFY_CHANNELS": '["email"]', "CRM_PULSE_SMTP_HOST": "smtp.example.com"},
+     "alerts notify sends to email (CRM_PULSE_NOTIFY_CHANNELS) and needs CRM_PULSE_SMTP_HOST and CRM_PULSE_SMTP_FROM"),
+    ({"CRM_PULSE_NOTIFY_CHANNELS": '["webhook"]', "CRM_PULSE_SIGNED_WEBHOOK_URL": "https://hook.example.com"},
+     "alerts notify sends to webhook (CRM_PULSE_NOTIFY_CHANNELS) and needs CRM_PULSE_SIGNED_WEBHOOK_URL and "
+     "CRM_PULSE_SIGNED_WEBHOOK_SECRET"),
+    ({"CRM_PULSE_SLACK_BOT_TOKEN": "xoxb-1"},
+     "alerts notify sends to reps (Slack bot or e-mail) and needs CRM_PULSE_REP_DIRECTORY, a TOML or CSV file"),
+    ({"CRM_PULSE_SLACK_BOT_TOKEN": "xoxb-1", "CRM_PULSE_REP_DIRECTORY": "/nonexistent/reps.toml"},
+     "/nonexistent/reps.toml: cannot be read (No such file or directory)"),
+    ({"CRM_PULSE_WEBHOOK_URL": "https://hooks.example.com/1", "CRM_PULSE_CRM_RECORD_URL": "https://crm/{id}"},
+     "CRM_PULSE_CRM_RECORD_URL='https://crm/{id}' has an unknown placeholder 'id'; use the alert's fields: "
+     "{schema_version}, {alert_id}, {type}, {lead_id}, {rep_id}, {team_id}, {pipeline}, {stage}, {idle_since}, "
+     "{idle_seconds}, {threshold_seconds}, {rule}, {detected_at}, {account_id}, {deal_value}"),
+])  # fmt: skip
+def test_alerts_notify_missing_a_channels_setting_is_one_line_and_exit_1(env, expected):
+    code, stderr, _ = crm_pulse("alerts", "notify", CRM_PULSE_BROKER=refused_address(), **env)
+    assert (code, stderr) == (1, [f"crm-pulse: {expected}"])
+
+
+def test_an_unknown_notify_channel_is_one_line_and_exit_2():
+    code, stderr, _ = crm_pulse("alerts", "notify", CRM_PULSE_NOTIFY_CHANNELS='["sms"]')
+    assert (code, stderr) == (2, [
+        "crm-pulse: CRM_PULSE_NOTIFY_CHANNELS='[\"sms\"]': [0]: Input should be 'slack', 'email', 'teams' or "
+        "'webhook' (expected a JSON array of channels among slack, email, teams, webhook, e.g. [\"slack\", "
+        "\"email\"]) (settings: docs/configuration.md)"
+    ])
+
+
+def test_import_reps_from_a_bad_export_is_one_line_and_exit_1(tmp_path):
+    export = tmp_path / "users.csv"
+    export.write_text("Id,Email,TimeZoneSidKey\nrep-1,bo@example.com,Mars/Base\n")
+    code, stderr, _ = crm_pulse("alerts", "import-reps", str(export), str(tmp_path / "reps.csv"))
+    assert (code, stderr) == (1, [
+        f"crm-pulse: {tmp_path / 'reps.csv'}:2: timezone 'Mars/Base' is not an IANA time zone such as Europe/Berlin"
+    ])
 
 
 ENVIRONMENT = ("environ", "environb", "getenv", "getenvb")

@@ -298,6 +298,15 @@ def without_id(alert: dict) -> dict:
     return {k: v for k, v in alert.items() if k != "alert_id"}
 
 
+def test_alerts_carry_the_leads_account_and_latest_quote():
+    lead = created_lead(account_id="acct-acme")
+    for n, amount in enumerate((9_000.0, 12_500.0)):
+        quote = ev(f"q{n}", "quote.sent", at(1 + n), {"quote_id": f"Q{n}", "amount": amount}, lead_id="L1")
+        apply_lead_event(lead, quote, "L1", POLICY, configured)
+    [stalled] = check_stall(lead, "L1", at(5, 10) + 1, POLICY, configured)
+    assert (stalled["account_id"], stalled["deal_value"]) == ("acct-acme", 12_500.0)
+
+
 def test_check_stall_levels_fire_once_each():
     lead = created_lead(rep_id="r1", team_id="t1", pipeline="p1")
     assert check_stall(lead, "L1", at(5, 10), POLICY, configured) == []  # idle exactly 5 d: not yet
@@ -315,6 +324,8 @@ def test_check_stall_levels_fire_once_each():
         "threshold_seconds": 432_000.0,
         "rule": "stage_threshold",
         "detected_at": "2026-01-06T10:00:00.000Z",
+        "account_id": None,
+        "deal_value": None,
     }
     assert check_stall(lead, "L1", at(9), POLICY, configured) == []  # never repeated
     assert check_stall(lead, "L1", at(10, 10), POLICY, configured) == []  # exactly 2 × threshold

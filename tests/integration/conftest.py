@@ -51,6 +51,7 @@ class Worker:
             "CRM_PULSE_ALERTS_TOPIC": f"it-{n}-alerts",
             "CRM_PULSE_DLQ_TOPIC": f"it-{n}-dlq",
             "CRM_PULSE_METRICS_PORT": str(self.port),
+            "CRM_PULSE_NOTIFY_METRICS_PORT": str(free_port()),
             "CRM_PULSE_DATA_DIR": str(tmp_path / f"data-{n}"),
             "CRM_PULSE_CLOCK": "event",
             "CRM_PULSE_STALL_SCAN_SECONDS": "0.5",

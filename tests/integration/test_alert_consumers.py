@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import orjson
 import pytest
 
-from crm_pulse.alerts import post_with_retries
+from crm_pulse.channels import deliver_with_retries, post_json
 from crm_pulse.broker import free_port
 from crm_pulse.streams.kpis import DAY_MS
 from tests.integration.test_pipeline import T0, lead_event, m
@@ -81,23 +81,29 @@ def test_tail_prints_each_alert_and_reports_invalid_records_on_stderr(start_work
 
 
 class Webhook:
-    """A webhook on a free loopback port: the scripted statuses in turn (a 429 with Retry-After: 1), then 200s."""
+    """A webhook on a free loopback port: the scripted statuses in turn (a 429 with Retry-After: 1), then 200s
+    with the body `answer` gives for the request (default: none). Keeps each request's body and headers."""
 
-    def __init__(self, *statuses: int):
+    def __init__(self, *statuses: int, answer=lambda body: b""):
         self.requests: list[tuple[int, dict]] = []
+        self.raw: list[tuple] = []  # (headers, body) as received
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(raw)
                 n = len(hook.requests)
                 status = statuses[n] if n < len(statuses) else 200
                 hook.requests.append((status, body))
+                hook.raw.append((self.headers, raw))  # looked up case-insensitively, as HTTP names are
+                reply = answer(body) if status == 200 else b""
                 self.send_response(status)
                 if status == 429:
                     self.send_header("Retry-After", "1")
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
+                self.wfile.write(reply)
 
             def log_message(self, *args):
                 pass
@@ -115,8 +121,8 @@ class Webhook:
 def webhook():
     hooks = []
 
-    def start(*statuses: int) -> Webhook:
-        hooks.append(Webhook(*statuses))
+    def start(*statuses: int, **options) -> Webhook:
+        hooks.append(Webhook(*statuses, **options))
         return hooks[-1]
 
     yield start
@@ -124,10 +130,14 @@ def webhook():
         hook.close()
 
 
+def post(url: str, body: bytes, max_attempts: int, backoff_seconds: float) -> str | None:
+    return deliver_with_retries("webhook", lambda: post_json(url, body, 5), max_attempts, backoff_seconds)
+
+
 def test_posts_retry_5xx_and_429_with_backoff_or_retry_after_and_give_up(webhook, caplog):
-    caplog.set_level(logging.WARNING, logger="crm_pulse.alerts")
+    caplog.set_level(logging.WARNING, logger="crm_pulse.channels")
     flaky = webhook(429, 503)
-    assert post_with_retries(flaky.url, b'{"text": "hi"}', max_attempts=4, backoff_seconds=0.05, timeout_seconds=5)
+    assert post(flaky.url, b'{"text": "hi"}', max_attempts=4, backoff_seconds=0.05) is None
     assert flaky.requests == [(429, {"text": "hi"}), (503, {"text": "hi"}), (200, {"text": "hi"})]
     assert caplog.messages == [
         "webhook attempt 1/4 failed (HTTP 429); retrying in 1.0s",  # Retry-After
@@ -136,13 +146,14 @@ def test_posts_retry_5xx_and_429_with_backoff_or_retry_after_and_give_up(webhook
 
     caplog.clear()
     rejecting = webhook(404)
-    assert not post_with_retries(rejecting.url, b"{}", max_attempts=4, backoff_seconds=0.05, timeout_seconds=5)
+    assert post(rejecting.url, b"{}", max_attempts=4, backoff_seconds=0.05) == "HTTP 404"
     assert [status for status, _ in rejecting.requests] == [404]
-    assert caplog.messages == ["webhook answered HTTP 404; the request will not get better by retrying"]
+    assert caplog.messages == ["webhook answered HTTP 404; retrying would not help"]
 
     caplog.clear()
     nobody = f"http://127.0.0.1:{free_port()}/hook"
-    assert not post_with_retries(nobody, b"{}", max_attempts=3, backoff_seconds=0.01, timeout_seconds=5)
+    reason = post(nobody, b"{}", max_attempts=3, backoff_seconds=0.01)
+    assert "Connection refused" in reason and reason.endswith(" after 3 attempts")
     attempts = [message.split(" (")[0] for message in caplog.messages]
     assert attempts == ["webhook attempt 1/3 failed", "webhook attempt 2/3 failed", "webhook attempt 3/3 failed"]
     assert "Connection refused" in caplog.messages[-1] and caplog.messages[-1].endswith("; giving up")
@@ -172,17 +183,17 @@ def test_notify_posts_each_alert_once_retrying_a_failed_post_and_resumes_after_i
     assert result.returncode == 0, result.stderr
     first = slack(
         "Lead L1 stalled in stage new",
-        "idle 2.0d, threshold 2.0d, rep rep-7",
+        "idle 2.0d, threshold 2.0d, rep rep-7, team t1",  # no directory: the team is named
         f"lead.stalled · detected 2026-01-03T00:00:00.000Z · rule stage_threshold · alert {stalled['alert_id']}",
     )
     second = slack(
         "Lead L1 still stalled in stage new (escalated)",
-        "idle 4.0d, threshold 2.0d, rep rep-7",
+        "idle 4.0d, threshold 2.0d, rep rep-7, team t1",
         "lead.stall_escalated · detected 2026-01-05T00:00:00.000Z · rule stage_threshold · "
         f"alert {escalated['alert_id']}",
     )
     assert hook.requests == [(500, first), (200, first), (200, second)]
-    assert "webhook attempt 1/5 failed (HTTP 500); retrying in 1.0s" in result.stderr
+    assert "slack attempt 1/5 failed (HTTP 500); retrying in 1.0s" in result.stderr
     assert "notify stopped: posted=2 failed=0 duplicate=1 invalid=1" in result.stderr
 
     # Offsets were committed per record: the same group, even told to start from the beginning, resumes after

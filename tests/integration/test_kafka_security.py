@@ -217,6 +217,9 @@ def secured_worker(kafka, pki: Path, admin: KafkaAdminClient, tmp_path: Path, us
         # `alerts tail` reads the alerts; `alerts notify` also commits in its group.
         *allow(READER, ResourceType.TOPIC, topics["alerts"], ACLOperation.READ),
         *allow(READER, ResourceType.GROUP, f"{app}-alerts-notify", ACLOperation.READ),
+        # ... and keeps its sent-set and dead letters in topics of its own.
+        *allow(READER, ResourceType.TOPIC, f"{app}-notify-", ACLOperation.CREATE, ACLOperation.READ,
+               ACLOperation.WRITE, ACLOperation.DESCRIBE, prefixed=True),
     ])  # fmt: skip
     # conftest's producer is on PLAINTEXT, where User:ANONYMOUS may not even get a producer id.
     worker.producer.close()
@@ -334,8 +337,9 @@ def test_worker_import_tail_and_notify_over_sasl_ssl_with_least_privilege(kafka,
         assert notify.returncode == 0, notify.stderr[-3000:]
         assert "notify stopped: posted=2 failed=0 duplicate=0 invalid=0" in notify.stderr
         assert [(status, body["text"]) for status, body in hook.requests] == [
-            (200, f"Lead O3 stalled in stage engaging: idle 2.0d, threshold 2.0d, rep {CARA}"),
-            (200, f"Lead O3 still stalled in stage engaging (escalated): idle 4.0d, threshold 2.0d, rep {CARA}"),
+            (200, f"Lead O3 (account Acme) stalled in stage engaging: idle 2.0d, threshold 2.0d, rep {CARA}"),
+            (200, f"Lead O3 (account Acme) still stalled in stage engaging (escalated): idle 4.0d, threshold 2.0d, "
+                  f"rep {CARA}"),
         ]
 
         status, kpis = worker.get_json("/kpis")
