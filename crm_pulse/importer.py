@@ -653,8 +653,8 @@ def read_file(csv_path: Path, mapping: Mapping, report: FileReport, runs: Runs, 
         raise ImportFailed(f"{csv_path} is not {mapping.encoding} ({exc}); set [csv] encoding") from None
     if report.rows and not report.events:
         (reason, n), = report.rejects.most_common(1)
-        raise ImportFailed(f"{csv_path}: every one of its {report.rows} rows was rejected (the first for: {reason}, "
-                           f"{n} rows in all): its mapping does not fit it; see {report.rejects_path}")  # fmt: skip
+        raise ImportFailed(f"{csv_path}: every one of its {report.rows} rows was rejected, {n} of them for: {reason}; "
+                           f"its mapping does not fit it: see {report.rejects_path}")  # fmt: skip
 
 
 def import_files(
@@ -744,6 +744,6 @@ def cli_import(settings: Settings, files: list[Path], mappings: list[Path], dry_
         paired = list(zip(files, mappings if len(mappings) == len(files) else mappings * len(files)))
         import_files(settings, paired, dry_run, rejects, allow_late, wait)
     except (ImportFailed, OSError) as exc:
-        Console(stderr=True).print(f"crm-pulse import: {exc}", style="red", markup=False)
+        Console(stderr=True, soft_wrap=True).print(f"crm-pulse import: {exc}", style="red", markup=False)
         return 1 if isinstance(exc, NotApplied) else 2
     return 0
