@@ -492,9 +492,10 @@ class LateCheck:
         )
 
 
-def _consumer(settings: Settings) -> KafkaConsumer:
-    """A consumer in no group: it reads what it assigns itself and commits nothing."""
-    return KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+def _consumer(settings: Settings, group_id: str | None = None) -> KafkaConsumer:
+    """A consumer that never subscribes, so it joins no group (`group_id` only names the group whose committed
+    offsets it asks for), reads only what it assigns itself and commits nothing."""
+    return KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group_id, enable_auto_commit=False,
                          **client_security(settings))  # fmt: skip
 
 
@@ -556,10 +557,10 @@ class NotApplied(ImportFailed):
 def wait_applied(settings: Settings, ends: dict[TopicPartition, int], timeout: float, progress: Progress) -> None:
     """Return once the app's consumer group has committed the input topic up to `ends`, then each internal topic
     up to the end it had then, twice: an event's effects go from the input through its family's topic to the
-    aggregates' delta topics. Offsets are read as an admin (list_consumer_group_offsets): joining the group
-    would take partitions from the worker."""
+    aggregates' delta topics. Committed offsets are asked for without joining the group: that would take
+    partitions from the worker."""
     deadline = time.monotonic() + timeout
-    admin, consumer = connect_admin(settings), _consumer(settings)
+    admin, consumer = connect_admin(settings), _consumer(settings, group_id=settings.app_id)
     try:
         internal = [TopicPartition(topic, p) for topic in sorted(admin.list_topics())
                     if topic.startswith(f"{settings.app_id}-") and not topic.endswith("-changelog")
@@ -568,8 +569,7 @@ def wait_applied(settings: Settings, ends: dict[TopicPartition, int], timeout: f
 
         def until_committed(targets: dict[TopicPartition, int]) -> None:
             while True:
-                committed = admin.list_consumer_group_offsets(settings.app_id, partitions=list(targets))
-                done = {tp: max(committed[tp].offset if tp in committed else 0, 0) for tp in targets}
+                done = {tp: consumer.committed(tp) or 0 for tp in targets}
                 progress.update(task, completed=sum(min(done.get(tp, 0), end) for tp, end in ends.items()))
                 if all(done[tp] >= end for tp, end in targets.items()):
                     return
