@@ -1,8 +1,9 @@
-"""`crm-pulse import`: a CSV export → contract events, through a declarative TOML mapping (docs/importer.md).
+"""`crm-pulse import`: CSV exports → contract events, through declarative TOML mappings (docs/importer.md).
 
 Every row becomes all of its events or none: a row that cannot be mapped is rejected with its line
 number and reason, never dropped silently. Events are validated against the contract and published in
-(occurred_at, event_id) order, so no partition ever sees an event older than one before it.
+(occurred_at, event_id) order across all the files of an import (an external merge sort, in bounded
+memory), so no partition ever sees an event of the import older than one before it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ BAD_VALUE = "unparseable value"
 MISSING_ID = "missing id"
 INVALID_EVENT = "invalid event"
 
-# Events per sorted run of the external sort: a few hundred bytes each in memory, so some 100 MB at most.
+# Events per sorted run of the external sort: under a kilobyte each in memory, so some 150 MB at most.
 RUN_EVENTS = 200_000
 # Fewer dates say too little about a file's range to flag any of them.
 PLAUSIBLE_MIN_DATES = 30
