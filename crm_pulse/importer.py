@@ -524,7 +524,7 @@ def latest_event_times(consumer: KafkaConsumer, settings: Settings) -> dict[int,
 
 def publish(events: Iterator[Event], total: int, settings: Settings, progress: Progress) -> dict[TopicPartition, int]:
     """Send `events` in order; the end offset of each partition written (one past the last event sent there),
-    from the broker's acknowledgements (Tansu under-reports end offsets: docs/reliability.md)."""
+    from the broker's acknowledgements: Tansu may report less (`crm_pulse.broker.seal_changelogs`)."""
     task = progress.add_task("publishing", total=total)
     ends: dict[TopicPartition, int] = {}
     failures: list[Exception] = []
