@@ -73,12 +73,27 @@ def main(argv: list[str] | None = None) -> None:
     import_reps = alert_commands.add_parser("import-reps", help="write a rep directory CSV from a CRM user export")
     import_reps.add_argument("export", type=Path, help="the CRM's user export (CSV)")
     import_reps.add_argument("out", type=Path, help="the rep directory to write (CSV; see docs/alerts.md)")
-    importer = commands.add_parser("import", help="publish a CSV export as CRM events (see docs/importer.md)")
-    importer.add_argument("file", type=Path, help="the CSV export")
-    importer.add_argument("--mapping", type=Path, required=True, help="TOML mapping: columns → events")
+    importer = commands.add_parser(
+        "import", help="publish CSV exports as CRM events, merged in time order (see docs/importer.md)",
+        usage="crm-pulse import FILE --mapping MAPPING [FILE --mapping MAPPING ...] [options]",
+    )  # fmt: skip
+    importer.add_argument("file", type=Path, nargs="+", help="a CSV export")
+    importer.add_argument("--mapping", type=Path, required=True, action="append",
+                          help="TOML mapping: columns → events; one per FILE, in order, or one for all")  # fmt: skip
     importer.add_argument("--dry-run", type=Path, metavar="OUT.jsonl", help="write events here, don't publish")
-    importer.add_argument("--rejects", type=Path, help="rejected rows (default: OUT.rejects.csv, ./FILE.rejects.csv)")
-    args = parser.parse_args(argv)
+    importer.add_argument("--rejects", type=Path,
+                          help="one FILE's rejected rows (default: OUT.rejects.csv, ./FILE.rejects.csv)")  # fmt: skip
+    importer.add_argument("--allow-late", action="store_true",
+                          help="publish even events the worker will dead-letter as late")  # fmt: skip
+    importer.add_argument("--wait", action="store_true",
+                          help="wait until the worker has applied the events, then show its headline KPIs")  # fmt: skip
+    importer.add_argument("--wait-timeout", type=float, default=600, metavar="SECONDS", help="for --wait")
+    # argparse takes one run of positionals: the files after the first --mapping come back unrecognised.
+    args, more = parser.parse_known_args(argv)
+    if args.command == "import" and not [a for a in more if a.startswith("-")]:
+        args.file += [Path(a) for a in more]
+    elif more:
+        parser.error(f"unrecognized arguments: {' '.join(more)}")
 
     try:
         settings = load_settings()
@@ -104,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "import":
             from crm_pulse.importer import cli_import
 
-            sys.exit(cli_import(settings, args.file, args.mapping, args.dry_run, args.rejects))
+            sys.exit(cli_import(settings, args.file, args.mapping, args.dry_run, args.rejects, args.allow_late,
+                                args.wait_timeout if args.wait else None))  # fmt: skip
         elif args.command == "alerts" and args.alerts_command == "tail":
             from crm_pulse.alerts import tail
 

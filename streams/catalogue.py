@@ -281,14 +281,30 @@ def event_sums(event: dict) -> list[tuple[str, dict[str, float]]]:
 # Facts: hashable tuples ("sums", scope, at_ms, field, value) or ("hist", scope, at_ms, value_ms).
 
 
+def stage_history(lead: dict) -> list:
+    """The lead's stage entries [[at_ms, event_id, stage], ...] as they count. Its history starts with its
+    creation: an entry dated at or before the `lead.created` time (an export that dates a deal's close before its
+    creation, say) counts as entered at that time, after the creation, the entries keeping their own order."""
+    timeline, created = lead["timeline"], lead["created"]
+    if created is None:
+        return timeline
+    # .get: a lead stored before creation ids were kept has none; its creation then sorts among the earlier ones.
+    creation_id = lead.get("created_id")
+    creation = [entry for entry in timeline if entry[1] == creation_id]
+    earlier = [[created, event_id, stage] for at, event_id, stage in timeline
+               if at <= created and event_id != creation_id]
+    return creation + earlier + [entry for entry in timeline if entry[0] > created]
+
+
 def lead_facts(lead: dict, deal_stages: frozenset[str]) -> Counter:
     """Everything a lead's history contributes beyond its single events: stage dwell, sales cycle,
     its becoming a deal (by rep and source), and its win credited to its score band and campaign."""
     facts: Counter = Counter()
-    for (stage, left_at, dwell_ms), n in dwell_observations(lead["timeline"]).items():
+    history = stage_history(lead)
+    for (stage, left_at, dwell_ms), n in dwell_observations(history).items():
         facts[("hist", f"dwell:{stage}", left_at, dwell_ms)] += n
-    won_at = next((at for at, _, stage in lead["timeline"] if stage == "won"), None)
-    became_deal_at = next((at for at, _, stage in lead["timeline"] if stage in deal_stages or stage == "won"), None)
+    won_at = next((at for at, _, stage in history if stage == "won"), None)
+    became_deal_at = next((at for at, _, stage in history if stage in deal_stages or stage == "won"), None)
     if became_deal_at is not None:
         for scope in ("all", f"rep:{lead['rep']}" if lead["rep"] else None, f"source:{lead.get('source')}"
                       if lead.get("source") else None):  # fmt: skip

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from crm_pulse.schemas.events import ms_to_iso
-from crm_pulse.streams.catalogue import lead_facts
+from crm_pulse.streams.catalogue import lead_facts, stage_history
 from crm_pulse.streams.kpis import DAY_MS, counter_deltas, insert_sorted
 
 ALERT_SCHEMA_VERSION = 1
@@ -50,17 +50,17 @@ ThresholdFn = Callable[[str], tuple[int, str]]
 
 def new_lead() -> dict:
     return {"timeline": [], "last_activity": None, "rep": None, "team": None, "pipeline": None, "created": None,
-            "stall_level": 0, "stall_threshold": None, "stall_rule": None}  # fmt: skip
+            "created_id": None, "stall_level": 0, "stall_threshold": None, "stall_rule": None}  # fmt: skip
 
 
 def current_stage(lead: dict) -> str | None:
-    return lead["timeline"][-1][2] if lead["timeline"] else None
+    return stage_history(lead)[-1][2] if lead["timeline"] else None
 
 
 def idle_since(lead: dict) -> int | None:
     if not lead["timeline"]:
         return lead["last_activity"]
-    return max(lead["timeline"][-1][0], lead["last_activity"] or 0)
+    return max(stage_history(lead)[-1][0], lead["last_activity"] or 0)
 
 
 def is_open(lead: dict, policy: StallPolicy) -> bool:
@@ -99,7 +99,8 @@ def apply_lead_event(lead: dict, event: dict, lead_id: str, policy: StallPolicy,
     if event["type"] == "lead.activity":
         lead["last_activity"] = max(lead["last_activity"] or at, at)
     elif event["type"] == "lead.created":
-        lead.update(created=at, source=payload["source"], campaign=payload.get("campaign"), score=payload.get("score"))
+        lead.update(created=at, created_id=event["event_id"], source=payload["source"],
+                    campaign=payload.get("campaign"), score=payload.get("score"))
     elif event["type"] == "deal.won":
         lead["won_amount"] = payload["amount"]
     elif event["type"] == "quote.sent":

@@ -16,7 +16,16 @@ import pytest
 
 from crm_pulse.cli import main
 from crm_pulse.config import Settings
-from crm_pulse.importer import ImportFailed, convert, import_csv, load_mapping, parse_date, pseudonymise
+from crm_pulse.importer import (
+    FileReport,
+    ImportFailed,
+    Reject,
+    convert,
+    import_files,
+    load_mapping,
+    parse_date,
+    pseudonymise,
+)
 from crm_pulse.schemas.events import to_epoch_ms
 from crm_pulse.schemas.validate import parse_event
 
@@ -40,18 +49,25 @@ def maven():
     return load_mapping(MAVEN_MAPPING)
 
 
+def converted(text: str, mapping) -> tuple[list, list[Reject]]:
+    """(the events' documents sorted as the import sorts them, the rejected rows) of a CSV text."""
+    items = list(convert(io.StringIO(text), mapping, FileReport(Path("export.csv"), Path("export.rejects.csv"))))
+    events = sorted(item for item in items if not isinstance(item, Reject))
+    return [orjson.loads(e.value) for e in events], [item for item in items if isinstance(item, Reject)]
+
+
 def run(mapping, *rows: str):
-    conversion = convert(io.StringIO("\r\n".join([HEADER, *rows]) + "\r\n"), mapping)
-    return [orjson.loads(e.value) for e in conversion.events], conversion.rejects
+    return converted("\r\n".join([HEADER, *rows]) + "\r\n", mapping)
 
 
 def test_day_first_two_digit_year_is_midnight_utc_or_the_given_zone():
     assert OCT_20_2016_MS == 1_476_921_600_000
-    assert parse_date("20-10-16", ["%d-%m-%y"], ZoneInfo("UTC")) == OCT_20_2016_MS
+    assert parse_date("20-10-16", ["%d-%m-%y"], ZoneInfo("UTC"))[0] == OCT_20_2016_MS
     # Berlin is on summer time (UTC+2) on 20 October 2016: its midnight is 22:00 UTC the day before.
-    assert parse_date("20-10-16", ["%d-%m-%y"], ZoneInfo("Europe/Berlin")) == OCT_20_2016_MS - 2 * 3_600_000
+    assert parse_date("20-10-16", ["%d-%m-%y"], ZoneInfo("Europe/Berlin"))[0] == OCT_20_2016_MS - 2 * 3_600_000
     iso_too = ["%d-%m-%y", "%Y-%m-%dT%H:%M:%S%z"]
-    assert parse_date("2016-10-20T02:00:00+02:00", iso_too, ZoneInfo("UTC")) == OCT_20_2016_MS
+    ms, _, fmt = parse_date("2016-10-20T02:00:00+02:00", iso_too, ZoneInfo("UTC"))
+    assert (ms, fmt) == (OCT_20_2016_MS, "%Y-%m-%dT%H:%M:%S%z")
     with pytest.raises(ValueError):
         parse_date("31-02-17", ["%d-%m-%y"], ZoneInfo("UTC"))
 
@@ -137,8 +153,8 @@ def test_mapping_mistakes_stop_the_import(tmp_path, maven):
     bad.write_text(MAVEN_MAPPING.read_text().replace('occurred_at = "close_date"', 'ocurred_at = "close_date"', 1))
     with pytest.raises(ImportFailed, match="unknown ocurred_at"):
         load_mapping(bad)
-    with pytest.raises(ImportFailed, match="does not have: close_date, close_value"):
-        convert(io.StringIO("opportunity_id,sales_agent,account,deal_stage,engage_date\n"), maven)
+    with pytest.raises(ImportFailed, match="export.csv: the mapping reads column.* does not have: close_date, close_value"):
+        converted("opportunity_id,sales_agent,account,deal_stage,engage_date\n", maven)
 
 
 def test_publishing_requires_a_broker(monkeypatch, capsys):
@@ -173,12 +189,14 @@ def test_dry_run_of_the_maven_export_matches_the_csv(tmp_path):
     prospecting_lines = [line for line, row in enumerate(rows, start=2) if row["deal_stage"] == "Prospecting"]
 
     out = tmp_path / "maven.jsonl"
-    summary = import_csv(Settings(broker=None), MAVEN_CSV, MAVEN_MAPPING, dry_run=out)
-    assert (summary.rows, summary.rejects) == (len(rows), {PROSPECTING_REASON: stages["Prospecting"]})
+    summary = import_files(Settings(broker=None), [(MAVEN_CSV, MAVEN_MAPPING)], dry_run=out)
+    [report] = summary.files
+    assert (report.rows, report.rejects) == (len(rows), {PROSPECTING_REASON: stages["Prospecting"]})
 
     raw = out.read_bytes().splitlines()
     events = [parse_event(line) for line in raw]  # raises unless every event is valid
-    assert Counter(e.type for e in events) == summary.events == {
+    assert len(events) == summary.events
+    assert Counter(e.type for e in events) == report.events == {
         "lead.created": stages["Engaging"] + stages["Won"] + stages["Lost"],
         "deal.won": stages["Won"],
         "deal.lost": stages["Lost"],
@@ -216,12 +234,11 @@ def test_the_documented_mappings_load_and_the_maven_one_is_the_shipped_file(tmp_
         "7,Ana Ruiz,Acme,Sales,lost,2024-03-05 14:22:10,,2024-04-01,0,EUR,",
         "8,Ana Ruiz,Acme,Sales,deleted,2024-03-05 14:22:10,,,0,EUR,",
     ]
-    conversion = convert(io.StringIO("\n".join([header, *rows]) + "\n"), pipedrive)
-    events = [orjson.loads(e.value) for e in conversion.events]
+    events, rejects = converted("\n".join([header, *rows]) + "\n", pipedrive)
     # Berlin is on CET (UTC+1) on 5 March: 14:22:10 there is 13:22:10 UTC.
     assert [(e["event_id"], to_epoch_ms(e["occurred_at"]), e["payload"]) for e in events] == [
         ("pd-7:created", to_epoch_ms("2024-03-05T13:22:10Z"), {"source": "pipedrive", "stage": "open"}),
         ("pd-7:lost", to_epoch_ms("2024-03-31T22:00:00Z"), {"reason": "unspecified"}),
     ]
     assert events[0]["lead_id"] == "pd-deal-7" and events[0]["rep_id"] == "rep-" + pseudonymise("Ana Ruiz")
-    assert [(r.line, r.reason) for r in conversion.rejects] == [(3, "deleted in Pipedrive")]
+    assert [(r.line, r.reason) for r in rejects] == [(3, "deleted in Pipedrive")]

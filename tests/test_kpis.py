@@ -4,7 +4,7 @@ Times are UTC. D0 is the epoch day of 2026-01-01 (56 years × 365 days + 14 leap
 `at(d, h, m)` is "day d hh:mm" counted from 2026-01-01 00:00Z.
 """
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
 
@@ -23,7 +23,18 @@ from crm_pulse.streams.kpis import (
     histogram_quantile,
     window_day_range,
 )
-from crm_pulse.streams.leads import CLEARED, ESCALATED, STALLED, StallPolicy, apply_lead_event, check_stall, new_lead
+from crm_pulse.streams.leads import (
+    CLEARED,
+    ESCALATED,
+    STALLED,
+    StallPolicy,
+    apply_lead_event,
+    check_stall,
+    current_stage,
+    idle_since,
+    is_open,
+    new_lead,
+)
 from crm_pulse.streams.dedupe import first_seen
 from crm_pulse.streams.entities import apply_customer_event
 
@@ -377,6 +388,59 @@ def test_moving_or_closing_clears_a_stall():
     _, alerts = apply_lead_event(closed, ev("w", "deal.won", at(7), {"amount": 10.0}), "L1", POLICY, configured)
     assert [a["type"] for a in alerts] == [CLEARED]
     assert check_stall(closed, "L1", at(40), POLICY, configured) == []  # closed leads never stall
+
+
+@pytest.mark.parametrize("won_first", [False, True], ids=["created-delivered-first", "won-delivered-first"])
+def test_a_lead_won_before_its_creation_date_is_closed_with_a_cycle_of_zero(won_first):
+    # An export dates the win day 8 12:00 and the creation day 10 00:00: the history starts at the creation, so the
+    # win counts there: closed, 0 ms in "qualified", a cycle of 0 ms, the lead a deal and a win on day 10.
+    created = ev("c", "lead.created", at(10), {"source": "web", "stage": "qualified"}, rep_id="r1")
+    won = ev("w", "deal.won", at(8, 12), {"amount": 10.0}, rep_id="r1")
+    lead, net, alerts = new_lead(), Counter(), []
+    for event in (won, created) if won_first else (created, won):
+        deltas, raised = apply_lead_event(lead, event, "L1", POLICY, configured)
+        net.update(dict(deltas))
+        alerts += raised
+    assert +net == {
+        ("hist", "dwell:qualified", at(10), 0): 1,
+        ("hist", "cycle:all", at(10), 0): 1,
+        ("sums", "all", at(10), "new_deals", 1): 1,
+        ("sums", "rep:r1", at(10), "new_deals", 1): 1,
+        ("sums", "source:web", at(10), "new_deals", 1): 1,
+        ("sums", "source:web", at(10), "won", 1): 1,
+    }
+    assert (current_stage(lead), is_open(lead, POLICY), idle_since(lead)) == ("won", False, at(10))
+    assert alerts == [] and check_stall(lead, "L1", at(40), POLICY, configured) == []
+
+
+def test_a_close_at_the_creation_time_follows_the_creation_whatever_the_ids():
+    # Date-only exports give a same-day close the creation's time; the lost event's id sorts before the creation's.
+    lead = new_lead()
+    apply_lead_event(lead, ev("x-created", "lead.created", at(3), {"source": "web", "stage": "new"}), "L1", POLICY,
+                     configured)  # fmt: skip
+    deltas, _ = apply_lead_event(lead, ev("x-closed", "deal.lost", at(3), {"reason": "price"}), "L1", POLICY,
+                                 configured)  # fmt: skip
+    assert dwell_facts(deltas) == [("new", at(3), 0, 1)]
+    assert (current_stage(lead), is_open(lead, POLICY)) == ("lost", False)
+    assert check_stall(lead, "L1", at(30), POLICY, configured) == []
+
+
+def test_a_stage_dated_before_the_creation_counts_from_it_and_a_later_move_still_counts():
+    # Proposal dated day 1, creation day 2 in "new", negotiation day 5: new 0 ms, proposal 3 days (from day 2).
+    lead, facts = new_lead(), []
+    for event in (
+        ev("p", "lead.stage_changed", at(1), {"from": "new", "to": "proposal"}),
+        ev("c", "lead.created", at(2), {"source": "web", "stage": "new"}),
+        ev("n", "lead.stage_changed", at(5), {"from": "proposal", "to": "negotiation"}),
+    ):
+        facts += apply_lead_event(lead, event, "L1", POLICY, configured)[0]
+    net = Counter()
+    for fact, sign in facts:
+        net[fact] += sign
+    assert sorted((scope, left, ms) for (kind, scope, left, ms, *_), n in (+net).items() if kind == "hist") == [
+        ("dwell:new", at(2), 0), ("dwell:proposal", at(5), 3 * DAY_MS),
+    ]
+    assert (current_stage(lead), idle_since(lead)) == ("negotiation", at(5))
 
 
 def test_late_activity_catches_up_on_a_missed_stall():

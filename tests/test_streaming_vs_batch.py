@@ -149,15 +149,16 @@ def in_window(ms, now, days):
 
 
 def batch_dwell(events, now, days):
-    """{stage: (count, sum_ms, Counter(bucket))} of stays that ended in the window."""
+    """{stage: (count, sum_ms, Counter(bucket))} of stays that ended in the window. A lead's history starts
+    with its creation: of entries at the same time, the creation comes first (nothing here is dated before it)."""
     entries = defaultdict(list)
     for e in events:
         if entered_stage(e):
-            entries[e["lead_id"]].append((e["occurred_at"], e["event_id"], entered_stage(e)))
+            entries[e["lead_id"]].append((e["occurred_at"], e["type"] != "lead.created", e["event_id"], entered_stage(e)))
     result = defaultdict(lambda: (0, 0, Counter()))
     for stays in entries.values():
         stays.sort()
-        for (entered, _, stage), (left, _, _) in zip(stays, stays[1:]):
+        for (entered, _, _, stage), (left, *_) in zip(stays, stays[1:]):
             if in_window(left, now, days):
                 count, total, buckets = result[stage]
                 buckets[bisect_left(DWELL_BUCKETS_SECONDS, (left - entered) / 1000)] += 1
