@@ -7,6 +7,7 @@ Phases (each capped in time: a slow pipeline gives figures of what it reached, n
   stall       a million open leads in RocksDB: cold start and restart (table recovery), stall scan time per
               tick, worker RSS
   scale       one worker vs two on the same partitions
+  profile     one worker under py-spy: where an event's time goes, and the records it writes per input event
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from rich.table import Table
 from bench.chart import draw
 from bench.harness import REPO, Bench, Reporter
 from bench.latency import phase_latency
+from bench.profile import phase_profile
 from bench.stall import phase_stall
 from bench.throughput import phase_scale_out, phase_throughput
 from crm_pulse.kafka import kafka_libs, kafka_version
 
-PHASES = {"throughput": phase_throughput, "latency": phase_latency, "stall": phase_stall, "scale": phase_scale_out}
+PHASES = {"throughput": phase_throughput, "latency": phase_latency, "stall": phase_stall, "scale": phase_scale_out,
+          "profile": phase_profile}  # fmt: skip
 BROKERS = ("tansu", "kafka")
 # key: (comparison, target) — the issue's targets.
 TARGETS = {
@@ -69,11 +72,14 @@ class Config:
     recovery_timeout: float = 600
     scale_partitions: int = 4
     scale_timeout: float = 90
+    profile_events: int = 60_000
+    profile_rate: int = 100
 
 
 # A quick run that exercises every phase: sizes only, same methods.
 SMALL = {"throughput_events": 30_000, "throughput_timeout": 30, "latency_rate": 200, "latency_seconds": 10,
-         "latency_drain": 30, "leads": 20_000, "scan_ticks": 2, "recovery_timeout": 120, "scale_timeout": 30}  # fmt: skip
+         "latency_drain": 30, "leads": 20_000, "scan_ticks": 2, "recovery_timeout": 120, "scale_timeout": 30,
+         "profile_events": 10_000}  # fmt: skip
 
 HELP = {
     "partitions": "partitions of every topic (throughput, latency, stall)",
@@ -94,6 +100,8 @@ HELP = {
     "recovery_timeout": "cap in seconds on each start with the seeded leads (cold start, restart)",
     "scale_partitions": "partitions in the scale-out phase",
     "scale_timeout": "cap in seconds on each scale-out measurement",
+    "profile_events": "events processed under py-spy in the profile phase",
+    "profile_rate": "py-spy samples per second",
 }
 
 
