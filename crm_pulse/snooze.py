@@ -106,7 +106,7 @@ def serve(settings: Settings, metrics_registry: CollectorRegistry, snoozes: Snoo
             try:
                 lead_id, rep_id = check_link(secret, urlparse(self.path).query, now())
             except LinkRefused as exc:
-                return self.answer(403, page("Link refused", html.escape(str(exc))))
+                return self.answer(403, page("Link refused", html.escape(str(exc), quote=False)))
             until = now() + period
             lead = html.escape(lead_id)
             if not confirmed:
