@@ -20,6 +20,7 @@ BERLIN = Rep("be", timezone="Europe/Berlin", working_hours=(time(9), time(17, 30
 TOKYO = Rep("tk", timezone="Asia/Tokyo", working_hours=(time(8), time(17)))  # 23:00-08:00 UTC
 NIGHTS = Rep("ln", timezone="America/Los_Angeles", working_hours=(time(22), time(6)))  # past local midnight
 ALL_DAY = Rep("li", timezone="Europe/Lisbon")
+EARLY = Rep("ea", timezone="Europe/Berlin", working_hours=(time(2, 30), time(10)))
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,9 @@ ALL_DAY = Rep("li", timezone="Europe/Lisbon")
         # UTC+1 from 29 March 2026).
         (ALL_DAY, "2026-01-06T10:00:00Z", True, "2026-01-07T00:00:00Z"),
         (ALL_DAY, "2026-03-29T10:00:00Z", True, "2026-03-29T23:00:00Z"),
+        # 02:30 does not exist in Berlin on 29 March 2026 (02:00 CET → 03:00 CEST): that day starts at 03:30 CEST.
+        (EARLY, "2026-03-28T12:00:00Z", False, "2026-03-29T01:30:00Z"),
+        (EARLY, "2026-03-29T12:00:00Z", False, "2026-03-30T00:30:00Z"),
     ],
 )
 def test_working_hours_and_the_next_working_day_in_the_reps_zone(rep, now, working, next_start):
