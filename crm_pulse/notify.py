@@ -241,7 +241,11 @@ class Held:
     alert: Alert
     published: dict
     deliveries: list[Delivery]
-    outcomes: set[str] = field(default_factory=set)
+    outcomes: set[str] = field(default_factory=set)  # of each message made so far: posted or failed
+
+    @property
+    def outcome(self) -> str:
+        return "failed" if "failed" in self.outcomes else "posted"
 
 
 class Notifier:
@@ -250,8 +254,7 @@ class Notifier:
 
     def __init__(self, settings: Settings, channels: list[Channel], directory: DirectoryFile | None,
                  producer: KafkaProducer, sent: SentSet, metrics: NotifyMetrics, max_attempts: int,
-                 backoff_seconds: float, snoozes: Snoozes | None = None,
-                 now: Callable[[], datetime] = utc_now):  # fmt: skip
+                 backoff_seconds: float, snoozes: Snoozes | None, now: Callable[[], datetime]):  # fmt: skip
         self.settings, self.channels, self.directory = settings, channels, directory
         self.producer, self.sent, self.metrics = producer, sent, metrics
         self.max_attempts, self.backoff_seconds = max_attempts, backoff_seconds
@@ -296,7 +299,7 @@ class Notifier:
             self.held.setdefault(alert.rep_id, []).append(item)
             self.metrics.held.inc()
             return "held"
-        return "failed" if "failed" in item.outcomes else "posted"
+        return item.outcome
 
     def release(self) -> list[tuple[Held, str]]:
         """Post the held alerts of each rep whose time has come, one message per recipient; each with its
@@ -312,19 +315,21 @@ class Notifier:
             del self.held[rep_id]
             self.metrics.held.dec(len(items))
             groups: dict[tuple, tuple[Delivery, list[Held]]] = {}
+            live = []
             for item in items:
                 if self.snoozed(item):
                     released.append((item, "snoozed"))
                     continue
+                live.append(item)
                 for delivery in item.deliveries:
                     target = (delivery.channel.name, delivery.recipient, delivery.address)
                     groups.setdefault(target, (delivery, []))[1].append(item)
-                released.append((item, ""))
             for delivery, group in groups.values():
                 outcome = self.send(group, delivery, directory)
                 for item in group:
                     item.outcomes.add(outcome)
-        return [(item, outcome or ("failed" if "failed" in item.outcomes else "posted")) for item, outcome in released]
+            released += [(item, item.outcome) for item in live]
+        return released
 
     def forget(self, assigned: set[TopicPartition]) -> None:
         """Drop what is held from partitions this member no longer reads: their new reader holds it now."""

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import urllib.error
 import urllib.request
-from datetime import datetime, timedelta
+from datetime import datetime
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlparse
 
