@@ -18,6 +18,7 @@ from email import message_from_bytes
 from datetime import datetime
 from email.policy import default as email_policy
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import orjson
 import pytest
@@ -399,3 +400,39 @@ def test_alerts_held_overnight_survive_a_kill_and_go_out_once_in_one_message(bro
     result = subprocess.run([*command, "4"], env=env, capture_output=True, text=True, timeout=120)
     assert "notify stopped: posted=0 failed=0 duplicate=0 invalid=0 snoozed=0" in result.stderr
     assert len(mailbox.messages) == 1
+
+
+def test_a_snooze_link_from_an_email_suppresses_the_leads_alerts_after_a_restart(broker, tmp_path, mailbox):
+    port = free_port()
+    env = notifier_env(broker, tmp_path, mailbox, "http://127.0.0.1:1", CRM_PULSE_NOTIFY_CHANNELS='["email"]',
+                       CRM_PULSE_NOTIFY_METRICS_PORT=str(port), CRM_PULSE_NOTIFY_LINK_SECRET="snooze-secret",
+                       CRM_PULSE_NOTIFY_LINK_BASE_URL=f"http://127.0.0.1:{port}/")  # fmt: skip
+    publish(env, A1)
+    process = subprocess.Popen(notify_command("--max-idle", "60"), env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: mailbox.received(), "the first e-mail")
+        [link] = [line.removeprefix("Snooze this lead: ") for line in mailbox.messages[0][1].get_content().splitlines()
+                  if line.startswith("Snooze this lead: ")]  # fmt: skip
+        query = {name: values[0] for name, values in parse_qs(urlparse(link).query).items()}
+        assert link.startswith(f"http://127.0.0.1:{port}/snooze?")
+        assert (query["lead"], query["rep"]) == ("L1", "rep-7")
+        assert abs(int(query["expires"]) - (time.time() + 7 * 86400)) < 120
+        expected = hmac.new(b"snooze-secret", f"L1\nrep-7\n{query['expires']}".encode(), hashlib.sha256).hexdigest()
+        assert query["signature"] == expected
+        with urllib.request.urlopen(urllib.request.Request(link, data=b"", method="POST"), timeout=10) as answer:
+            assert answer.status == 200 and "No alerts about lead L1 until" in answer.read().decode()
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    [snooze] = read_all(env, f"{env['CRM_PULSE_APP_ID']}-notify-snoozes")
+    until = datetime.fromisoformat(orjson.loads(snooze.value)["until"]).timestamp()
+    assert snooze.key == b"L1" and abs(until - (time.time() + 3 * 86400)) < 120
+
+    # Restarted, it reads the snooze back: L1's escalation reaches neither Ana nor Bo; L2's alert goes out.
+    l2 = alert("b2", "lead.stalled", "L2", "rep-7")
+    publish(env, A2, l2)
+    result = subprocess.run(notify_command("--max-idle", "4"), env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert mailbox.received() == [("ana@example.com", "Lead L1 (account acct-acme) stalled in stage qualified"),
+                                  ("ana@example.com", "Lead L2 stalled in stage qualified")]  # fmt: skip
+    assert "notify stopped: posted=1 failed=0 duplicate=0 invalid=0 snoozed=1" in result.stderr
