@@ -284,7 +284,8 @@ class Notifier:
                 self.metrics.notifications.labels(delivery.channel.name, "already_sent").inc()
             else:
                 pending.append(delivery)
-        if not pending:
+        # Held already: the worker published it again, or a rebalance handed its partition back from the start.
+        if not pending or any(held.alert.alert_id == alert.alert_id for held in self.held.get(alert.rep_id, ())):
             return "duplicate"
         item = Held(record, alert, published, pending)
         if self.snoozed(item):
