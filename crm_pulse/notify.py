@@ -184,9 +184,10 @@ def ensure_notify_topics(settings: Settings) -> None:
         existing = set(admin.list_topics())
         wanted = {
             settings.effective_notify_sent_topic: {"cleanup.policy": "compact"},
-            settings.effective_notify_snoozes_topic: {"cleanup.policy": "compact"},
             settings.effective_notify_dlq_topic: {},
         }
+        if settings.notify_link_secret:
+            wanted[settings.effective_notify_snoozes_topic] = {"cleanup.policy": "compact"}
         for name, config in wanted.items():
             if name not in existing:
                 try:

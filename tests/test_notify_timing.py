@@ -166,6 +166,20 @@ def test_a_restarted_notifier_holds_again_what_it_held_and_posts_nothing_twice(s
     assert third.email.sent == [] and third.notifier.held == {}
 
 
+def test_a_partition_taken_away_takes_its_held_alerts_with_it(setup):
+    clock = Clock("2026-01-06T20:00:00Z")
+    run = setup(clock, notify_quiet_hours=True)
+    on_0 = alert_record(0, "a1", "L1", "2026-01-06T20:00:00Z")
+    on_1 = alert_record(0, "a2", "L2", "2026-01-06T20:00:00Z")
+    on_1.partition = 1
+    assert [run.notifier.handle(on_0), run.notifier.handle(on_1)] == ["held", "held"]
+    run.notifier.forget({TopicPartition("alerts", 1)})
+    assert run.registry.get_sample_value("crm_notifications_held") == 1
+    clock.set("2026-01-07T08:00:00Z")
+    assert [(item.alert.alert_id, outcome) for item, outcome in run.notifier.release()] == [("a2", "posted")]
+    assert run.email.sent == [("ana@example.com", "Lead L2 stalled in stage qualified", A2_TEXT.split(": ", 1)[1])]
+
+
 def test_a_digest_goes_out_at_the_start_of_the_next_working_day(setup):
     clock = Clock("2026-01-06T10:00:00Z")  # 11:00 in Berlin: working, but this day's digest has gone
     run = setup(clock, notify_digest=True)
