@@ -30,6 +30,7 @@ MAX_DELAY_SECONDS = 30.0
 # 998 is the RFC 5322 limit.
 UNFOLDED = default_policy.clone(max_line_length=998)
 SIGNATURE_HEADER = "X-CRM-Pulse-Signature"
+SNOOZE = "Snooze this lead"
 TIMESTAMP_HEADER = "X-CRM-Pulse-Timestamp"
 
 
@@ -53,6 +54,7 @@ class Message:
     facts: str
     details: str
     link: str | None
+    snooze: str | None = None  # a signed link that stops this lead's alerts for a while
 
     @property
     def text(self) -> str:
@@ -69,6 +71,8 @@ def slack_payload(message: Message) -> dict:
     section = f"*{_escape(message.headline)}*\n{_escape(message.facts)}"
     if message.link:
         section += f"\n<{message.link}|Open in the CRM>"
+    if message.snooze:
+        section += f"\n<{message.snooze}|{SNOOZE}>"
     return {
         "text": message.text,
         "blocks": [
@@ -89,7 +93,8 @@ def teams_payload(message: Message) -> dict:
             {"type": "TextBlock", "text": message.facts, "wrap": True},
             {"type": "TextBlock", "text": message.details, "isSubtle": True, "size": "Small", "wrap": True},
         ],
-        "actions": [{"type": "Action.OpenUrl", "title": "Open in the CRM", "url": message.link}] if message.link else [],
+        "actions": [{"type": "Action.OpenUrl", "title": title, "url": url}
+                    for title, url in (("Open in the CRM", message.link), (SNOOZE, message.snooze)) if url],
     }
     return {"type": "message", "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "content": card}]}
 
@@ -154,6 +159,7 @@ class Channel:
     per_recipient: ClassVar[bool] = False
 
     def send(self, message: Message, alert: dict, address: str | None) -> None:
+        """`alert` as published; a per-recipient channel may be sent a group of alerts, with the first."""
         raise NotImplementedError
 
 
@@ -214,7 +220,7 @@ class SignedWebhook(Channel):
     timeout_seconds: float
 
     def send(self, message: Message, alert: dict, address: str | None) -> None:
-        body = orjson.dumps({"alert": alert, "text": message.text, "link": message.link})
+        body = orjson.dumps({"alert": alert, "text": message.text, "link": message.link, "snooze_link": message.snooze})
         timestamp = str(int(time.time()))
         headers = {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: signature(self.secret, timestamp, body)}
         post_json(self.url, body, self.timeout_seconds, headers)
@@ -236,7 +242,8 @@ class Email(Channel):
     def send(self, message: Message, alert: dict, address: str | None) -> None:
         email = EmailMessage(policy=UNFOLDED)
         email["Subject"], email["From"], email["To"] = message.headline, self.sender, address
-        email.set_content("\n\n".join(filter(None, (message.facts, message.link, message.details))) + "\n")
+        snooze = f"{SNOOZE}: {message.snooze}" if message.snooze else None
+        email.set_content("\n\n".join(filter(None, (message.facts, message.link, snooze, message.details))) + "\n")
         try:
             with smtplib.SMTP(self.host, self.port, timeout=self.timeout_seconds) as smtp:
                 if self.starttls:

@@ -100,6 +100,17 @@ class Settings(BaseSettings):
     notify_dlq_topic: str | None = None
     notify_metrics_host: str = "127.0.0.1"
     notify_metrics_port: int = Field(6067, ge=0, le=65535)
+    # When a rep's alerts go out (docs/alerts.md#grouping-digests-and-quiet-hours).
+    notify_group_seconds: float = Field(0, ge=0)
+    notify_digest: bool = False
+    notify_quiet_hours: bool = False
+    # Snooze links (docs/alerts.md#snooze-links), served by notify's web server at this public base URL.
+    notify_link_secret: SecretStr | None = None
+    notify_link_base_url: str | None = None
+    notify_link_valid_seconds: float = Field(7 * 86400, gt=0)
+    notify_snooze_seconds: float = Field(3 * 86400, gt=0)
+    # Unset: `<app id>-notify-snoozes` (compacted).
+    notify_snoozes_topic: str | None = None
 
     log_level: str = "info"
 
@@ -134,6 +145,16 @@ class Settings(BaseSettings):
     @property
     def effective_notify_sent_topic(self) -> str:
         return self.notify_sent_topic or f"{self.app_id}-notify-sent"
+
+    @model_validator(mode="after")
+    def _snooze_links_need_both(self) -> "Settings":
+        if (self.notify_link_secret is None) != (self.notify_link_base_url is None):
+            raise ValueError("set both CRM_PULSE_NOTIFY_LINK_SECRET and CRM_PULSE_NOTIFY_LINK_BASE_URL, or neither")
+        return self
+
+    @property
+    def effective_notify_snoozes_topic(self) -> str:
+        return self.notify_snoozes_topic or f"{self.app_id}-notify-snoozes"
 
     @property
     def effective_notify_dlq_topic(self) -> str:

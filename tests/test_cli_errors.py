@@ -45,6 +45,9 @@ def refused_address() -> str:
     ("CRM_PULSE_BROKER", "localhost:9092",
      "CRM_PULSE_BROKER='localhost:9092': CRM_PULSE_BROKER must look like kafka://host:port[,host:port]"),
     ("CRM_PULSE_GRACE_SECONDS", "9999999999", "CRM_PULSE_DEDUPE_HORIZON_SECONDS must be at least CRM_PULSE_GRACE_SECONDS"),
+    # The secret itself is not repeated.
+    ("CRM_PULSE_NOTIFY_LINK_SECRET", "s3cret",
+     "set both CRM_PULSE_NOTIFY_LINK_SECRET and CRM_PULSE_NOTIFY_LINK_BASE_URL, or neither"),
 ])  # fmt: skip
 @pytest.mark.parametrize("command", [["worker"], ["demo", "--seconds", "1"], ["alerts", "tail"]])
 def test_a_bad_setting_is_one_line_naming_it_and_exit_2(command, name, value, expected):

@@ -15,8 +15,10 @@ import sys
 import time
 import urllib.request
 from email import message_from_bytes
+from datetime import datetime
 from email.policy import default as email_policy
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import orjson
 import pytest
@@ -322,3 +324,115 @@ def test_a_notifier_killed_mid_delivery_loses_nothing_and_posts_nothing_twice(br
     assert posted(slack) == [("U07", L1_STALLED), ("U07", L1_ESCALATED), ("U01", L1_ESCALATED)]
     assert "3 deliveries already sent" in result.stderr
     assert "notify stopped: posted=1 failed=0 duplicate=0 invalid=0" in result.stderr
+
+
+# A notifier whose clock is the instant in a file, so the test moves it across a rep's night.
+CLOCKED_NOTIFIER = """
+import logging, sys
+from datetime import datetime
+from pathlib import Path
+from crm_pulse.config import load_settings
+from crm_pulse.notify import notify
+logging.basicConfig(level="INFO", format="%(message)s")
+logging.getLogger("kafka").setLevel(logging.WARNING)
+clock = Path(sys.argv[1])
+notify(load_settings(), from_beginning=True, max_idle_seconds=float(sys.argv[2]),
+       now=lambda: datetime.fromisoformat(clock.read_text()))
+"""
+BERLIN_ANA = """
+[reps.rep-7]
+name = "Ana Lima"
+email = "ana@example.com"
+timezone = "Europe/Berlin"
+working_hours = "09:00-17:30"
+"""
+
+
+def test_alerts_held_overnight_survive_a_kill_and_go_out_once_in_one_message(broker, tmp_path, mailbox):
+    env = notifier_env(broker, tmp_path, mailbox, "http://127.0.0.1:1", CRM_PULSE_NOTIFY_CHANNELS='["email"]',
+                       CRM_PULSE_NOTIFY_QUIET_HOURS="true", CRM_PULSE_NOTIFY_GROUP_SECONDS="600")  # fmt: skip
+    (tmp_path / "reps.toml").write_text(BERLIN_ANA)
+    clock = tmp_path / "clock"
+    clock.write_text("2026-01-06T20:05:00+00:00")  # 21:05 in Berlin
+    producer = KafkaProducer(bootstrap_servers=env["CRM_PULSE_BROKER"].removeprefix("kafka://"))
+    b1, b2 = alert("b1", "lead.stalled", "L1", "rep-7"), alert("b2", "lead.stalled", "L2", "rep-7")
+    for value, published in ((b1, "2026-01-06T20:00:00+00:00"), (b2, "2026-01-06T20:01:00+00:00")):
+        producer.send(env["CRM_PULSE_ALERTS_TOPIC"], key=b"rep-7", value=orjson.dumps(value),
+                      timestamp_ms=int(datetime.fromisoformat(published).timestamp() * 1000))  # fmt: skip
+    producer.flush()
+    producer.close()
+    def held() -> float | None:
+        try:
+            return metrics(env).get(("crm_notifications_held", ()))
+        except OSError:  # not serving yet: it serves once it has read its compacted topics
+            return None
+
+    command = [sys.executable, "-c", CLOCKED_NOTIFIER, str(clock)]
+
+    process = subprocess.Popen([*command, "60"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: held() == 2, "both alerts to be held")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    assert mailbox.received() == []
+
+    # Restarted, it reads both again (their offsets were not committed) and holds them till Ana's morning.
+    process = subprocess.Popen([*command, "4"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: held() == 2, "both alerts to be held again")
+        time.sleep(1)
+        assert mailbox.received() == []
+        clock.write_text("2026-01-07T08:00:00+00:00")  # 09:00 in Berlin
+        wait_until(lambda: mailbox.received(), "the morning's e-mail")
+    finally:
+        _, stderr = process.communicate(timeout=60)
+    assert mailbox.received() == [("ana@example.com", "2 lead alerts for Ana Lima")]
+    assert mailbox.messages[0][1].get_content().splitlines() == [
+        "Lead L1 stalled in stage qualified: idle 5.0d, threshold 5.0d, rep Ana Lima · https://crm.example.com/leads/L1",
+        "Lead L2 stalled in stage qualified: idle 5.0d, threshold 5.0d, rep Ana Lima · https://crm.example.com/leads/L2",
+        "", "alerts b1, b2",
+    ]  # fmt: skip
+    assert "notify stopped: posted=2 failed=0 duplicate=0 invalid=0 snoozed=0" in stderr
+    assert process.returncode == 0
+
+    # Both offsets are committed now: a third run reads nothing and sends nothing.
+    result = subprocess.run([*command, "4"], env=env, capture_output=True, text=True, timeout=120)
+    assert "notify stopped: posted=0 failed=0 duplicate=0 invalid=0 snoozed=0" in result.stderr
+    assert len(mailbox.messages) == 1
+
+
+def test_a_snooze_link_from_an_email_suppresses_the_leads_alerts_after_a_restart(broker, tmp_path, mailbox):
+    port = free_port()
+    env = notifier_env(broker, tmp_path, mailbox, "http://127.0.0.1:1", CRM_PULSE_NOTIFY_CHANNELS='["email"]',
+                       CRM_PULSE_NOTIFY_METRICS_PORT=str(port), CRM_PULSE_NOTIFY_LINK_SECRET="snooze-secret",
+                       CRM_PULSE_NOTIFY_LINK_BASE_URL=f"http://127.0.0.1:{port}/")  # fmt: skip
+    publish(env, A1)
+    process = subprocess.Popen(notify_command("--max-idle", "60"), env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: mailbox.received(), "the first e-mail")
+        [link] = [line.removeprefix("Snooze this lead: ") for line in mailbox.messages[0][1].get_content().splitlines()
+                  if line.startswith("Snooze this lead: ")]  # fmt: skip
+        query = {name: values[0] for name, values in parse_qs(urlparse(link).query).items()}
+        assert link.startswith(f"http://127.0.0.1:{port}/snooze?")
+        assert (query["lead"], query["rep"]) == ("L1", "rep-7")
+        assert abs(int(query["expires"]) - (time.time() + 7 * 86400)) < 120
+        expected = hmac.new(b"snooze-secret", f"L1\nrep-7\n{query['expires']}".encode(), hashlib.sha256).hexdigest()
+        assert query["signature"] == expected
+        with urllib.request.urlopen(urllib.request.Request(link, data=b"", method="POST"), timeout=10) as answer:
+            assert answer.status == 200 and "No alerts about lead L1 until" in answer.read().decode()
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    [snooze] = read_all(env, f"{env['CRM_PULSE_APP_ID']}-notify-snoozes")
+    until = datetime.fromisoformat(orjson.loads(snooze.value)["until"]).timestamp()
+    assert snooze.key == b"L1" and abs(until - (time.time() + 3 * 86400)) < 120
+
+    # Restarted, it reads the snooze back: L1's escalation reaches neither Ana nor Bo; L2's alert goes out.
+    l2 = alert("b2", "lead.stalled", "L2", "rep-7")
+    publish(env, A2, l2)
+    result = subprocess.run(notify_command("--max-idle", "4"), env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert mailbox.received() == [("ana@example.com", "Lead L1 (account acct-acme) stalled in stage qualified"),
+                                  ("ana@example.com", "Lead L2 stalled in stage qualified")]  # fmt: skip
+    assert "notify stopped: posted=1 failed=0 duplicate=0 invalid=0 snoozed=1" in result.stderr

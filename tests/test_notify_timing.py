@@ -1,0 +1,301 @@
+"""Grouping, digests, quiet hours and snoozes in the notifier, under a controlled clock and without a broker:
+records handed to `Notifier` as the consume loop does, channels that record what they are sent, and a producer
+that keeps what is written to notify's topics."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import urllib.error
+import urllib.request
+from datetime import datetime
+from types import SimpleNamespace
+from urllib.parse import parse_qs, urlparse
+
+import orjson
+import pytest
+from kafka import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from crm_pulse.broker import free_port
+from crm_pulse.channels import Channel
+from crm_pulse.config import Settings
+from crm_pulse.directory import DirectoryFile
+from crm_pulse.notify import Notifier, NotifyMetrics, Offsets, SentSet
+from crm_pulse.snooze import LinkRefused, Snoozes, check_link, serve, snooze_link
+
+DIRECTORY = """
+[reps.rep-7]
+name = "Ana Lima"
+email = "ana@example.com"
+timezone = "Europe/Berlin"
+working_hours = "09:00-17:30"
+manager = "rep-1"
+
+[reps.rep-1]
+name = "Bo Chen"
+email = "bo@example.com"
+timezone = "Europe/Berlin"
+working_hours = "09:00-17:30"
+"""
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+class Recorder(Channel):
+    def __init__(self, name: str, per_recipient: bool):
+        self.name, self.per_recipient, self.sent, self.messages = name, per_recipient, [], []
+
+    def send(self, message, alert, address):
+        self.sent.append((address, message.headline, message.facts))
+        self.messages.append(message)
+
+
+class Producer:
+    def __init__(self):
+        self.records: list[tuple[str, bytes, bytes]] = []
+
+    def send(self, topic, key, value):
+        self.records.append((topic, key, value))
+        return SimpleNamespace(get=lambda timeout: None)
+
+    def read(self, topic: str) -> list:
+        return [SimpleNamespace(key=k, value=v) for t, k, v in self.records if t == topic]
+
+
+def alert_record(offset: int, alert_id: str, lead: str, published: str, kind: str = "lead.stalled"):
+    value = {
+        "schema_version": 1, "alert_id": alert_id, "type": kind, "lead_id": lead, "rep_id": "rep-7",
+        "team_id": None, "pipeline": None, "stage": "qualified", "idle_since": "2026-01-01T00:00:00.000Z",
+        "idle_seconds": 6 * 86400.0, "threshold_seconds": 5 * 86400.0, "rule": "stage_threshold",
+        "detected_at": published, "account_id": None, "deal_value": None,
+    }  # fmt: skip
+    return SimpleNamespace(topic="alerts", partition=0, offset=offset, key=b"rep-7", value=orjson.dumps(value),
+                           timestamp=int(utc(published).timestamp() * 1000))  # fmt: skip
+
+
+class Clock:
+    def __init__(self, start: str):
+        self.at = utc(start)
+
+    def __call__(self) -> datetime:
+        return self.at
+
+    def set(self, text: str) -> None:
+        self.at = utc(text)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    (tmp_path / "reps.toml").write_text(DIRECTORY)
+
+    def make(clock: Clock, producer: Producer | None = None, snoozes: bool = False, **settings):
+        producer = producer or Producer()
+        settings = Settings(broker="kafka://127.0.0.1:1", app_id="t", rep_directory=tmp_path / "reps.toml",
+                            notify_channels=frozenset({"email"}), **settings)  # fmt: skip
+        email, teams = Recorder("email", True), Recorder("teams", False)
+        registry = CollectorRegistry()
+        sent = SentSet("t-notify-sent", producer, producer.read("t-notify-sent"))
+        held_snoozes = Snoozes("t-notify-snoozes", producer, producer.read("t-notify-snoozes")) if snoozes else None
+        notifier = Notifier(settings, [email, teams], DirectoryFile(tmp_path / "reps.toml"), producer, sent,
+                            NotifyMetrics(registry), 1, 0, held_snoozes, clock)  # fmt: skip
+        return SimpleNamespace(notifier=notifier, email=email, teams=teams, producer=producer, registry=registry,
+                               snoozes=held_snoozes, settings=settings)  # fmt: skip
+
+    return make
+
+
+def count(registry, channel: str, outcome: str) -> float | None:
+    return registry.get_sample_value("crm_notifications_total", {"channel": channel, "outcome": outcome})
+
+
+A1_TEXT = "Lead L1 stalled in stage qualified: idle 6.0d, threshold 5.0d, rep Ana Lima"
+A2_TEXT = "Lead L2 stalled in stage qualified: idle 6.0d, threshold 5.0d, rep Ana Lima"
+
+
+def test_quiet_hours_hold_a_group_until_the_reps_morning_then_post_it_once(setup):
+    clock = Clock("2026-01-06T16:25:00Z")  # 17:25 in Berlin; Ana works until 17:30
+    run = setup(clock, notify_group_seconds=600, notify_quiet_hours=True)
+    a1 = alert_record(0, "a1", "L1", "2026-01-06T16:25:00Z")
+    a2 = alert_record(1, "a2", "L2", "2026-01-06T16:28:00Z")
+    assert [run.notifier.handle(a1), run.notifier.handle(a2)] == ["held", "held"]
+    # Read again (a rebalance, or the worker publishing it twice): held once.
+    assert run.notifier.handle(a1) == "duplicate"
+    # Teams posts each alert once, to a shared channel, and is not held.
+    assert [headline for _, headline, _ in run.teams.sent] == ["Lead L1 stalled in stage qualified",
+                                                               "Lead L2 stalled in stage qualified"]  # fmt: skip
+    assert run.registry.get_sample_value("crm_notifications_held") == 2
+
+    # The group was due at 16:35 UTC, after Ana's day: it waits for 09:00 in Berlin, 08:00 UTC.
+    for now in ("2026-01-06T16:35:00Z", "2026-01-07T07:59:59Z"):
+        clock.set(now)
+        assert run.notifier.release() == []
+    assert run.email.sent == []
+    clock.set("2026-01-07T08:00:00Z")
+    released = run.notifier.release()
+    assert [(item.alert.alert_id, outcome) for item, outcome in released] == [("a1", "posted"), ("a2", "posted")]
+    assert run.email.sent == [("ana@example.com", "2 lead alerts for Ana Lima", f"{A1_TEXT}\n{A2_TEXT}")]
+    assert run.notifier.release() == []
+    assert count(run.registry, "email", "delivered") == 2
+    assert run.registry.get_sample_value("crm_notifications_held") == 0
+    # One record for the message, naming both deliveries: on record together or not at all.
+    sent = [(k, orjson.loads(v)) for t, k, v in run.producer.records if t == "t-notify-sent"]
+    keys = ["a1|email|rep:rep-7", "a2|email|rep:rep-7"]
+    assert [(k.decode(), v["keys"]) for k, v in sent if "keys" in v] == [
+        (hashlib.sha256("\n".join(keys).encode()).hexdigest(), keys)
+    ]
+
+
+def test_a_restarted_notifier_holds_again_what_it_held_and_posts_nothing_twice(setup):
+    clock = Clock("2026-01-06T20:00:00Z")  # 21:00 in Berlin
+    producer = Producer()
+    first = setup(clock, producer, notify_quiet_hours=True)
+    records = [alert_record(0, "a1", "L1", "2026-01-06T20:00:00Z"), alert_record(1, "a2", "L2", "2026-01-06T20:01:00Z")]
+    assert [first.notifier.handle(r) for r in records] == ["held", "held"]
+    # Killed here: nothing was committed, so the restarted notifier reads both records again.
+    clock.set("2026-01-07T08:00:05Z")
+    second = setup(clock, producer, notify_quiet_hours=True)
+    assert [second.notifier.handle(r) for r in records] == ["held", "held"]
+    assert [outcome for _, outcome in second.notifier.release()] == ["posted", "posted"]
+    assert second.email.sent == [("ana@example.com", "2 lead alerts for Ana Lima", f"{A1_TEXT}\n{A2_TEXT}")]
+    # Killed again before committing: a third reads them again, finds both sent, and posts nothing.
+    third = setup(clock, producer, notify_quiet_hours=True)
+    assert [third.notifier.handle(r) for r in records] == ["duplicate", "duplicate"]
+    assert third.email.sent == [] and third.notifier.held == {}
+
+
+def test_a_partition_taken_away_takes_its_held_alerts_with_it(setup):
+    clock = Clock("2026-01-06T20:00:00Z")
+    run = setup(clock, notify_quiet_hours=True)
+    on_0 = alert_record(0, "a1", "L1", "2026-01-06T20:00:00Z")
+    on_1 = alert_record(0, "a2", "L2", "2026-01-06T20:00:00Z")
+    on_1.partition = 1
+    assert [run.notifier.handle(on_0), run.notifier.handle(on_1)] == ["held", "held"]
+    run.notifier.forget({TopicPartition("alerts", 1)})
+    assert run.registry.get_sample_value("crm_notifications_held") == 1
+    clock.set("2026-01-07T08:00:00Z")
+    assert [(item.alert.alert_id, outcome) for item, outcome in run.notifier.release()] == [("a2", "posted")]
+    assert run.email.sent == [("ana@example.com", "Lead L2 stalled in stage qualified", A2_TEXT.split(": ", 1)[1])]
+
+
+def test_a_digest_goes_out_at_the_start_of_the_next_working_day(setup):
+    clock = Clock("2026-01-06T10:00:00Z")  # 11:00 in Berlin: working, but this day's digest has gone
+    run = setup(clock, notify_digest=True)
+    records = [
+        alert_record(0, "a1", "L1", "2026-01-06T10:00:00Z"),
+        alert_record(1, "a2", "L1", "2026-01-06T12:00:00Z", kind="lead.stall_escalated"),
+    ]
+    assert [run.notifier.handle(r) for r in records] == ["held", "held"]
+    clock.set("2026-01-07T07:59:59Z")
+    assert run.notifier.release() == []
+    clock.set("2026-01-07T08:00:00Z")
+    assert [outcome for _, outcome in run.notifier.release()] == ["posted", "posted"]
+    escalated = "Lead L1 still stalled in stage qualified (escalated): idle 6.0d, threshold 5.0d, rep Ana Lima"
+    # Ana gets both in one message; Bo, her manager, the escalation alone, as a single alert's message.
+    assert run.email.sent == [
+        ("ana@example.com", "2 lead alerts for Ana Lima", f"{A1_TEXT}\n{escalated}, manager Bo Chen"),
+        ("bo@example.com", "Lead L1 still stalled in stage qualified (escalated)",
+         "idle 6.0d, threshold 5.0d, rep Ana Lima, manager Bo Chen"),
+    ]  # fmt: skip
+
+
+def test_offsets_stop_at_the_first_held_alert():
+    offsets, partition = Offsets(), TopicPartition("alerts", 0)
+    records = [SimpleNamespace(topic="alerts", partition=0, offset=n) for n in range(4)]
+    for record, held in zip(records, (False, True, False, True)):
+        offsets.read(record, held)
+    assert offsets.to_commit() == {partition: 1}
+    offsets.committed.update(offsets.to_commit())
+    assert offsets.to_commit() == {}
+    offsets.released(records[1])
+    assert offsets.to_commit() == {partition: 3}
+    offsets.committed.update(offsets.to_commit())
+    offsets.released(records[3])
+    assert offsets.to_commit() == {partition: 4}
+    offsets.forget(set())
+    assert offsets.to_commit() == {}
+
+
+SECRET = b"link-secret"
+
+
+def expected_signature(lead: str, rep: str, expires: int) -> str:
+    return hmac.new(SECRET, f"{lead}\n{rep}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def test_snooze_links_are_signed_and_checked():
+    link = snooze_link("https://notify.example.com/", SECRET, "L 1", "rep-7", 1767787200)
+    parsed = urlparse(link)
+    assert (parsed.scheme, parsed.netloc, parsed.path) == ("https", "notify.example.com", "/snooze")
+    assert parse_qs(parsed.query) == {"lead": ["L 1"], "rep": ["rep-7"], "expires": ["1767787200"],
+                                      "signature": [expected_signature("L 1", "rep-7", 1767787200)]}  # fmt: skip
+    assert check_link(SECRET, parsed.query, utc("2026-01-07T11:59:59Z")) == ("L 1", "rep-7")
+    with pytest.raises(LinkRefused, match="expired at 2026-01-07T12:00:00"):
+        check_link(SECRET, parsed.query, utc("2026-01-07T12:00:00Z"))
+    with pytest.raises(LinkRefused, match="signature is not valid"):
+        check_link(SECRET, parsed.query.replace("L+1", "L+2"), utc("2026-01-07T00:00:00Z"))
+    with pytest.raises(LinkRefused, match="signature is not valid"):
+        check_link(b"another-secret", parsed.query, utc("2026-01-07T00:00:00Z"))
+    with pytest.raises(LinkRefused, match="incomplete"):
+        check_link(SECRET, "lead=L1&rep=rep-7", utc("2026-01-07T00:00:00Z"))
+
+
+def fetch(url: str, method: str = "GET") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method, data=b"" if method == "POST" else None),
+                                    timeout=5) as response:  # fmt: skip
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_snooze_link_suppresses_the_leads_alerts_until_the_snooze_ends(setup):
+    clock = Clock("2026-01-06T10:00:00Z")
+    port = free_port()
+    run = setup(clock, snoozes=True, notify_link_secret="link-secret", notify_metrics_port=port,
+                notify_link_base_url=f"http://127.0.0.1:{port}", notify_snooze_seconds=86400)  # fmt: skip
+    server = serve(run.settings, run.registry, run.snoozes, clock)
+    try:
+        # The message carries a link for its lead, valid for 7 days.
+        assert run.notifier.handle(alert_record(0, "a1", "L1", "2026-01-06T10:00:00Z")) == "posted"
+        link = run.email.messages[0].snooze
+        assert run.teams.messages[0].snooze == link
+        expires = int(utc("2026-01-13T10:00:00Z").timestamp())
+        assert parse_qs(urlparse(link).query)["signature"] == [expected_signature("L1", "rep-7", expires)]
+
+        # Opening it asks to confirm and changes nothing; a forged one is refused.
+        status, body = fetch(link)
+        assert status == 200 and "Snooze lead L1 until 2026-01-07 10:00 UTC" in body
+        forged = link.replace("rep-7", "rep-8")
+        assert fetch(forged, "POST") == (403, "<!doctype html><title>Link refused</title><p>the link's signature is not valid</p>\n")
+        assert [t for t, _, _ in run.producer.records if t == "t-notify-snoozes"] == []
+        assert run.notifier.handle(alert_record(1, "a2", "L1", "2026-01-06T10:05:00Z")) == "posted"
+
+        # Confirmed: written to the compacted topic, and L1's alerts suppressed for a day; L2's still posted.
+        status, body = fetch(link, "POST")
+        assert status == 200 and "No alerts about lead L1 until 2026-01-07 10:00 UTC" in body
+        [(_, key, value)] = [r for r in run.producer.records if r[0] == "t-notify-snoozes"]
+        assert (key, orjson.loads(value)) == (b"L1", {"lead_id": "L1", "rep_id": "rep-7",
+                                                      "until": "2026-01-07T10:00:00+00:00"})  # fmt: skip
+        assert run.notifier.handle(alert_record(2, "a3", "L1", "2026-01-06T11:00:00Z")) == "snoozed"
+        assert run.notifier.handle(alert_record(3, "a4", "L2", "2026-01-06T11:00:00Z")) == "posted"
+        assert (count(run.registry, "email", "snoozed"), count(run.registry, "teams", "snoozed")) == (1, 1)
+        # A notifier started later reads the snooze back; once it ends, L1's alerts go out again.
+        restarted = Snoozes("t-notify-snoozes", run.producer, run.producer.read("t-notify-snoozes"))
+        assert restarted.snoozed("L1", utc("2026-01-07T09:59:59Z")) is True
+        assert restarted.snoozed("L1", utc("2026-01-07T10:00:00Z")) is False
+        clock.set("2026-01-07T10:00:00Z")
+        assert run.notifier.handle(alert_record(4, "a5", "L1", "2026-01-07T10:00:00Z")) == "posted"
+        # Expired: refused, nothing written.
+        clock.set("2026-01-13T10:00:00Z")
+        assert fetch(link, "POST") == (403, "<!doctype html><title>Link refused</title><p>the link expired at "
+                                            "2026-01-13T10:00:00+00:00; use the one in a newer alert</p>\n")  # fmt: skip
+        assert len([r for r in run.producer.records if r[0] == "t-notify-snoozes"]) == 1
+        # The same server still serves the metrics.
+        status, body = fetch(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and 'crm_notifications_total{channel="email",outcome="snoozed"} 1.0' in body
+    finally:
+        server.shutdown()
+        server.server_close()
