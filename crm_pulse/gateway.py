@@ -243,8 +243,10 @@ class HubSpot:
         return translate_each("hubspot", items, self.one)
 
 
-def translate_each(source: str, items: list, one: Callable[[object], list[dict]]) -> Translated:
-    """Each notification's events, or its dead letter: one poison notification does not hold back the others."""
+def translate_each(source: str, items: list, one: Callable[[object], list[dict]],
+                   original: Callable[[object], bytes] = orjson.dumps) -> Translated:  # fmt: skip
+    """Each notification's events, or its dead letter (with `original(notification)`): one poison notification
+    does not hold back the others."""
     out = Translated()
     for item in items:
         try:
@@ -252,8 +254,7 @@ def translate_each(source: str, items: list, one: Callable[[object], list[dict]]
         except (Untranslatable, KeyError, TypeError, ValueError) as exc:
             reason = "unknown_stage" if isinstance(exc, Untranslatable) else "missing_field"
             TRANSLATION_FAILURES.labels(source, reason).inc()
-            out.dead.append(("untranslatable", f"{reason}: {exc}", orjson.dumps(item)
-                             if not isinstance(item, bytes) else item))  # fmt: skip
+            out.dead.append(("untranslatable", f"{reason}: {exc}", original(item)))
     return out
 
 
@@ -344,7 +345,8 @@ class Salesforce:
         if not organization or not hmac.compare_digest(organization[:15].encode(), self.organization_id[:15].encode()):
             VERIFICATION_FAILURES.labels("salesforce", "wrong_organization").inc()
             raise Refused(403, "unauthenticated", "OrganizationId is not the configured organization")
-        return translate_each("salesforce", notifications.findall(f"{{{SALESFORCE_OUTBOUND}}}Notification"), self.one)
+        return translate_each("salesforce", notifications.findall(f"{{{SALESFORCE_OUTBOUND}}}Notification"), self.one,
+                              ElementTree.tostring)  # fmt: skip
 
     def one(self, notification) -> list[dict]:
         delivery = notification.findtext(f"{{{SALESFORCE_OUTBOUND}}}Id")

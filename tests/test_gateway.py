@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import orjson
@@ -383,3 +384,19 @@ def test_the_command_needs_a_broker_and_a_free_port(tmp_path):
         run = subprocess.run([sys.executable, "-m", "crm_pulse.cli", "gateway"], capture_output=True, text=True, env=env)
     assert (run.returncode, run.stderr) == (1, f"crm-pulse: CRM_PULSE_GATEWAY_PORT={port}: 127.0.0.1:{port} is in "
                                                f"use; stop what listens there or choose another port\n")  # fmt: skip
+
+
+def test_a_salesforce_notification_with_an_unknown_stage_is_dead_lettered_as_xml(gateway, broker):
+    odd = opportunity("006X", "Sleeping", "2026-01-01T09:00:00.000Z", "2026-01-02T09:00:00.000Z")
+    fine = opportunity("006Y", "Prospecting", "2026-01-01T09:00:00.000Z", "2026-01-01T09:00:00.000Z")
+    status, body, _ = gateway.post("/webhooks/salesforce", salesforce_message([("04lX", odd), ("04lY", fine)]),
+                                   SALESFORCE_HEADERS)  # fmt: skip
+    assert status == 200 and b"<Ack>true</Ack>" in body
+    (_, dead), = broker.on("dlq")
+    assert (dead["reason"], dead["error"]) == ("untranslatable",
+                                               "unknown_stage: salesforce stage 'Sleeping' is not in the gateway mapping")
+    original = ElementTree.fromstring(base64.b64decode(dead["original_base64"]))
+    outbound, sobject = "{http://soap.sforce.com/2005/09/outbound}", "{urn:sobject.enterprise.soap.sforce.com}"
+    assert original.tag == f"{outbound}Notification" and original.findtext(f"{outbound}Id") == "04lX"
+    assert original.findtext(f"{outbound}sObject/{sobject}StageName") == "Sleeping"
+    assert [value["lead_id"] for _, value in broker.on("in")] == ["salesforce-opportunity-006Y"]
