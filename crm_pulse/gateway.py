@@ -120,8 +120,14 @@ def load_stage_map(path: Path | None) -> StageMap:
         return {str(stage_id): (str(pipeline), stage) for pipeline, stages in pipelines.items()
                 for stage_id, stage in stages.items()}  # fmt: skip
 
-    return StageMap(by_pipeline("hubspot"), by_pipeline("pipedrive"), dict(doc.get("salesforce", {}).get("stages", {})),
-                    doc.get("currency", "USD"))  # fmt: skip
+    stages = StageMap(by_pipeline("hubspot"), by_pipeline("pipedrive"), dict(doc.get("salesforce", {}).get("stages", {})),
+                      doc.get("currency", "USD"))  # fmt: skip
+    for vendor in ("hubspot", "pipedrive", "salesforce"):
+        for stage_id, found in getattr(stages, vendor).items():
+            if not isinstance(found[1] if isinstance(found, tuple) else found, str):
+                raise SettingsInvalid(f"CRM_PULSE_GATEWAY_MAPPING={path}: {vendor} stage {stage_id!r} must map to a "
+                                      f"stage name (a string)")  # fmt: skip
+    return stages
 
 
 # --- verification -----------------------------------------------------------------------------------------

@@ -400,3 +400,25 @@ def test_a_salesforce_notification_with_an_unknown_stage_is_dead_lettered_as_xml
     assert original.tag == f"{outbound}Notification" and original.findtext(f"{outbound}Id") == "04lX"
     assert original.findtext(f"{outbound}sObject/{sobject}StageName") == "Sleeping"
     assert [value["lead_id"] for _, value in broker.on("in")] == ["salesforce-opportunity-006Y"]
+
+
+def test_a_chunked_body_without_a_length_is_cut_off_at_the_limit(gateway, broker):
+    chunks = iter([b"[" + b" " * 40_000] * 2)  # urllib sends an iterable without Content-Length chunked
+    status, answer, _ = gateway.post("/webhooks/events", chunks, {"Content-Type": "application/json"})
+    assert (status, orjson.loads(answer)) == (413, {"error": "the body is over 65536 bytes"})
+    assert broker.sent == []
+
+
+@pytest.mark.parametrize("text, error", [
+    ("[zoho]\n", "unknown zoho"),
+    ("[pipedrive.pipelines.1]\n1 = 2\n", "pipedrive stage '1' must map to a stage name (a string)"),
+    ("[salesforce.stages\n", "Expected ']' at the end of a table declaration (at line 1, column 19)"),
+])  # fmt: skip
+def test_a_mapping_that_cannot_be_used_is_named_in_one_line(tmp_path, text, error):
+    from crm_pulse.config import SettingsInvalid
+
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    with pytest.raises(SettingsInvalid) as raised:
+        load_stage_map(path)
+    assert str(raised.value) == f"CRM_PULSE_GATEWAY_MAPPING={path}: {error}"

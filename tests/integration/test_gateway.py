@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
 
+from crm_pulse.broker import EmbeddedBroker
 from crm_pulse.config import Settings
 from crm_pulse.gateway import load_stage_map, serve
 from tests.gateway_payloads import (
@@ -19,6 +21,7 @@ from tests.gateway_payloads import (
     pipedrive_v2, salesforce_message,
 )  # fmt: skip
 from tests.gateway_server import Served
+from tests.integration.conftest import on_tansu_only
 
 pytestmark = pytest.mark.integration
 
@@ -137,6 +140,46 @@ def test_each_crm_moves_deals_into_the_workers_kpis(start_worker, broker):
     assert sum(v for (name, _), v in metrics.items() if name == "crm_events_invalid_total") == 0
 
 
+@on_tansu_only
+def test_while_the_broker_is_down_the_gateway_is_unready_and_answers_503_then_recovers(tmp_path):
+    """Its own Tansu, stopped and started again on the same port (in memory: it comes back empty)."""
+    own = EmbeddedBroker().start()
+    try:
+        create_topics(own.url, ["down-events", "down-dlq"])
+        body = dumps([{"event_id": "d1", "type": "lead.created", "occurred_at": T0, "lead_id": "D",
+                       "payload": {"source": "web"}}])  # fmt: skip
+        with gateway_for(own.url, "down-events", "down-dlq") as gateway:
+            assert gateway.get("/readyz")[0] == 200
+            own.stop()
+            assert gateway.get("/readyz")[0] == 503
+            started = time.monotonic()
+            status, _, headers = gateway.post("/webhooks/events", body, events_headers(body, int(time.time())))
+            assert (status, headers["Retry-After"]) == (503, "30")
+            assert time.monotonic() - started < 4 + 2  # the ack deadline, not the client's patience
+            assert gateway.get("/healthz")[0] == 200
+            own.start()
+            create_topics(own.url, ["down-events", "down-dlq"])
+            # The CRM's retry: accepted once the broker acknowledges it.
+            deadline = time.monotonic() + 60
+            while (status := gateway.post("/webhooks/events", body, events_headers(body, int(time.time())))[0]) != 200:
+                assert status == 503 and time.monotonic() < deadline
+                time.sleep(1)
+            assert gateway.get("/readyz")[0] == 200
+            offsets = end_offsets(own.url.removeprefix("kafka://"), ["down-events"])
+            # Sends cancelled at the deadline may still have reached the broker: at least the retry is there.
+            assert sum(offsets.values()) >= 1
+    finally:
+        own.stop()
+
+
+def create_topics(broker_url: str, topics: list[str]) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=[broker_url.removeprefix("kafka://")])
+    try:
+        admin.create_topics([NewTopic(t, 1, 1) for t in topics])
+    finally:
+        admin.close()
+
+
 def end_offsets(bootstrap: str, topics: list[str]) -> dict:
     consumer = KafkaConsumer(bootstrap_servers=[bootstrap])
     try:
@@ -147,13 +190,9 @@ def end_offsets(bootstrap: str, topics: list[str]) -> dict:
 
 
 def test_a_thousand_hostile_requests_are_refused_and_publish_nothing(broker):
-    from kafka.admin import KafkaAdminClient, NewTopic
-
     bootstrap = broker.url.removeprefix("kafka://")
     topics = [f"hostile-{time.time_ns()}-events", f"hostile-{time.time_ns()}-dlq"]
-    admin = KafkaAdminClient(bootstrap_servers=[bootstrap])
-    admin.create_topics([NewTopic(t, 1, 1) for t in topics])
-    admin.close()
+    create_topics(broker.url, topics)
     rng = random.Random(19)
     now_s = int(time.time())
     good_hubspot = dumps([hubspot_event(1, "deal.creation", 1, T0)])
