@@ -94,15 +94,14 @@ class StageMap:
 
     hubspot: dict[str, tuple[str, str]] = field(default_factory=dict)
     pipedrive: dict[str, tuple[str, str]] = field(default_factory=dict)
-    salesforce: dict[str, str] = field(default_factory=dict)
+    salesforce: dict[str, tuple[None, str]] = field(default_factory=dict)  # Salesforce names no pipeline
     currency: str = "USD"
 
     def stage(self, source: str, stage_id: object) -> tuple[str | None, str]:
         stages = getattr(self, source)
         if str(stage_id) not in stages:
             raise Untranslatable(f"{source} stage {str(stage_id)[:64]!r} is not in the gateway mapping")
-        found = stages[str(stage_id)]
-        return found if isinstance(found, tuple) else (None, found)
+        return stages[str(stage_id)]
 
 
 def load_stage_map(path: Path | None) -> StageMap:
@@ -120,11 +119,11 @@ def load_stage_map(path: Path | None) -> StageMap:
         return {str(stage_id): (str(pipeline), stage) for pipeline, stages in pipelines.items()
                 for stage_id, stage in stages.items()}  # fmt: skip
 
-    stages = StageMap(by_pipeline("hubspot"), by_pipeline("pipedrive"), dict(doc.get("salesforce", {}).get("stages", {})),
-                      doc.get("currency", "USD"))  # fmt: skip
+    salesforce = {name: (None, stage) for name, stage in doc.get("salesforce", {}).get("stages", {}).items()}
+    stages = StageMap(by_pipeline("hubspot"), by_pipeline("pipedrive"), salesforce, doc.get("currency", "USD"))
     for vendor in ("hubspot", "pipedrive", "salesforce"):
-        for stage_id, found in getattr(stages, vendor).items():
-            if not isinstance(found[1] if isinstance(found, tuple) else found, str):
+        for stage_id, (_, stage) in getattr(stages, vendor).items():
+            if not isinstance(stage, str):
                 raise SettingsInvalid(f"CRM_PULSE_GATEWAY_MAPPING={path}: {vendor} stage {stage_id!r} must map to a "
                                       f"stage name (a string)")  # fmt: skip
     return stages
@@ -458,12 +457,11 @@ class Gateway:
             raise Refused(413, "too_large", f"the body is over {limit} bytes") from None
         self.verify(source, request, body)
         started = time.monotonic()
-        out = translate(body)
-        await self.publish(source, out)
+        published, dead_lettered = await self.publish(source, translate(body))
         ACK_SECONDS.labels(source).observe(time.monotonic() - started)
         if source == "salesforce":
             return web.Response(body=SALESFORCE_ACK, content_type="text/xml", charset="utf-8")
-        return web.json_response({"published": len(out.events), "dead_lettered": len(out.dead)})
+        return web.json_response({"published": published, "dead_lettered": dead_lettered})
 
     def verify(self, source: str, request: web.Request, body: bytes) -> None:
         s, now_ms = self.settings, int(time.time() * 1000)
@@ -477,9 +475,9 @@ class Gateway:
                                  request.headers.get(EVENTS_SIGNATURE_HEADER), now_ms)  # fmt: skip
         # Salesforce signs nothing: its OrganizationId is checked once the message is parsed.
 
-    async def publish(self, source: str, out: Translated) -> None:
-        """Validate every event as the worker will; send them and the dead letters; return once all are
-        acknowledged, or refuse with 503 so that the CRM delivers the request again."""
+    async def publish(self, source: str, out: Translated) -> tuple[int, int]:
+        """Validate every event as the worker will; send them and the dead letters; return how many of each once
+        all are acknowledged, or refuse with 503 so that the CRM delivers the request again."""
         s, sends = self.settings, []
         for event in out.events:
             raw = orjson.dumps(event)
@@ -498,7 +496,9 @@ class Gateway:
             log.warning("%s: %d message(s) not acknowledged: %r", source, len(sends), exc)
             raise Refused(503, "unavailable", "the broker did not acknowledge the events in time; deliver again",
                           {"Retry-After": "30"}) from None
-        EVENTS_PUBLISHED.labels(source).inc(sum(1 for topic, _, _ in sends if topic == s.input_topic))
+        published = sum(1 for topic, _, _ in sends if topic == s.input_topic)
+        EVENTS_PUBLISHED.labels(source).inc(published)
+        return published, len(sends) - published
 
 
 # --- the server -------------------------------------------------------------------------------------------

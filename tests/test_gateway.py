@@ -312,7 +312,8 @@ def test_an_unknown_stage_is_dead_lettered_with_its_reason_and_answered_2xx(gate
 def test_a_contract_event_that_fails_validation_is_dead_lettered_as_the_worker_would(gateway, broker):
     body = dumps([{"event_id": "e2", "type": "deal.won", "occurred_at": "2026-01-01T00:00:00Z", "lead_id": "L2",
                    "payload": {"amount": -5}}])  # fmt: skip
-    assert gateway.post("/webhooks/events", body, events_headers(body, int(time.time())))[0] == 200
+    status, body, _ = gateway.post("/webhooks/events", body, events_headers(body, int(time.time())))
+    assert (status, orjson.loads(body)) == (200, {"published": 0, "dead_lettered": 1})
     (_, dead), = broker.on("dlq")
     assert (dead["reason"], dead["error"]) == ("invalid_field", "payload.amount: Input should be greater than or equal to 0")
     assert broker.on("in") == []
