@@ -7,6 +7,7 @@ Phases (each capped in time: a slow pipeline gives figures of what it reached, n
   stall       a million open leads in RocksDB: cold start and restart (table recovery), stall scan time per
               tick, worker RSS
   scale       one worker vs two on the same partitions
+  gateway     signed webhooks through `crm-pulse gateway` to the broker: requests/s, time to the 2xx
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ import orjson
 from rich.table import Table
 
 from bench.chart import draw
+from bench.gateway import phase_gateway
 from bench.harness import REPO, Bench, Reporter
 from bench.latency import phase_latency
 from bench.stall import phase_stall
 from bench.throughput import phase_scale_out, phase_throughput
 from crm_pulse.kafka import kafka_libs, kafka_version
 
-PHASES = {"throughput": phase_throughput, "latency": phase_latency, "stall": phase_stall, "scale": phase_scale_out}
+PHASES = {"throughput": phase_throughput, "latency": phase_latency, "stall": phase_stall, "scale": phase_scale_out,
+          "gateway": phase_gateway}
 BROKERS = ("tansu", "kafka")
 # key: (comparison, target) — the issue's targets.
 TARGETS = {
@@ -69,11 +72,15 @@ class Config:
     recovery_timeout: float = 600
     scale_partitions: int = 4
     scale_timeout: float = 90
+    gateway_seconds: float = 20
+    gateway_clients: int = 16
+    gateway_batch: int = 10
 
 
 # A quick run that exercises every phase: sizes only, same methods.
 SMALL = {"throughput_events": 30_000, "throughput_timeout": 30, "latency_rate": 200, "latency_seconds": 10,
-         "latency_drain": 30, "leads": 20_000, "scan_ticks": 2, "recovery_timeout": 120, "scale_timeout": 30}  # fmt: skip
+         "latency_drain": 30, "leads": 20_000, "scan_ticks": 2, "recovery_timeout": 120, "scale_timeout": 30,
+         "gateway_seconds": 5}  # fmt: skip
 
 HELP = {
     "partitions": "partitions of every topic (throughput, latency, stall)",
@@ -94,6 +101,9 @@ HELP = {
     "recovery_timeout": "cap in seconds on each start with the seeded leads (cold start, restart)",
     "scale_partitions": "partitions in the scale-out phase",
     "scale_timeout": "cap in seconds on each scale-out measurement",
+    "gateway_seconds": "seconds of requests in the gateway phase",
+    "gateway_clients": "concurrent HTTP clients of the gateway, each sending its next request on the last's answer",
+    "gateway_batch": "contract events per gateway request",
 }
 
 
@@ -218,6 +228,11 @@ def headline(phases: dict) -> dict:
         figures.update(one_worker_events_per_s=one, two_workers_events_per_s=two)
         if one and two:
             figures["two_worker_speedup"] = round(two / one, 3)
+    if gateway := phases.get("gateway", {}).get("result"):
+        figures.update({f"gateway_{key}": gateway[key] for key in ("requests_per_s", "events_per_s", "ack_p50_ms",
+                                                                    "ack_p99_ms")})  # fmt: skip
+        # Acknowledged with a 2xx yet not on the input topic: must be 0.
+        figures["gateway_events_lost"] = max(0, gateway["events_acknowledged"] - gateway["events_on_topic"])
     figures["lower_bounds"] = lower_bounds
     return figures
 
