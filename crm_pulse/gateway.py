@@ -354,12 +354,15 @@ class Salesforce:
                               ElementTree.tostring)  # fmt: skip
 
     def one(self, notification) -> list[dict]:
-        delivery = notification.findtext(f"{{{SALESFORCE_OUTBOUND}}}Id")
         sobject = notification.find(f"{{{SALESFORCE_OUTBOUND}}}sObject")
-        if not delivery or sobject is None:
-            raise KeyError("Id and sObject")
+        if sobject is None:
+            raise KeyError("sObject")
         fields = {child.tag.rsplit("}", 1)[-1]: (child.text or "") for child in sobject}
         lead_id, at = f"salesforce-opportunity-{fields['Id']}", fields["LastModifiedDate"]
+        # Salesforce sends a queued notification with the record as it is when sent, not as it was when queued:
+        # two notifications may carry the same state (the close, twice). The state, not the notification Id,
+        # names the event; a redelivery carries the same state or a newer one.
+        delivery = f"{fields['Id']}:{at}"
         envelope = {"rep_id": f"salesforce-user-{fields['OwnerId']}" if fields.get("OwnerId") else None,
                     "account_id": fields.get("AccountId") or None}  # fmt: skip
         amount = float(fields.get("Amount") or 0)

@@ -272,11 +272,11 @@ def test_salesforce_notifications_of_one_message(gateway, broker):
     envelope = {"lead_id": "salesforce-opportunity-0065g00000Opp02", "rep_id": "salesforce-user-0055g00000Rep01AAA",
                 "account_id": "0015g00000XyZ12AAB"}  # fmt: skip
     assert [value for _, value in broker.on("in")] == [
-        {"event_id": expected_id("salesforce:04l0A:lead.created"), "type": "lead.created",
+        {"event_id": expected_id("salesforce:0065g00000Opp02:2026-01-01T09:00:00.000Z:lead.created"), "type": "lead.created",
          "occurred_at": "2026-01-01T09:00:00.000Z", **envelope, "payload": {"source": "salesforce", "stage": "qualified"}},
-        {"event_id": expected_id("salesforce:04l0B:lead.stage_changed"), "type": "lead.stage_changed",
+        {"event_id": expected_id("salesforce:0065g00000Opp02:2026-01-03T09:00:00.000Z:lead.stage_changed"), "type": "lead.stage_changed",
          "occurred_at": "2026-01-03T09:00:00.000Z", **envelope, "payload": {"from": "unknown", "to": "negotiation"}},
-        {"event_id": expected_id("salesforce:04l0C:deal.won"), "type": "deal.won",
+        {"event_id": expected_id("salesforce:0065g00000Opp02:2026-01-05T09:00:00.000Z:deal.won"), "type": "deal.won",
          "occurred_at": "2026-01-05T09:00:00.000Z", **envelope, "payload": {"amount": 7300.0, "currency": "USD"}},
     ]  # fmt: skip
 
@@ -423,3 +423,13 @@ def test_a_mapping_that_cannot_be_used_is_named_in_one_line(tmp_path, text, erro
     with pytest.raises(SettingsInvalid) as raised:
         load_stage_map(path)
     assert str(raised.value) == f"CRM_PULSE_GATEWAY_MAPPING={path}: {error}"
+
+
+def test_salesforce_notifications_of_one_state_give_one_event_id(gateway, broker):
+    """Two notifications queued before the deal closed, both sent after it: each carries the closed deal."""
+    won = opportunity("006Z", "Closed Won", "2026-01-01T09:00:00.000Z", "2026-01-05T09:00:00.000Z", amount=10.0,
+                      closed=True, won=True)  # fmt: skip
+    assert gateway.post("/webhooks/salesforce", salesforce_message([("04l1", won), ("04l2", won)]),
+                        SALESFORCE_HEADERS)[0] == 200  # fmt: skip
+    ids = [value["event_id"] for _, value in broker.on("in")]
+    assert ids == [expected_id("salesforce:006Z:2026-01-05T09:00:00.000Z:deal.won")] * 2
