@@ -136,12 +136,18 @@ def secret_bytes(secret) -> bytes:
     return secret.get_secret_value().encode()
 
 
+def is_timestamp(value: str) -> bool:
+    """ASCII digits, few enough for int() (which refuses over 4,300 digits) and for any time to come."""
+    return value.isascii() and value.isdigit() and len(value) <= 15
+
+
 def verify_hubspot(secret: bytes, method: str, uri: str, body: bytes, headers, now_ms: int) -> None:
     version = headers.get("X-HubSpot-Signature-Version", "v3" if "X-HubSpot-Signature-v3" in headers else "v1")
     if version == "v3":
         given, timestamp = headers.get("X-HubSpot-Signature-v3"), headers.get("X-HubSpot-Request-Timestamp", "")
-        if not given or not timestamp.isdigit():
-            raise unauthenticated("hubspot", "missing_signature", "X-HubSpot-Signature-v3 and X-HubSpot-Request-Timestamp are required")
+        if not given or not is_timestamp(timestamp):
+            raise unauthenticated("hubspot", "missing_signature", "X-HubSpot-Signature-v3 and X-HubSpot-Request-Timestamp "
+                                  "(epoch milliseconds) are required")  # fmt: skip
         if abs(now_ms - int(timestamp)) > REPLAY_WINDOW_MS:
             raise unauthenticated("hubspot", "stale_timestamp", "X-HubSpot-Request-Timestamp is more than 5 minutes away")
         digest = hmac.new(secret, method.encode() + uri.encode() + body + timestamp.encode(), hashlib.sha256).digest()
@@ -172,7 +178,7 @@ def verify_basic(username: str, password: bytes, authorization: str | None) -> N
 def verify_signed_events(secret: bytes, body: bytes, header: str | None, now_ms: int) -> None:
     parts = dict(part.split("=", 1) for part in (header or "").split(",") if "=" in part)
     timestamp, given = parts.get("t", ""), parts.get("v1")
-    if not given or not timestamp.isdigit():
+    if not given or not is_timestamp(timestamp):
         raise unauthenticated("events", "missing_signature", f"{EVENTS_SIGNATURE_HEADER}: t=<unix seconds>,v1=<hex> is required")
     if abs(now_ms - int(timestamp) * 1000) > REPLAY_WINDOW_MS:
         raise unauthenticated("events", "stale_timestamp", "the signature's timestamp is more than 5 minutes away")
@@ -256,7 +262,7 @@ def translate_each(source: str, items: list, one: Callable[[object], list[dict]]
     for item in items:
         try:
             out.events.extend(one(item))
-        except (Untranslatable, KeyError, TypeError, ValueError) as exc:
+        except (Untranslatable, AttributeError, KeyError, TypeError, ValueError) as exc:
             reason = "unknown_stage" if isinstance(exc, Untranslatable) else "missing_field"
             TRANSLATION_FAILURES.labels(source, reason).inc()
             out.dead.append(("untranslatable", f"{reason}: {exc}", original(item)))

@@ -136,6 +136,10 @@ def test_hubspot_v3_signature_over_the_public_uri(gateway, broker):
     ("6 minutes ahead", lambda uri, body: hubspot_v3_headers(uri, body, now_ms() + 360_000), "stale_timestamp"),
     ("other body", lambda uri, body: hubspot_v3_headers(uri, body + b" ", now_ms()), "bad_signature"),
     ("no signature", lambda uri, body: {"Content-Type": "application/json"}, "missing_signature"),
+    ("a timestamp of 5,000 digits", lambda uri, body: {**hubspot_v3_headers(uri, body, now_ms()),
+                                                       "X-HubSpot-Request-Timestamp": "9" * 5000}, "missing_signature"),
+    ("superscript digits", lambda uri, body: {**hubspot_v3_headers(uri, body, now_ms()),
+                                               "X-HubSpot-Request-Timestamp": "²³"}, "missing_signature"),
 ])  # fmt: skip
 def test_hubspot_refuses_what_its_secret_did_not_sign_now(gateway, broker, case, headers, reason):
     body = dumps([hubspot_event(102, "deal.creation", 9002, now_ms())])
@@ -433,3 +437,53 @@ def test_salesforce_notifications_of_one_state_give_one_event_id(gateway, broker
                         SALESFORCE_HEADERS)[0] == 200  # fmt: skip
     ids = [value["event_id"] for _, value in broker.on("in")]
     assert ids == [expected_id("salesforce:006Z:2026-01-05T09:00:00.000Z:deal.won")] * 2
+
+
+ODD_VALUES = (None, True, 0, -1, 1e308, "", "x" * 300, "2026-13-45 99:99:99", [], [1], {}, {"id": None})
+
+
+def mutations(document, rng):
+    """`document` with one value somewhere in it replaced by an odd one, or removed."""
+    paths = []
+
+    def walk(node, path):
+        for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
+            paths.append(path + (key,))
+            if isinstance(value, (dict, list)):
+                walk(value, path + (key,))
+
+    walk(document, ())
+    for _ in range(200):
+        copy = orjson.loads(orjson.dumps(document))
+        *parents, last = rng.choice(paths)
+        node = copy
+        for key in parents:
+            node = node[key]
+        if isinstance(node, dict) and rng.random() < 0.3:
+            del node[last]
+        else:
+            node[last] = rng.choice(ODD_VALUES)
+        yield copy
+
+
+def test_verified_payloads_of_odd_shapes_are_answered_and_never_crash_the_gateway(gateway, broker):
+    import random
+
+    rng = random.Random(19)
+    hubspot = [hubspot_event(601, "deal.propertyChange", 95, 1_767_225_600_000, "dealstage", "closedwon")]
+    pipedrive = pipedrive_v1_deal("updated", 96, 1_767_229_200, pipedrive_v1_current(
+        96, 3, "won", "2026-01-01 00:00:00", "2026-01-01 01:00:00", 900),
+        pipedrive_v1_current(96, 2, "open", "2026-01-01 00:00:00", "2026-01-01 00:30:00", 900))  # fmt: skip
+    outcomes = {}
+    for path, document, sign in (("/webhooks/hubspot", hubspot, hubspot_v1_headers),
+                                 ("/webhooks/pipedrive", pipedrive, lambda body: basic())):  # fmt: skip
+        for odd in mutations(document, rng):
+            body = dumps(odd)
+            status, answer, _ = gateway.post(path, body, sign(body))
+            assert status in (200, 400), (path, odd, status, answer)
+            outcomes[status] = outcomes.get(status, 0) + 1
+    # Each answered as the verified input it is: translated, dead-lettered, ignored or refused as malformed.
+    assert sum(outcomes.values()) == 400 and gateway.alive
+    for topic, _, value in broker.sent:
+        if topic == "dlq":
+            assert DeadLetter.model_validate(value).reason in ("untranslatable", "invalid_field", "bad_timestamp")
