@@ -5,6 +5,7 @@ hostile requests publish nothing."""
 from __future__ import annotations
 
 import random
+import urllib.request
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tests.gateway_payloads import (
     pipedrive_v2, salesforce_message,
 )  # fmt: skip
 from tests.gateway_server import Served
-from tests.integration.conftest import on_tansu_only
+from tests.integration.conftest import BROKER_KIND, on_tansu_only
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ MAX_BODY = 64 * 1024
 
 def gateway_for(broker_url: str, input_topic: str, dlq_topic: str) -> Served:
     settings = Settings(
-        broker=broker_url, broker_kind="tansu", input_topic=input_topic, dlq_topic=dlq_topic,
+        broker=broker_url, broker_kind=BROKER_KIND, input_topic=input_topic, dlq_topic=dlq_topic,
         gateway_mapping=ROOT / "mappings" / "gateway.toml", gateway_max_body_bytes=MAX_BODY,
         hubspot_client_secret=HUBSPOT_SECRET, pipedrive_username=PIPEDRIVE_USER, pipedrive_password=PIPEDRIVE_PASSWORD,
         salesforce_organization_id=SALESFORCE_ORG_18, events_signing_secret=EVENTS_SECRET,
@@ -236,3 +237,34 @@ def test_a_thousand_hostile_requests_are_refused_and_publish_nothing(broker):
         assert gateway.post("/webhooks/events", good_events, events_headers(good_events, int(time.time())))[0] == 200
         after = end_offsets(bootstrap, topics)
     assert {tp.topic: after[tp] - before[tp] for tp in before} == {topics[0]: 1, topics[1]: 0}
+
+
+def test_the_command_serves_until_sigterm(broker, tmp_path):
+    """`crm-pulse gateway` as a process: it creates its topics, serves, and stops cleanly on SIGTERM."""
+    import os
+    import subprocess
+    import sys
+
+    from crm_pulse.broker import free_port, wait_for_port
+
+    port, name = free_port(), f"cmd-{time.time_ns()}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CRM_PULSE_")},
+           "CRM_PULSE_BROKER": broker.url, "CRM_PULSE_INPUT_TOPIC": f"{name}-events", "CRM_PULSE_DLQ_TOPIC": f"{name}-dlq",
+           "CRM_PULSE_ALERTS_TOPIC": f"{name}-alerts", "CRM_PULSE_PARTITIONS": "1", "CRM_PULSE_GATEWAY_PORT": str(port),
+           "CRM_PULSE_EVENTS_SIGNING_SECRET": EVENTS_SECRET}  # fmt: skip
+    log = tmp_path / "gateway.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "crm_pulse.cli", "gateway"], env=env, stdout=out, stderr=out)
+    try:
+        wait_for_port(port, timeout=60)
+        body = dumps([{"event_id": "c1", "type": "lead.created", "occurred_at": T0, "lead_id": "C",
+                       "payload": {"source": "web"}}])  # fmt: skip
+        served = Served.answer(urllib.request.Request(f"http://127.0.0.1:{port}/webhooks/events", data=body,
+                                                      headers=events_headers(body, int(time.time()))))  # fmt: skip
+        assert served[0] == 200, log.read_text()
+        assert end_offsets(broker.url.removeprefix("kafka://"), [f"{name}-events", f"{name}-dlq"]) == {
+            TopicPartition(f"{name}-events", 0): 1, TopicPartition(f"{name}-dlq", 0): 0}
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0, log.read_text()
+    assert EVENTS_SECRET not in log.read_text()
