@@ -146,10 +146,11 @@ def verify_hubspot(secret: bytes, method: str, uri: str, body: bytes, headers, n
     if version == "v3":
         given, timestamp = headers.get("X-HubSpot-Signature-v3"), headers.get("X-HubSpot-Request-Timestamp", "")
         if not given or not is_timestamp(timestamp):
-            raise unauthenticated("hubspot", "missing_signature", "X-HubSpot-Signature-v3 and X-HubSpot-Request-Timestamp "
-                                  "(epoch milliseconds) are required")  # fmt: skip
+            raise unauthenticated("hubspot", "missing_signature",
+                                  "X-HubSpot-Signature-v3 and X-HubSpot-Request-Timestamp (epoch milliseconds) are required")
         if abs(now_ms - int(timestamp)) > REPLAY_WINDOW_MS:
-            raise unauthenticated("hubspot", "stale_timestamp", "X-HubSpot-Request-Timestamp is more than 5 minutes away")
+            raise unauthenticated("hubspot", "stale_timestamp",
+                                  "X-HubSpot-Request-Timestamp is more than 5 minutes away")
         digest = hmac.new(secret, method.encode() + uri.encode() + body + timestamp.encode(), hashlib.sha256).digest()
         expected = base64.b64encode(digest).decode()
     elif version in ("v1", "v2"):
@@ -179,7 +180,8 @@ def verify_signed_events(secret: bytes, body: bytes, header: str | None, now_ms:
     parts = dict(part.split("=", 1) for part in (header or "").split(",") if "=" in part)
     timestamp, given = parts.get("t", ""), parts.get("v1")
     if not given or not is_timestamp(timestamp):
-        raise unauthenticated("events", "missing_signature", f"{EVENTS_SIGNATURE_HEADER}: t=<unix seconds>,v1=<hex> is required")
+        raise unauthenticated("events", "missing_signature",
+                              f"{EVENTS_SIGNATURE_HEADER}: t=<unix seconds>,v1=<hex> is required")
     if abs(now_ms - int(timestamp) * 1000) > REPLAY_WINDOW_MS:
         raise unauthenticated("events", "stale_timestamp", "the signature's timestamp is more than 5 minutes away")
     if not hmac.compare_digest(given.encode(), signature(secret, timestamp, body).removeprefix("sha256=").encode()):
@@ -206,7 +208,8 @@ def closing_or_change(source: str, delivery: str, lead_id: str, at: object, stag
                       currency: str, lost_reason: str | None, **envelope) -> dict:  # fmt: skip
     """A move into `stage`: deal.won, deal.lost, or a lead.stage_changed whose previous stage the CRM does not say."""
     if stage == "won":
-        return lead_event("deal.won", delivery, source, lead_id, at, {"amount": amount, "currency": currency}, **envelope)
+        payload = {"amount": amount, "currency": currency}
+        return lead_event("deal.won", delivery, source, lead_id, at, payload, **envelope)
     if stage == "lost":
         return lead_event("deal.lost", delivery, source, lead_id, at, {"reason": lost_reason or "lost"}, **envelope)
     return lead_event("lead.stage_changed", delivery, source, lead_id, at, {"from": UNKNOWN_STAGE, "to": stage},
@@ -234,7 +237,8 @@ class HubSpot:
         delivery = f"{item.get('portalId')}:{item['eventId']}"
         at = item["occurredAt"]
         if kind == "contact.creation":
-            return [lead_event("lead.created", delivery, "hubspot", f"hubspot-contact-{object_id}", at, {"source": "hubspot"})]
+            contact = f"hubspot-contact-{object_id}"
+            return [lead_event("lead.created", delivery, "hubspot", contact, at, {"source": "hubspot"})]
         deal = f"hubspot-deal-{object_id}"
         if kind == "deal.creation":
             return [lead_event("lead.created", delivery, "hubspot", deal, at, {"source": "hubspot"})]
@@ -250,7 +254,8 @@ class HubSpot:
         items = parse_json(body)
         if not isinstance(items, list) or not all(isinstance(i, dict) and "eventId" in i and "occurredAt" in i
                                                   for i in items):  # fmt: skip
-            raise Refused(400, "bad_request", "expected a JSON array of HubSpot events, each with eventId and occurredAt")
+            raise Refused(400, "bad_request",
+                          "expected a JSON array of HubSpot events, each with eventId and occurredAt")
         return translate_each("hubspot", items, self.one)
 
 
@@ -302,7 +307,8 @@ class Pipedrive:
             delivery = f"v1:{entity}:{meta['id']}:{meta['timestamp_micro']}"
             action = {"added": "create", "updated": "change"}.get(action, action)
         else:
-            action, entity, current, previous = meta["action"], meta["entity"], doc.get("data") or {}, doc.get("previous") or {}
+            action, entity = meta["action"], meta["entity"]
+            current, previous = doc.get("data") or {}, doc.get("previous") or {}
             delivery = str(meta["id"])
         if entity == "activity" and action == "create" and current.get("deal_id"):
             kind = current.get("type") if current.get("type") in ("call", "email", "meeting") else "note"
@@ -324,9 +330,10 @@ class Pipedrive:
                                      {"from": before, "to": stage}, pipeline=pipeline, rep_id=rep_id))  # fmt: skip
         if "status" in previous and previous["status"] != current["status"] and current["status"] in ("won", "lost"):
             pipeline, _ = self.stages.stage("pipedrive", current["stage_id"])
+            currency = current.get("currency") or self.stages.currency
             events.append(closing_or_change("pipedrive", delivery, lead_id, at, current["status"],
-                                            float(current.get("value") or 0), current.get("currency") or self.stages.currency,
-                                            current.get("lost_reason"), pipeline=pipeline, rep_id=rep_id))  # fmt: skip
+                                            float(current.get("value") or 0), currency, current.get("lost_reason"),
+                                            pipeline=pipeline, rep_id=rep_id))  # fmt: skip
         return events
 
     @staticmethod
@@ -494,11 +501,12 @@ class Gateway:
                 crm_event = parse_event(raw)
             except InvalidEvent as error:
                 TRANSLATION_FAILURES.labels(source, error.reason).inc()
-                sends.append((s.dlq_topic, None, orjson.dumps(dead_letter_record(error.reason, error.detail, {"gateway": source}, None, raw))))
+                out.dead.append((error.reason, error.detail, raw))
                 continue
             sends.append((s.input_topic, crm_event.key.encode(), raw))
         for reason, detail, original in out.dead:
-            sends.append((s.dlq_topic, None, orjson.dumps(dead_letter_record(reason, detail, {"gateway": source}, None, original))))
+            record = dead_letter_record(reason, detail, {"gateway": source}, None, original)
+            sends.append((s.dlq_topic, None, orjson.dumps(record)))
         try:
             await asyncio.wait_for(asyncio.gather(*(self.send(*one) for one in sends)), s.gateway_ack_timeout_seconds)
         except Exception as exc:  # noqa: BLE001 - whatever the broker did, the CRM must deliver again
