@@ -3,15 +3,14 @@ their family's agent."""
 
 from __future__ import annotations
 
-import base64
 import logging
-import time
 from collections import defaultdict
 
 from crm_pulse.agents.app import Pipeline, key_partition
 from crm_pulse.agents.batches import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, part_of
 from crm_pulse.agents.metrics import EVENTS_INVALID, EVENTS_RECEIVED
 from crm_pulse.schemas.events import ms_to_iso
+from crm_pulse.schemas.records import dead_letter_record
 from crm_pulse.schemas.validate import InvalidEvent, parse_event
 from crm_pulse.streams.families import FAMILY_OF_TYPE
 
@@ -22,15 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def dead_letter(error: InvalidEvent, message) -> dict:
-    return {
-        "schema_version": 1,
-        "reason": error.reason,
-        "error": error.detail,
-        "source": {"topic": message.topic, "partition": message.partition, "offset": message.offset},
-        "key_base64": base64.b64encode(message.key).decode() if message.key is not None else None,
-        "original_base64": base64.b64encode(message.value or b"").decode(),
-        "dead_lettered_at": ms_to_iso(int(time.time() * 1000)),
-    }
+    source = {"topic": message.topic, "partition": message.partition, "offset": message.offset}
+    return dead_letter_record(error.reason, error.detail, source, message.key, message.value or b"")
 
 
 class Ingest:

@@ -90,10 +90,12 @@ class App:
 
 
 class Worker:
-    """One `crm-pulse worker` process (python -m crm_pulse.cli worker), configured only by environment."""
+    """One `crm-pulse worker` process (python -m crm_pulse.cli worker), configured only by environment; or,
+    with `command` "gateway", the webhook gateway of the app's topics."""
 
-    def __init__(self, broker_url: str, app: App, workdir: Path, source: Path, **overrides: str):
-        self.app, self.source = app, source
+    def __init__(self, broker_url: str, app: App, workdir: Path, source: Path, command: str = "worker",
+                 **overrides: str):  # fmt: skip
+        self.app, self.source, self.command = app, source, command
         self.port = free_port()
         self.name = f"{app.app_id}-w{self.port}"
         self.log_path = workdir / f"{self.name}.log"
@@ -122,7 +124,8 @@ class Worker:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 # From `source`: `python -m` puts the working directory first on the import path.
-                [sys.executable, "-m", "crm_pulse.cli", "worker"], env=self.env, cwd=self.source, stdout=log, stderr=log
+                [sys.executable, "-m", "crm_pulse.cli", self.command], env=self.env, cwd=self.source, stdout=log,
+                stderr=log,
             )
         self.started_at = time.monotonic()
         return self
@@ -248,8 +251,8 @@ class Bench:
     def app(self, name: str, partitions: int) -> App:
         return App(f"{self.tag}-{name}-{next(self._apps)}", partitions)
 
-    def worker(self, app: App, **overrides: str) -> Worker:
-        worker = Worker(self.broker.url, app, self.workdir, self.worker_source, **overrides)
+    def worker(self, app: App, command: str = "worker", **overrides: str) -> Worker:
+        worker = Worker(self.broker.url, app, self.workdir, self.worker_source, command, **overrides)
         self.workers.append(worker)
         return worker
 

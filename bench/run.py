@@ -8,6 +8,7 @@ Phases (each capped in time: a slow pipeline gives figures of what it reached, n
               tick, worker RSS
   scale       one worker vs two on the same partitions
   profile     one worker under py-spy: where an event's time goes, and the records it writes per input event
+  gateway     signed webhooks through `crm-pulse gateway` to the broker: requests/s, time to the 2xx
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import orjson
 from rich.table import Table
 
 from bench.chart import draw
+from bench.gateway import phase_gateway
 from bench.harness import REPO, Bench, Reporter
 from bench.latency import phase_latency
 from bench.profile import phase_profile
@@ -38,7 +40,7 @@ from bench.throughput import phase_scale_out, phase_throughput
 from crm_pulse.kafka import kafka_libs, kafka_version
 
 PHASES = {"throughput": phase_throughput, "latency": phase_latency, "stall": phase_stall, "scale": phase_scale_out,
-          "profile": phase_profile}  # fmt: skip
+          "profile": phase_profile, "gateway": phase_gateway}  # fmt: skip
 BROKERS = ("tansu", "kafka")
 # key: (comparison, target) — the issue's targets.
 TARGETS = {
@@ -74,12 +76,15 @@ class Config:
     scale_timeout: float = 90
     profile_events: int = 60_000
     profile_rate: int = 100
+    gateway_seconds: float = 20
+    gateway_clients: int = 16
+    gateway_batch: int = 10
 
 
 # A quick run that exercises every phase: sizes only, same methods.
 SMALL = {"throughput_events": 30_000, "throughput_timeout": 30, "latency_rate": 200, "latency_seconds": 10,
          "latency_drain": 30, "leads": 20_000, "scan_ticks": 2, "recovery_timeout": 120, "scale_timeout": 30,
-         "profile_events": 10_000}  # fmt: skip
+         "profile_events": 10_000, "gateway_seconds": 5}  # fmt: skip
 
 HELP = {
     "partitions": "partitions of every topic (throughput, latency, stall)",
@@ -102,6 +107,9 @@ HELP = {
     "scale_timeout": "cap in seconds on each scale-out measurement",
     "profile_events": "events processed under py-spy in the profile phase",
     "profile_rate": "py-spy samples per second",
+    "gateway_seconds": "seconds of requests in the gateway phase",
+    "gateway_clients": "concurrent HTTP clients of the gateway, each sending its next request on the last's answer",
+    "gateway_batch": "contract events per gateway request",
 }
 
 
@@ -226,6 +234,11 @@ def headline(phases: dict) -> dict:
         figures.update(one_worker_events_per_s=one, two_workers_events_per_s=two)
         if one and two:
             figures["two_worker_speedup"] = round(two / one, 3)
+    if gateway := phases.get("gateway", {}).get("result"):
+        figures.update({f"gateway_{key}": gateway[key] for key in ("requests_per_s", "events_per_s", "ack_p50_ms",
+                                                                    "ack_p99_ms")})  # fmt: skip
+        # Acknowledged with a 2xx yet not on the input topic: must be 0.
+        figures["gateway_events_lost"] = max(0, gateway["events_acknowledged"] - gateway["events_on_topic"])
     figures["lower_bounds"] = lower_bounds
     return figures
 

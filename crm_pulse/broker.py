@@ -185,6 +185,18 @@ def principal(settings: Settings) -> str:
     return "User:ANONYMOUS"
 
 
+def aiokafka_security(settings: Settings) -> dict:
+    """SASL/TLS options for aiokafka's clients (the gateway's producer, the log-in check below)."""
+    protocol = settings.security_protocol
+    return {
+        "security_protocol": protocol,
+        "ssl_context": ssl_context(settings) if protocol in ("SSL", "SASL_SSL") else None,
+        "sasl_mechanism": settings.sasl_mechanism if protocol.startswith("SASL_") else None,
+        "sasl_plain_username": settings.sasl_username,
+        "sasl_plain_password": settings.sasl_password.get_secret_value() if settings.sasl_password else None,
+    }
+
+
 async def _try_log_in(settings: Settings) -> Exception | None:
     """Connect to the bootstrap servers in turn, with TLS and SASL as every client will, until one lets us in:
     None then, else the last error, which a retry may cure. Refused credentials or an untrusted certificate
@@ -194,13 +206,7 @@ async def _try_log_in(settings: Settings) -> Exception | None:
     for server in settings.bootstrap_servers:
         host, port = server.rsplit(":", 1)
         try:
-            connection = await create_conn(
-                host, int(port), request_timeout_ms=10_000, security_protocol=protocol,
-                ssl_context=ssl_context(settings) if protocol in ("SSL", "SASL_SSL") else None,
-                sasl_mechanism=mechanism if protocol.startswith("SASL_") else None,
-                sasl_plain_username=settings.sasl_username,
-                sasl_plain_password=settings.sasl_password.get_secret_value() if settings.sasl_password else None,
-            )  # fmt: skip
+            connection = await create_conn(host, int(port), request_timeout_ms=10_000, **aiokafka_security(settings))
         except (aiokafka_errors.SaslAuthenticationFailed, aiokafka_errors.AuthenticationFailedError) as exc:
             raise BrokerUnusable(
                 f"authentication to {server} failed ({protocol}, {mechanism}, user {settings.sasl_username}): "

@@ -15,12 +15,12 @@ from crm_pulse.config import Settings, SettingsInvalid, env_name, load_settings
 from crm_pulse.directory import DirectoryInvalid, import_user_export
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, variable: str = "CRM_PULSE_METRICS_PORT") -> None:
     """Faust would find the port taken only once it has joined its group, and then stop with tracebacks."""
     if (exc := bind_error(host, port)) is not None:
         reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
         raise SettingsInvalid(
-            f"CRM_PULSE_METRICS_PORT={port}: {host}:{port} {reason}; stop what listens there or choose another port"
+            f"{variable}={port}: {host}:{port} {reason}; stop what listens there or choose another port"
         ) from exc
 
 
@@ -46,6 +46,29 @@ def run_worker(settings: Settings) -> None:
         run(resolved)
 
 
+def run_gateway(settings: Settings) -> None:
+    import asyncio
+    import signal
+
+    from crm_pulse.gateway import load_stage_map, serve
+
+    if not settings.broker:
+        # An embedded broker would vanish with the gateway, and the events the CRMs were told are safe with it.
+        raise SettingsInvalid("CRM_PULSE_BROKER is not set: set it to the broker your worker reads (kafka://host:port)")
+    stages = load_stage_map(settings.gateway_mapping)
+    check_port_free(settings.gateway_host, settings.gateway_port, "CRM_PULSE_GATEWAY_PORT")
+    with broker_for(settings) as resolved:
+        ensure_topics(resolved, writes=(resolved.input_topic, resolved.dlq_topic))
+
+        async def until_signalled() -> None:
+            stop = asyncio.Event()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+            await serve(resolved, stages, stop)
+
+        asyncio.run(until_signalled())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="crm-pulse", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Run the stream processor, configured by the CRM_PULSE_* environment variables below.",
         epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
+    commands.add_parser("gateway", help="receive CRM webhooks and publish them as contract events (docs/ingestion.md)")
     demo = commands.add_parser("demo", help="embedded broker + worker + synthetic CRM traffic, with a live summary")
     demo.add_argument("--speed", type=float, default=3 * 3600, help="simulated seconds per real second")
     demo.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
@@ -112,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(serve(args.data_dir))
         if args.command == "worker":
             run_worker(settings)
+        elif args.command == "gateway":
+            run_gateway(settings)
         elif args.command == "demo":
             from crm_pulse.demo import run_demo
 

@@ -112,6 +112,22 @@ class Settings(BaseSettings):
     # Unset: `<app id>-notify-snoozes` (compacted).
     notify_snoozes_topic: str | None = None
 
+    # `crm-pulse gateway` (docs/ingestion.md). A source whose secret is unset answers 404.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8088, ge=0, le=65535)
+    # The scheme and host the CRMs call (https://crm-pulse.example.com): HubSpot signs the full URI it called,
+    # which a proxy in front of the gateway changes. Unset: the URL the request arrived at.
+    gateway_public_url: str | None = None
+    gateway_mapping: Path | None = None
+    gateway_max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # HubSpot gives up on a webhook after 5 s: answer 503 before it does, so that it retries.
+    gateway_ack_timeout_seconds: float = Field(4, gt=0)
+    hubspot_client_secret: SecretStr | None = None
+    pipedrive_username: str | None = None
+    pipedrive_password: SecretStr | None = None
+    salesforce_organization_id: str | None = None
+    events_signing_secret: SecretStr | None = None
+
     log_level: str = "info"
 
     @field_validator("broker")
@@ -226,7 +242,9 @@ def kafka_cache(default: Path) -> Path:
 def load_settings() -> Settings:
     """Settings from the environment, or SettingsInvalid naming the first setting that is wrong."""
     try:
-        return Settings()
+        # Secrets may also come from files named after their variable (crm_pulse_hubspot_client_secret), as
+        # Docker and Kubernetes mount them. Not a setting itself: it says where the settings are.
+        return Settings(_secrets_dir=os.environ.get("CRM_PULSE_SECRETS_DIR"))
     except SettingsError as exc:  # a JSON setting that does not parse
         field = match.group(1) if (match := re.search(r'field "(\w+)"', str(exc))) else None
         if field is None:

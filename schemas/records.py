@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import time
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from crm_pulse.schemas.events import ms_to_iso
 from crm_pulse.schemas.validate import REASONS
 
 
@@ -40,16 +43,39 @@ class SourcePosition(_Record):
     offset: int
 
 
+class GatewaySource(_Record):
+    """`crm-pulse gateway` dead-lettered it before publishing: the webhook endpoint it came to."""
+
+    gateway: Literal["hubspot", "pipedrive", "salesforce", "events"]
+
+
+# A verified webhook notification the gateway's mappings cannot turn into events (docs/ingestion.md).
+GATEWAY_REASONS = ("untranslatable",)
+
+
 class DeadLetter(_Record):
     """An input message that could not be processed, with the reason and its original bytes."""
 
     schema_version: Literal[1] = 1
-    reason: Literal[REASONS]  # type: ignore[valid-type]
+    reason: Literal[REASONS + GATEWAY_REASONS]  # type: ignore[valid-type]
     error: str
-    source: SourcePosition
+    source: SourcePosition | GatewaySource
     key_base64: str | None
     original_base64: str
     dead_lettered_at: str
+
+
+def dead_letter_record(reason: str, detail: str, source: dict, key: bytes | None, original: bytes) -> dict:
+    """A `DeadLetter` as published: by the worker (source: the input position) and the gateway (its endpoint)."""
+    return {
+        "schema_version": 1,
+        "reason": reason,
+        "error": detail,
+        "source": source,
+        "key_base64": base64.b64encode(key).decode() if key is not None else None,
+        "original_base64": base64.b64encode(original).decode(),
+        "dead_lettered_at": ms_to_iso(int(time.time() * 1000)),
+    }
 
 
 class NotificationDeadLetter(_Record):

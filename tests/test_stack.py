@@ -147,7 +147,7 @@ def host_mounts(service: dict) -> list[tuple[str, str]]:
 
 def test_compose_has_the_stack_with_pinned_images_and_ports():
     services = compose()["services"]
-    assert set(services) == {"kafka", "kafka-init", "worker", "prometheus", "grafana", "alertmanager"}
+    assert set(services) == {"kafka", "kafka-init", "worker", "gateway", "prometheus", "grafana", "alertmanager"}
     images = {name: service.get("image", "") for name, service in services.items()}
     # The production broker is the version the integration suite runs against (deploy/kafka/pom.xml).
     assert images["kafka"] == f"apache/kafka:{kafka_version()}"
@@ -156,9 +156,10 @@ def test_compose_has_the_stack_with_pinned_images_and_ports():
     assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", images["grafana"]), images["grafana"]
     assert re.fullmatch(r"prom/alertmanager:v\d+\.\d+\.\d+", images["alertmanager"]), images["alertmanager"]
     assert services["worker"]["build"] == "."
+    assert services["gateway"]["image"] == services["worker"]["image"]
 
     ports = {name: service.get("ports", []) for name, service in services.items()}
-    assert ports == {"kafka": [], "kafka-init": [], "worker": ["6066:6066"], "prometheus": ["9090:9090"],
+    assert ports == {"kafka": [], "kafka-init": [], "worker": ["6066:6066"], "gateway": ["8088:8088"], "prometheus": ["9090:9090"],
                      "grafana": ["3000:3000"], "alertmanager": ["9093:9093"]}  # fmt: skip
 
 
@@ -174,6 +175,14 @@ def test_kafka_runs_in_kraft_mode_and_the_worker_uses_it():
     assert worker["CRM_PULSE_BROKER"] == "kafka://kafka:9092"
     assert worker["CRM_PULSE_METRICS_HOST"] == "0.0.0.0" and worker["CRM_PULSE_METRICS_PORT"] == "6066"
     assert services["worker"]["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+    gateway = services["gateway"]
+    assert gateway["command"] == ["crm-pulse", "gateway"]
+    assert gateway["environment"]["CRM_PULSE_BROKER"] == "kafka://kafka:9092"
+    assert gateway["environment"]["CRM_PULSE_GATEWAY_HOST"] == "0.0.0.0"
+    assert gateway["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+    assert dict(host_mounts(gateway)) == {"./mappings/gateway.toml": gateway["environment"]["CRM_PULSE_GATEWAY_MAPPING"]}
+    # Its health check asks the gateway's own port whether the broker is reachable.
+    assert f":{gateway['environment']['CRM_PULSE_GATEWAY_PORT']}/readyz" in " ".join(gateway["healthcheck"]["test"])
 
 
 def test_every_mounted_host_path_exists_and_named_volumes_are_declared():
@@ -211,6 +220,7 @@ def test_services_point_at_each_other_by_compose_name_and_port():
                for job in prometheus["scrape_configs"]}  # fmt: skip
     port = services["worker"]["environment"]["CRM_PULSE_METRICS_PORT"]
     assert targets["crm-pulse"] == [f"worker:{port}"]
+    assert targets["crm-pulse-gateway"] == [f"gateway:{services['gateway']['environment']['CRM_PULSE_GATEWAY_PORT']}"]
     alertmanagers = [t for am in prometheus["alerting"]["alertmanagers"] for sc in am["static_configs"]
                      for t in sc["targets"]]  # fmt: skip
     assert alertmanagers == ["alertmanager:9093"]
