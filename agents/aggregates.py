@@ -17,11 +17,12 @@ class Aggregates:
         self.kpi_sums = pipeline.table("kpi-sums")
         self.baseline = pipeline.settings.baseline_days
         self.retention_days = pipeline.retention_days
+        self.zone = pipeline.settings.business_zone
 
     async def aggregate_histograms(self, stream):
         async for _batch, _event, state, deltas in unapplied_deltas(stream, self.histograms):
             for delta in deltas:
-                day = day_of(delta["at"])
+                day = day_of(delta["at"], self.zone)
                 apply_dwell(state, day, delta["ms"], delta["sign"], self.baseline)
                 prune_days(state, day - self.retention_days)
 
@@ -58,6 +59,7 @@ class DeltaSender:
         self.seq = 0
         self.histogram_deltas_topic = pipeline.histogram_deltas_topic
         self.sums_deltas_topic = pipeline.sums_deltas_topic
+        self.zone = pipeline.settings.business_zone
 
     def send(self, topic, key: str, value: dict) -> None:
         self.batch.add_delta(topic, key, self.origin, [self.offset, self.seq, value])
@@ -74,5 +76,5 @@ class DeltaSender:
             else:
                 _, scope, at, field, value = fact
                 contributions.append((scope, at, {field: value}, sign))
-        for (scope, day, sign), values in group_sums(contributions).items():
+        for (scope, day, sign), values in group_sums(contributions, self.zone).items():
             self.send(self.sums_deltas_topic, scope, {"day": day, "values": values, "sign": sign})

@@ -12,15 +12,32 @@ from crm_pulse.agents.app import Pipeline
 from crm_pulse.agents.gauges import Gauges
 from crm_pulse.agents.leads import Leads
 from crm_pulse.schemas.events import ms_to_iso
+from crm_pulse.streams.periods import date_of_day, parse_period, period_days, periods_since
 
 
-def kpi_snapshot(gauges: Gauges, prefix: str = "crm_") -> dict[str, list[dict]]:
+def kpi_snapshot(gauges: Gauges, prefix: str = "crm_", families=None) -> dict[str, list[dict]]:
     """{metric: [{"labels": {...}, "value": v}]} for every KPI gauge whose name starts with `prefix`."""
     return {
         family.name: [{"labels": s.labels, "value": s.value} for s in family.samples]
-        for family in gauges.collect()
+        for family in (gauges.collect() if families is None else families)
         if family.name.startswith(prefix) and family.samples
     }
+
+
+def period_table(gauges: Gauges, kind: str, first: str) -> list[dict]:
+    """Each `kind` period from `first` to the current one, its days and its KPIs (`window` names the period).
+    ValueError names a period or `from` that is wrong."""
+    today = gauges.today()
+    labels = periods_since(kind, parse_period(kind, first), today) if today is not None else []
+    table = []
+    for label in labels:
+        first_day, last_day = period_days(kind, label)
+        table.append({
+            "period": label, "first_day": date_of_day(first_day).isoformat(),
+            "last_day": date_of_day(last_day).isoformat(),
+            "kpis": kpi_snapshot(gauges, families=gauges.periods([(label, kind, label)])),
+        })  # fmt: skip
+    return table
 
 
 def install(pipeline: Pipeline, gauges: Gauges, leads: Leads) -> None:
@@ -42,7 +59,17 @@ def install(pipeline: Pipeline, gauges: Gauges, leads: Leads) -> None:
 
     @app.page("/kpis")
     async def all_kpis(self: web.View, request: web.Request) -> web.Response:
-        return self.json(_envelope({"kpis": kpi_snapshot(gauges)}))
+        """`?period=week|month|quarter&from=<label>`: the period KPIs of each period from `from` to now."""
+        if "period" not in request.query:
+            return self.json(_envelope({"kpis": kpi_snapshot(gauges)}))
+        kind, first = request.query["period"], request.query.get("from")
+        if first is None:
+            return self.json({"error": "?period= needs &from=<first period>, e.g. from=2018-01"}, status=400)
+        try:
+            table = period_table(gauges, kind, first)
+        except ValueError as exc:
+            return self.json({"error": str(exc)}, status=400)
+        return self.json(_envelope({"period": kind, "time_zone": pipeline.settings.business_timezone, "periods": table}))
 
     @app.page("/kpis/{family}")
     async def kpi_family(self: web.View, request: web.Request, family: str) -> web.Response:
