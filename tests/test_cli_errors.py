@@ -44,6 +44,8 @@ def refused_address() -> str:
     ("CRM_PULSE_PARTITIONS", "0", "CRM_PULSE_PARTITIONS='0': Input should be greater than or equal to 1"),
     ("CRM_PULSE_BROKER", "localhost:9092",
      "CRM_PULSE_BROKER='localhost:9092': CRM_PULSE_BROKER must look like kafka://host:port[,host:port]"),
+    ("CRM_PULSE_BUSINESS_TIMEZONE", "CET+1",
+     "CRM_PULSE_BUSINESS_TIMEZONE='CET+1': not an IANA time zone; use a name such as UTC or Europe/Berlin"),
     ("CRM_PULSE_GRACE_SECONDS", "9999999999", "CRM_PULSE_DEDUPE_HORIZON_SECONDS must be at least CRM_PULSE_GRACE_SECONDS"),
 ])  # fmt: skip
 @pytest.mark.parametrize("command", [["worker"], ["demo", "--seconds", "1"], ["alerts", "tail"]])
