@@ -4,19 +4,22 @@ stalled leads."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from crm_pulse.agents.aggregates import Aggregates
-from crm_pulse.agents.customers import Customers
-from crm_pulse.agents.leads import Leads
 from crm_pulse.streams.catalogue import (
     KPIS, WINDOWS, baseline_comparison, customer_base_kpis, period_customer_base, period_kpis, window_sums,
 )  # fmt: skip
 from crm_pulse.streams.clock import Clock
 from crm_pulse.streams.families import OVERALL
 from crm_pulse.streams.kpis import CHURN_WINDOW_DAYS, churn, customers_started, day_of, dwell_stats, period_dwell_stats
-from crm_pulse.streams.periods import current_periods, period_days
+from crm_pulse.streams.periods import current_periods, date_of_day, parse_period, period_days, periods_since
+
+if TYPE_CHECKING:  # only for the types: `crm-pulse report` computes its gauges without Faust
+    from crm_pulse.agents.aggregates import Aggregates
+    from crm_pulse.agents.customers import Customers
+    from crm_pulse.agents.leads import Leads
 
 # Percentiles as gauges of their own: a "quantile" label is reserved for summaries.
 PERCENTILES = (50, 90)
@@ -57,7 +60,11 @@ class Gauges(Collector):
         return None if now is None else day_of(now, self.zone)
 
     def collect(self) -> list[GaugeMetricFamily]:
-        return [*self.kpi_gauges(), *self.histogram_gauges(), *self.customer_base_gauges(), *self.lead_gauges()]
+        return [*self.kpi_families(), *self.lead_gauges()]
+
+    def kpi_families(self) -> list[GaugeMetricFamily]:
+        """The gauges computed from the aggregates: KPIs, duration histograms and the customer base."""
+        return [*self.kpi_gauges(), *self.histogram_gauges(), *self.customer_base_gauges()]
 
     def periods(self, periods: Periods) -> list[GaugeMetricFamily]:
         """The period KPIs, duration histograms and customer base over the given calendar periods only."""
@@ -213,3 +220,29 @@ class Gauges(Collector):
         if self.clock.watermark_ms is not None:
             watermark.add_metric([], self.clock.watermark_ms / 1000)
         return [open_leads, pipeline_value, stalled, watermark]
+
+
+def kpi_snapshot(families, prefix: str = "crm_") -> dict[str, list[dict]]:
+    """{metric: [{"labels": {...}, "value": v}]} for every gauge with samples whose name starts with `prefix`."""
+    return {
+        family.name: [{"labels": s.labels, "value": s.value} for s in family.samples]
+        for family in families
+        if family.name.startswith(prefix) and family.samples
+    }
+
+
+def period_table(gauges: Gauges, kind: str, first: str) -> list[dict]:
+    """Each `kind` period from `first` to the current one, its days and its KPIs (`window` names the period).
+    ValueError names a period or `from` that is wrong."""
+    first = parse_period(kind, first)
+    today = gauges.today()
+    labels = [] if today is None else periods_since(kind, first, today)
+    families = gauges.periods([(label, kind, label) for label in labels])
+    table = []
+    for label in labels:
+        first_day, last_day = period_days(kind, label)
+        kpis = {name: kept for name, samples in kpi_snapshot(families).items()
+                if (kept := [s for s in samples if s["labels"]["window"] == label])}  # fmt: skip
+        table.append({"period": label, "first_day": date_of_day(first_day).isoformat(),
+                      "last_day": date_of_day(last_day).isoformat(), "kpis": kpis})  # fmt: skip
+    return table

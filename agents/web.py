@@ -9,35 +9,9 @@ from __future__ import annotations
 from faust import web
 
 from crm_pulse.agents.app import Pipeline
-from crm_pulse.agents.gauges import Gauges
+from crm_pulse.agents.gauges import Gauges, kpi_snapshot, period_table
 from crm_pulse.agents.leads import Leads
 from crm_pulse.schemas.events import ms_to_iso
-from crm_pulse.streams.periods import date_of_day, parse_period, period_days, periods_since
-
-
-def kpi_snapshot(gauges: Gauges, prefix: str = "crm_", families=None) -> dict[str, list[dict]]:
-    """{metric: [{"labels": {...}, "value": v}]} for every KPI gauge whose name starts with `prefix`."""
-    return {
-        family.name: [{"labels": s.labels, "value": s.value} for s in family.samples]
-        for family in (gauges.collect() if families is None else families)
-        if family.name.startswith(prefix) and family.samples
-    }
-
-
-def period_table(gauges: Gauges, kind: str, first: str) -> list[dict]:
-    """Each `kind` period from `first` to the current one, its days and its KPIs (`window` names the period).
-    ValueError names a period or `from` that is wrong."""
-    today = gauges.today()
-    labels = periods_since(kind, parse_period(kind, first), today) if today is not None else []
-    table = []
-    for label in labels:
-        first_day, last_day = period_days(kind, label)
-        table.append({
-            "period": label, "first_day": date_of_day(first_day).isoformat(),
-            "last_day": date_of_day(last_day).isoformat(),
-            "kpis": kpi_snapshot(gauges, families=gauges.periods([(label, kind, label)])),
-        })  # fmt: skip
-    return table
 
 
 def install(pipeline: Pipeline, gauges: Gauges, leads: Leads) -> None:
@@ -61,7 +35,7 @@ def install(pipeline: Pipeline, gauges: Gauges, leads: Leads) -> None:
     async def all_kpis(self: web.View, request: web.Request) -> web.Response:
         """`?period=week|month|quarter&from=<label>`: the period KPIs of each period from `from` to now."""
         if "period" not in request.query:
-            return self.json(_envelope({"kpis": kpi_snapshot(gauges)}))
+            return self.json(_envelope({"kpis": kpi_snapshot(gauges.collect())}))
         kind, first = request.query["period"], request.query.get("from")
         if first is None:
             return self.json({"error": "?period= needs &from=<first period>, e.g. from=2018-01"}, status=400)
@@ -74,7 +48,7 @@ def install(pipeline: Pipeline, gauges: Gauges, leads: Leads) -> None:
     @app.page("/kpis/{family}")
     async def kpi_family(self: web.View, request: web.Request, family: str) -> web.Response:
         """/kpis/stage-dwell → every crm_stage_dwell_* gauge; /kpis/win-rate → crm_win_rate_ratio; …"""
-        snapshot = kpi_snapshot(gauges, f"crm_{family.replace('-', '_')}")
+        snapshot = kpi_snapshot(gauges.collect(), f"crm_{family.replace('-', '_')}")
         if not snapshot:
             return self.json({"error": f"no KPI family {family!r}; see /kpis for the names"}, status=404)
         return self.json(_envelope({"kpis": snapshot}))

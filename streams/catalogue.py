@@ -396,6 +396,21 @@ def actor_facts(actor: dict, field: str) -> Counter:
     return Counter({("sums", "all", actor["last_active"], field, 1): 1})
 
 
+def split_facts(fact_deltas, event: dict | None, zone: tzinfo | None = None):
+    """What one message changes in the keyed aggregates: ([(histogram scope, at_ms, duration_ms, ±1)],
+    {(sums scope, day, ±1): {field: value}}) from fact deltas ((fact, ±1)) and the event's own sums."""
+    histograms = []
+    contributions = [(scope, event["occurred_at"], values, 1) for scope, values in event_sums(event)] if event else []
+    for fact, sign in fact_deltas:
+        if fact[0] == "hist":
+            _, scope, at, ms = fact
+            histograms.append((scope, at, ms, sign))
+        else:
+            _, scope, at, field, value = fact
+            contributions.append((scope, at, {field: value}, sign))
+    return histograms, group_sums(contributions, zone)
+
+
 def group_sums(contributions, zone: tzinfo | None = None) -> dict[tuple[str, int, int], dict[str, float]]:
     """Merge [(scope, at_ms, {field: value}, sign)] into one dict per (scope, day in `zone`, sign): one message each."""
     merged: dict[tuple[str, int, int], dict[str, float]] = {}
