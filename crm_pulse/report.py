@@ -59,7 +59,7 @@ def fold_files(settings: Settings, files: list[tuple[Path, Path]]) -> Fold:
 
 
 def fold_topic(settings: Settings) -> Fold:
-    """The fold of the input topic from its start to its current end, with the worker's ingest checks: invalid
+    """The fold of the input topic from its start to its end as read, with the worker's ingest checks: invalid
     events and events later than the grace period behind their partition's latest are left out, as the worker
     dead-letters them."""
     if not settings.broker:
@@ -74,10 +74,13 @@ def fold_topic(settings: Settings) -> Fold:
         consumer.assign(partitions)
         consumer.seek_to_beginning()
         end = consumer.end_offsets(partitions)
-        while any(consumer.position(tp) < end[tp] for tp in partitions):
-            for record in itertools.chain.from_iterable(consumer.poll(timeout_ms=500).values()):
-                if record.offset >= end[TopicPartition(record.topic, record.partition)]:
-                    continue
+        # Tansu reports an end offset inside the last record batch (`crm_pulse.broker.seal_changelogs`): read on
+        # past the end offsets until a poll finds nothing more.
+        while True:
+            records = list(itertools.chain.from_iterable(consumer.poll(timeout_ms=1000).values()))
+            if not records and all(consumer.position(tp) >= end[tp] for tp in partitions):
+                break
+            for record in records:
                 try:
                     event = parse_event(record.value)
                 except InvalidEvent:
