@@ -31,6 +31,7 @@ from crm_pulse.streams.leads import StallPolicy, apply_lead_event, new_lead
 from crm_pulse.streams.dedupe import first_seen
 from crm_pulse.streams.entities import apply_customer_event
 from crm_pulse.streams.families import LEAD_TYPES, OVERALL
+from crm_pulse.streams.fold import Fold
 
 GRACE_MS = 2 * DAY_MS  # the default CRM_PULSE_GRACE_SECONDS
 DEDUPE_HORIZON_MS = GRACE_MS  # the shortest horizon Settings accept: ids are forgotten as early as allowed
@@ -285,6 +286,21 @@ def test_streaming_fold_matches_batch(order, zone, data):
         assert (result.active_at_start, result.churned, result.active_now) == expected[:3], days
 
     # Calendar periods: every week, month and quarter an event falls in, though the days are pruned by now.
+    assert_periods(histograms, sums, customer_base, unique, zone)
+
+
+@settings(max_examples=200, deadline=None)
+@given(deliveries(), st.sampled_from(ZONES))
+def test_the_report_fold_matches_batch(order, zone):
+    """`crm-pulse report`'s fold of the same deliveries, duplicates and disorder included."""
+    fold = Fold(POLICY, zone)
+    applied = [fold.apply(e["lead_id"] if e["type"] in LEAD_TYPES else e["customer_id"], e) for e in order]
+    unique = {e["event_id"]: e for e in order}.values()
+    assert applied.count(True) == len(unique)
+    assert_periods(fold.histograms, fold.kpi_sums, fold.customer_base[OVERALL], unique, zone)
+
+
+def assert_periods(histograms, sums, customer_base, unique, zone):
     for kind, period_of in calendar_periods(zone).items():
         for label, first, last in {period_of(e["occurred_at"]) for e in unique}:
             def inside(ms):
