@@ -11,39 +11,7 @@ import orjson
 import pytest
 
 from crm_pulse.cli import main
-
-LEADS_MAPPING = """
-[dates]
-formats = ["%Y-%m-%d"]
-
-[[events]]
-type = "lead.created"
-occurred_at = "created"
-event_id = "{id}:created"
-envelope = { lead_id = "id", rep_id = "owner" }
-payload = { source = "source", stage = { const = "new" } }
-"""
-DEALS_MAPPING = """
-[dates]
-formats = ["%Y-%m-%d"]
-
-[[events]]
-when = { status = "won" }
-type = "deal.won"
-occurred_at = "closed"
-event_id = "{lead}:won"
-envelope = { lead_id = "lead" }
-payload = { amount = { column = "amount", type = "float" } }
-
-[[events]]
-when = { status = "lost" }
-type = "deal.lost"
-occurred_at = "closed"
-event_id = "{lead}:lost"
-envelope = { lead_id = "lead" }
-payload = { reason = { const = "price" } }
-"""
-
+from tests.integration.test_backfill import DEALS_MAPPING, LEADS_MAPPING, overall_by_period
 
 @pytest.fixture
 def exports(tmp_path) -> list[str]:
@@ -51,7 +19,7 @@ def exports(tmp_path) -> list[str]:
     after 3 days, L2 lost on the 3rd, L3 won on the 5th after 4 days."""
     files = {
         "leads.csv": "id,created,source,owner\nL1,2024-01-30,web,rep-a\nL2,2024-01-31,web,rep-a\nL3,2024-02-01,fair,rep-b\n",
-        "deals.csv": "lead,status,closed,amount\nL1,won,2024-02-02,300\nL2,lost,2024-02-03,\nL3,won,2024-02-05,200\n",
+        "deals.csv": "lead,status,closed,amount\nL1,won,02/02/2024,300\nL2,lost,03/02/2024,\nL3,won,05/02/2024,200\n",
         "leads.toml": LEADS_MAPPING, "deals.toml": DEALS_MAPPING,
     }  # fmt: skip
     for name, text in files.items():
@@ -67,17 +35,11 @@ def report(*args: str, capsys) -> tuple[int, str, str]:
     return exited.value.code, out, err
 
 
-def overall(body: dict) -> dict[str, dict[str, float]]:
-    return {p["period"]: {metric: s["value"] for metric, samples in p["kpis"].items() for s in samples
-                          if s["labels"] == {"window": p["period"]}}
-            for p in body["periods"]}  # fmt: skip
-
-
 def test_a_monthly_report_in_utc(exports, capsys):
     code, out, _ = report(*exports, "--period", "month", "--format", "json", capsys=capsys)
     body = orjson.loads(out)
     assert (code, body["time_zone"], body["now"], body["period"]) == (0, "UTC", "2024-02-05T00:00:00.000Z", "month")
-    months = overall(body)
+    months = overall_by_period(body["periods"])
     assert months["2024-01"] == {"crm_deals_won": 0, "crm_deals_lost": 0, "crm_new_leads": 2, "crm_new_deals": 0,
                                  "crm_won_revenue": 0, "crm_conversion_ratio": 0.0}  # fmt: skip
     assert months["2024-02"] == pytest.approx({
@@ -96,7 +58,7 @@ def test_a_monthly_report_in_utc(exports, capsys):
 def test_the_business_time_zone_moves_a_midnight_lead_into_the_month_before(exports, capsys, monkeypatch):
     monkeypatch.setenv("CRM_PULSE_BUSINESS_TIMEZONE", "America/New_York")
     code, out, _ = report(*exports, "--period", "month", "--format", "json", capsys=capsys)
-    months = overall(orjson.loads(out))
+    months = overall_by_period(orjson.loads(out)["periods"])
     assert (code, months["2024-01"]["crm_new_leads"], months["2024-02"]["crm_new_leads"]) == (0, 3, 0)
     assert months["2024-02"]["crm_lead_velocity_ratio"] == -1.0
     assert "crm_conversion_ratio" not in months["2024-02"]  # no leads created in February there

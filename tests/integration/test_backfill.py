@@ -142,6 +142,17 @@ def overall_by_period(periods: list[dict]) -> dict[str, dict[str, float]]:
             for p in periods}  # fmt: skip
 
 
+def served_months_equal(worker, months: dict[str, dict]) -> dict:
+    """The worker's /kpis?period=month from the first of `months`, once its overall series equal them."""
+    status, body = worker.get_json(f"/kpis?period=month&from={next(iter(months))}")
+    assert status == 200
+    served = overall_by_period(body["periods"])
+    assert list(served) == list(months)
+    for month, values in months.items():
+        assert {name: served[month].get(name) for name in values} == pytest.approx(values), month
+    return body
+
+
 def samples(periods: list[dict]) -> dict[tuple, float]:
     """{(period, metric, labels): value} of every series of a /kpis?period= answer, whatever their order."""
     return {(p["period"], p["first_day"], p["last_day"], metric, tuple(sorted(s["labels"].items()))): s["value"]
@@ -197,12 +208,7 @@ def test_three_exports_imported_with_wait_give_the_batch_kpis_and_older_history_
 
     # The monthly table: December 2023 (L000's win) to March 2024 (the last closes), as the batch says.
     assert list(monthly) == ["2023-12", "2024-01", "2024-02", "2024-03"]
-    status, body = worker.get_json("/kpis?period=month&from=2023-12")
-    assert status == 200
-    served = overall_by_period(body["periods"])
-    assert list(served) == list(monthly)
-    for month, values in monthly.items():
-        assert {name: served[month].get(name) for name in values} == pytest.approx(values), month
+    body = served_months_equal(worker, monthly)
     # `crm-pulse report` gives the worker's numbers, every series of every month: from the files (without the
     # late history) and from the input topic (leaving out the late events as the worker did).
     for source in (args, ["--topic"]):

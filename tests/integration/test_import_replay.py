@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.integration.test_backfill import overall_by_period, samples
+from tests.integration.test_backfill import samples, served_months_equal
 
 pytestmark = pytest.mark.integration
 
@@ -109,12 +109,7 @@ def test_maven_import_gives_the_csvs_all_time_kpis(start_worker, tmp_path):
     # The monthly table, from the first engagement (October 2016) to the last close.
     months = expected_months()
     assert (list(months)[0], list(months)[-1], len(months)) == ("2016-10", "2017-12", 15)
-    status, body = worker.get_json("/kpis?period=month&from=2016-10")
-    assert status == 200
-    served = overall_by_period(body["periods"])
-    assert list(served) == list(months)
-    for month, values in months.items():
-        assert {name: served[month].get(name) for name in values} == pytest.approx(values), month
+    body = served_months_equal(worker, months)
 
     reported = subprocess.run(
         [sys.executable, "-m", "crm_pulse.cli", "report", str(MAVEN_CSV), "--mapping", str(MAPPING),
