@@ -94,10 +94,15 @@ def test_kpis_from_events_with_duplicates_and_disorder(start_worker):
     # The query API serves the same numbers as JSON.
     status, body = worker.get_json("/kpis/win-rate")
     assert status == 200 and body["watermark"] == "2026-02-10T00:00:00.000Z" and body["partitions"] == [0]
+    # Every deal closed on 9 or 10 February, in ISO week 7: no earlier week, month or quarter has a win rate.
     assert {(s["labels"]["window"], s["value"]) for s in body["kpis"]["crm_win_rate_ratio"]} == {
-        ("7d", 1 / 3), ("30d", 1 / 3), ("all", 1 / 3)}
+        ("7d", 1 / 3), ("30d", 1 / 3), ("all", 1 / 3), ("week_current", 1 / 3), ("month_current", 1 / 3),
+        ("quarter_current", 1 / 3)}  # fmt: skip
     status, body = worker.get_json("/kpis")
-    assert {s["labels"]["window"]: s["value"] for s in body["kpis"]["crm_churn_ratio"]} == {"30d": 0.5}
+    # This week (days 39-45): C2 and C3 active at its start, none churned; last week (32-38) and February (31-58):
+    # C1, C2, C3, and C1 cancelled on day 35. Nobody was active before 1 January: no churn for January or Q1.
+    assert {s["labels"]["window"]: s["value"] for s in body["kpis"]["crm_churn_ratio"]} == {
+        "30d": 0.5, "week_current": 0.0, "week_previous": 1 / 3, "month_current": 1 / 3}
     assert worker.get_json("/kpis/no-such-family")[0] == 404
 
 
