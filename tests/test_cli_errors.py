@@ -116,6 +116,14 @@ def test_the_kpi_math_imports_no_faust_and_no_client():
     assert not impure
 
 
+def test_the_report_loads_no_faust():
+    """`crm-pulse report` folds with the pure streams/ functions: Faust is not even imported."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, crm_pulse.cli, crm_pulse.report; "
+                             "print(sorted({m.split('.')[0] for m in sys.modules} & {'faust', 'mode'}))"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert loaded.stdout == "[]\n", loaded.stderr
+
+
 def test_worker_help_and_the_configuration_page_list_every_setting():
     from crm_pulse.config import Settings, env_name
 
