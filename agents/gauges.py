@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
 from crm_pulse.streams.catalogue import (
     KPIS, WINDOWS, baseline_comparison, customer_base_kpis, period_customer_base, period_kpis, window_sums,
 )  # fmt: skip
@@ -87,10 +88,10 @@ class Gauges(Collector):
                 prefix, _, value = scope.partition(":")
                 observations, mean, *percentiles = families[prefix]
                 scope_labels = [value] if HISTOGRAMS[prefix][2] else []
-                rolling = [] if periods else [(window, dwell_stats(state, now, days, self.zone))
-                                              for window, days in WINDOWS.items()]  # fmt: skip
-                calendar = [(window, period_dwell_stats(state, kind, label))
-                            for window, kind, label in periods or current_periods(day_of(now, self.zone))]  # fmt: skip
+                rolling = [] if periods is not None else [(window, dwell_stats(state, now, days, self.zone))
+                                                          for window, days in WINDOWS.items()]  # fmt: skip
+                calendar = [(window, period_dwell_stats(state, kind, label)) for window, kind, label
+                            in (current_periods(day_of(now, self.zone)) if periods is None else periods)]  # fmt: skip
                 for window, stats in rolling + calendar:
                     if not stats.count:
                         continue
@@ -149,7 +150,7 @@ class Gauges(Collector):
             "crm_kpi_to_baseline_ratio", "A KPI in the window / the same KPI over the baseline period.",
             labels=["kpi", "window"],
         )  # fmt: skip
-        if periods:
+        if periods is not None:
             for scope, state in self.aggregates.kpi_sums.items():
                 for kpi, dimension, labels, result in self.period_samples(scope, state, periods):
                     family(kpi, dimension).add_metric(labels, result)
@@ -180,18 +181,19 @@ class Gauges(Collector):
         now = self.clock.now_ms()
         state = self.customers.customer_base.get(OVERALL)
         if now is None or not state:
-            return [] if periods else [*families.values(), active]
+            return [] if periods is not None else [*families.values(), active]
         today = day_of(now, self.zone)
         values = []
-        if not periods:
+        if periods is None:
             base = churn(state, now, zone=self.zone)
             active.add_metric([], base.active_now)
             sums = window_sums(self.aggregates.kpi_sums.get(OVERALL, {}), today, CHURN_WINDOW_DAYS)
-            first = today - CHURN_WINDOW_DAYS + 1
-            values.append((window, {**customer_base_kpis(base, sums), "customers_new": customers_started(state, first, today)}))
+            started = customers_started(state, today - CHURN_WINDOW_DAYS + 1, today)
+            values.append((window, {**customer_base_kpis(base, sums), "customers_new": started}))
         # Older periods than the spells' horizon (`agents.customers`) are no longer exact: left out.
         horizon = state.get("horizon")
-        values += [(window, period_customer_base(state, kind, label)) for window, kind, label in periods or current_periods(today)
+        values += [(window, period_customer_base(state, kind, label))
+                   for window, kind, label in (current_periods(today) if periods is None else periods)
                    if horizon is None or period_days(kind, label)[0] >= horizon]  # fmt: skip
         for window, named in values:
             for name, value in named.items():
@@ -237,11 +239,11 @@ def period_table(gauges: Gauges, kind: str, first: str) -> list[dict]:
     first = parse_period(kind, first)
     today = gauges.today()
     labels = [] if today is None else periods_since(kind, first, today)
-    families = gauges.periods([(label, kind, label) for label in labels])
+    snapshot = kpi_snapshot(gauges.periods([(label, kind, label) for label in labels]))
     table = []
     for label in labels:
         first_day, last_day = period_days(kind, label)
-        kpis = {name: kept for name, samples in kpi_snapshot(families).items()
+        kpis = {name: kept for name, samples in snapshot.items()
                 if (kept := [s for s in samples if s["labels"]["window"] == label])}  # fmt: skip
         table.append({"period": label, "first_day": date_of_day(first_day).isoformat(),
                       "last_day": date_of_day(last_day).isoformat(), "kpis": kpis})  # fmt: skip
