@@ -230,4 +230,8 @@ def test_calendar_periods_count_the_business_time_zones_days(start_worker):
     assert "crm_win_rate_ratio" not in table["2025-11"][2]  # no deal decided in November
     assert worker.get_json("/kpis?period=month&from=2025-13") == (
         400, {"error": "'2025-13' is not a month: expected YYYY-MM, e.g. 2018-01"})
-    assert worker.get_json("/kpis?period=fortnight&from=2025-11")[0] == 400
+    assert worker.get_json("/kpis?period=fortnight&from=2025-11") == (
+        400, {"error": "period 'fortnight' is not one of week, month, quarter"})
+    assert worker.get_json("/kpis?period=month") == (400, {"error": "?period= needs &from=<first period>, e.g. from=2018-01"})
+    status, body = worker.get_json("/kpis?period=quarter&from=2026-Q2")  # after now: no period yet
+    assert (status, body["periods"]) == (200, [])
