@@ -15,8 +15,6 @@ from crm_pulse.config import Settings, SettingsInvalid, env_name, load_settings
 from crm_pulse.directory import DirectoryInvalid, import_user_export
 from crm_pulse.streams.periods import PERIODS
 
-FORMATS = ("table", "csv", "json")
-
 
 def check_port_free(host: str, port: int) -> None:
     """Faust would find the port taken only once it has joined its group, and then stop with tracebacks."""
@@ -99,10 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     reporter.add_argument("--mapping", type=Path, action="append", default=[],
                           help="TOML mapping: columns → events; one per FILE, in order, or one for all")  # fmt: skip
     reporter.add_argument("--topic", action="store_true", help="the input topic's history instead (CRM_PULSE_BROKER)")
-    reporter.add_argument("--period", choices=PERIODS, help="every calendar period instead of the rolling windows")
+    reporter.add_argument("--period", help=f"every calendar period instead of the rolling windows: {', '.join(PERIODS)}")
     reporter.add_argument("--from", dest="first", metavar="PERIOD",
                           help="the first period, e.g. 2018-W05, 2018-01, 2018-Q1 (default: the first event's)")  # fmt: skip
-    reporter.add_argument("--format", choices=FORMATS, default="table", help="a table (overall series), CSV or JSON")
+    reporter.add_argument("--format", default="table", help="table (the overall series; default), csv or json")
     reporter.add_argument("--out", type=Path, help="write here instead of standard output")
     # argparse takes one run of positionals: the files after the first --mapping come back unrecognised.
     args, more = parser.parse_known_args(argv)

@@ -25,8 +25,9 @@ from crm_pulse.schemas.validate import InvalidEvent, parse_event
 from crm_pulse.streams.clock import Clock
 from crm_pulse.streams.fold import Fold
 from crm_pulse.streams.kpis import day_of
-from crm_pulse.streams.periods import period_of
+from crm_pulse.streams.periods import PERIODS, period_of
 
+FORMATS = ("table", "csv", "json")
 # Labels that split a KPI by a dimension: the table shows the overall series only.
 DIMENSIONS = {"rep", "source", "campaign", "score_band"}
 
@@ -164,6 +165,10 @@ def cli_report(settings: Settings, files: list[Path], mappings: list[Path], topi
     try:
         if topic == bool(files):
             raise ReportFailed("give CSV files with --mapping, or --topic for the input topic's history (not both)")
+        if period is not None and period not in PERIODS:
+            raise ReportFailed(f"--period {period}: not one of {', '.join(PERIODS)}")
+        if fmt not in FORMATS:
+            raise ReportFailed(f"--format {fmt}: not one of {', '.join(FORMATS)}")
         if first is not None and period is None:
             raise ReportFailed(f"--from {first} needs --period week, month or quarter")
         if files and len(mappings) not in (1, len(files)):

@@ -90,6 +90,8 @@ def test_csv_and_table_and_the_rolling_windows(exports, capsys, tmp_path, monkey
 @pytest.mark.parametrize("args, message", [
     (["--period", "month", "--from", "2024-13"], "--from 2024-13: '2024-13' is not a month: expected YYYY-MM, e.g. 2018-01"),
     (["--from", "2024-01"], "--from 2024-01 needs --period week, month or quarter"),
+    (["--period", "fortnight"], "--period fortnight: not one of week, month, quarter"),
+    (["--format", "xlsx"], "--format xlsx: not one of table, csv, json"),
     (["--topic"], "give CSV files with --mapping, or --topic for the input topic's history (not both)"),
 ])  # fmt: skip
 def test_a_mistake_is_one_line_and_exit_2(exports, capsys, args, message):
