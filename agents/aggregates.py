@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from crm_pulse.agents.app import Pipeline
 from crm_pulse.agents.batches import unapplied_deltas
-from crm_pulse.streams.catalogue import apply_sums, event_sums, group_sums, prune_sums
+from crm_pulse.streams.catalogue import apply_sums, prune_sums, split_facts
 from crm_pulse.streams.kpis import apply_dwell, day_of, dwell_stats, prune_days
 
 
@@ -17,11 +17,12 @@ class Aggregates:
         self.kpi_sums = pipeline.table("kpi-sums")
         self.baseline = pipeline.settings.baseline_days
         self.retention_days = pipeline.retention_days
+        self.zone = pipeline.settings.business_zone
 
     async def aggregate_histograms(self, stream):
         async for _batch, _event, state, deltas in unapplied_deltas(stream, self.histograms):
             for delta in deltas:
-                day = day_of(delta["at"])
+                day = day_of(delta["at"], self.zone)
                 apply_dwell(state, day, delta["ms"], delta["sign"], self.baseline)
                 prune_days(state, day - self.retention_days)
 
@@ -58,6 +59,7 @@ class DeltaSender:
         self.seq = 0
         self.histogram_deltas_topic = pipeline.histogram_deltas_topic
         self.sums_deltas_topic = pipeline.sums_deltas_topic
+        self.zone = pipeline.settings.business_zone
 
     def send(self, topic, key: str, value: dict) -> None:
         self.batch.add_delta(topic, key, self.origin, [self.offset, self.seq, value])
@@ -66,13 +68,8 @@ class DeltaSender:
     def facts(self, fact_deltas, event: dict | None = None) -> None:
         """The deltas of facts derived from an entity's history ((fact, ±1) from `streams.catalogue`), and
         the event's own sums."""
-        contributions = [(scope, event["occurred_at"], values, 1) for scope, values in event_sums(event)] if event else []
-        for fact, sign in fact_deltas:
-            if fact[0] == "hist":
-                _, scope, at, ms = fact
-                self.send(self.histogram_deltas_topic, scope, {"at": at, "ms": ms, "sign": sign})
-            else:
-                _, scope, at, field, value = fact
-                contributions.append((scope, at, {field: value}, sign))
-        for (scope, day, sign), values in group_sums(contributions).items():
+        histograms, sums = split_facts(fact_deltas, event, self.zone)
+        for scope, at, ms, sign in histograms:
+            self.send(self.histogram_deltas_topic, scope, {"at": at, "ms": ms, "sign": sign})
+        for (scope, day, sign), values in sums.items():
             self.send(self.sums_deltas_topic, scope, {"day": day, "values": values, "sign": sign})

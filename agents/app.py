@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING
 import faust
 import orjson
 from faust.serializers import codecs
-from kafka.partitioner.default import murmur2
 
-from crm_pulse.broker import DEAD_LETTER_MAX_BYTES, ssl_context
+from crm_pulse.broker import DEAD_LETTER_MAX_BYTES, key_partition, ssl_context
 from crm_pulse.agents.faust_fixes import App
 from crm_pulse.config import Settings
 from crm_pulse.streams.clock import Clock
@@ -82,12 +81,6 @@ def new_app(settings: Settings) -> App:
     )
     app.fetch_max_wait_ms = settings.effective_fetch_max_wait_ms
     return app
-
-
-def key_partition(key: str, partitions: int) -> int:
-    """The partition the producers' default (murmur2) partitioner gives a key: every table here is
-    written in the context of messages keyed like the table, so this is also the key's changelog partition."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 class Pipeline:

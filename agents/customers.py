@@ -10,6 +10,7 @@ from crm_pulse.agents.metrics import EVENTS_PROCESSED
 from crm_pulse.streams.kpis import CHURN_WINDOW_DAYS, advance_churn_horizon, apply_spell, day_of
 from crm_pulse.streams.entities import apply_customer_event
 from crm_pulse.streams.families import OVERALL
+from crm_pulse.streams.periods import LONGEST_LOOKBACK_DAYS
 
 
 class Customers:
@@ -17,7 +18,10 @@ class Customers:
 
     def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
-        self.horizon_slack_days = CHURN_WINDOW_DAYS + int(pipeline.settings.grace_seconds // DAY_S) + 2
+        # Spells are kept exact back to the first day of the previous quarter, the oldest window read.
+        slack = max(CHURN_WINDOW_DAYS, LONGEST_LOOKBACK_DAYS)
+        self.horizon_slack_days = slack + int(pipeline.settings.grace_seconds // DAY_S) + 2
+        self.zone = pipeline.settings.business_zone
         self.customers = pipeline.table("customers")
         # One key ("all"), on the same partition number as the "all" KPI sums: one worker owns both.
         self.customer_base = pipeline.table("customer-base")
@@ -29,7 +33,7 @@ class Customers:
         async for batch, received in envelopes(stream, self.customers):
             deltas = DeltaSender(pipeline, "customers", batch, received)
             for _customer_id, event, customer in unseen_events(pipeline, batch, received, self.upstream):
-                spell_deltas, fact_deltas = apply_customer_event(customer, event)
+                spell_deltas, fact_deltas = apply_customer_event(customer, event, self.zone)
                 for start_day, end_day, sign in spell_deltas:
                     deltas.send(pipeline.churn_deltas_topic, OVERALL, {"start": start_day, "end": end_day, "sign": sign, "at": event["occurred_at"]})
                 deltas.facts(fact_deltas, event)
@@ -38,7 +42,7 @@ class Customers:
     async def aggregate_churn(self, stream):
         async for _batch, _event, state, deltas in unapplied_deltas(stream, self.customer_base):
             for delta in deltas:
-                advance_churn_horizon(state, day_of(delta["at"]) - self.horizon_slack_days)
+                advance_churn_horizon(state, day_of(delta["at"], self.zone) - self.horizon_slack_days)
                 apply_spell(state, delta["start"], delta["end"], delta["sign"])
 
 

@@ -9,18 +9,9 @@ from __future__ import annotations
 from faust import web
 
 from crm_pulse.agents.app import Pipeline
-from crm_pulse.agents.gauges import Gauges
+from crm_pulse.agents.gauges import Gauges, kpi_snapshot, period_table
 from crm_pulse.agents.leads import Leads
 from crm_pulse.schemas.events import ms_to_iso
-
-
-def kpi_snapshot(gauges: Gauges, prefix: str = "crm_") -> dict[str, list[dict]]:
-    """{metric: [{"labels": {...}, "value": v}]} for every KPI gauge whose name starts with `prefix`."""
-    return {
-        family.name: [{"labels": s.labels, "value": s.value} for s in family.samples]
-        for family in gauges.collect()
-        if family.name.startswith(prefix) and family.samples
-    }
 
 
 def install(pipeline: Pipeline, gauges: Gauges, leads: Leads) -> None:
@@ -42,12 +33,22 @@ def install(pipeline: Pipeline, gauges: Gauges, leads: Leads) -> None:
 
     @app.page("/kpis")
     async def all_kpis(self: web.View, request: web.Request) -> web.Response:
-        return self.json(_envelope({"kpis": kpi_snapshot(gauges)}))
+        """`?period=week|month|quarter&from=<label>`: the period KPIs of each period from `from` to now."""
+        if "period" not in request.query:
+            return self.json(_envelope({"kpis": kpi_snapshot(gauges.collect())}))
+        kind, first = request.query["period"], request.query.get("from")
+        if first is None:
+            return self.json({"error": "?period= needs &from=<first period>, e.g. from=2018-01"}, status=400)
+        try:
+            table = period_table(gauges, kind, first)
+        except ValueError as exc:
+            return self.json({"error": str(exc)}, status=400)
+        return self.json(_envelope({"period": kind, "time_zone": pipeline.settings.business_timezone, "periods": table}))
 
     @app.page("/kpis/{family}")
     async def kpi_family(self: web.View, request: web.Request, family: str) -> web.Response:
         """/kpis/stage-dwell → every crm_stage_dwell_* gauge; /kpis/win-rate → crm_win_rate_ratio; …"""
-        snapshot = kpi_snapshot(gauges, f"crm_{family.replace('-', '_')}")
+        snapshot = kpi_snapshot(gauges.collect(), f"crm_{family.replace('-', '_')}")
         if not snapshot:
             return self.json({"error": f"no KPI family {family!r}; see /kpis for the names"}, status=404)
         return self.json(_envelope({"kpis": snapshot}))

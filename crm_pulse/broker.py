@@ -22,6 +22,7 @@ from aiokafka.conn import create_conn
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import AuthorizationError, KafkaError, TopicAlreadyExistsError, TopicAuthorizationFailedError
+from kafka.partitioner.default import murmur2
 
 from crm_pulse.config import Settings
 
@@ -313,3 +314,9 @@ def seal_changelogs(settings: Settings, topics: set[str]) -> None:
         producer.flush()
     finally:
         producer.close()
+
+
+def key_partition(key: str, partitions: int) -> int:
+    """The partition the producers' default (murmur2) partitioner gives a key: every table of the worker is
+    written in the context of messages keyed like the table, so this is also the key's changelog partition."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions

@@ -13,6 +13,7 @@ import orjson
 from crm_pulse.broker import BrokerUnusable, bind_error, broker_for, ensure_topics, seal_changelogs
 from crm_pulse.config import Settings, SettingsInvalid, env_name, load_settings
 from crm_pulse.directory import DirectoryInvalid, import_user_export
+from crm_pulse.streams.periods import PERIODS
 
 
 def check_port_free(host: str, port: int, variable: str = "CRM_PULSE_METRICS_PORT") -> None:
@@ -112,9 +113,22 @@ def main(argv: list[str] | None = None) -> None:
     importer.add_argument("--wait", action="store_true",
                           help="wait until the worker has applied the events, then show its headline KPIs")  # fmt: skip
     importer.add_argument("--wait-timeout", type=float, default=600, metavar="SECONDS", help="for --wait")
+    reporter = commands.add_parser(
+        "report", help="KPIs of CSV exports or of the input topic's history, without a worker (see docs/report.md)",
+        usage="crm-pulse report (FILE --mapping MAPPING [FILE --mapping MAPPING ...] | --topic) [options]",
+    )  # fmt: skip
+    reporter.add_argument("file", type=Path, nargs="*", help="a CSV export, read as `crm-pulse import` reads it")
+    reporter.add_argument("--mapping", type=Path, action="append", default=[],
+                          help="TOML mapping: columns → events; one per FILE, in order, or one for all")  # fmt: skip
+    reporter.add_argument("--topic", action="store_true", help="the input topic's history instead (CRM_PULSE_BROKER)")
+    reporter.add_argument("--period", help=f"every calendar period instead of the rolling windows: {', '.join(PERIODS)}")
+    reporter.add_argument("--from", dest="first", metavar="PERIOD",
+                          help="the first period, e.g. 2018-W05, 2018-01, 2018-Q1 (default: the first event's)")  # fmt: skip
+    reporter.add_argument("--format", default="table", help="table (the overall series; default), csv or json")
+    reporter.add_argument("--out", type=Path, help="write here instead of standard output")
     # argparse takes one run of positionals: the files after the first --mapping come back unrecognised.
     args, more = parser.parse_known_args(argv)
-    if args.command == "import" and not [a for a in more if a.startswith("-")]:
+    if args.command in ("import", "report") and not [a for a in more if a.startswith("-")]:
         args.file += [Path(a) for a in more]
     elif more:
         parser.error(f"unrecognized arguments: {' '.join(more)}")
@@ -147,6 +161,11 @@ def main(argv: list[str] | None = None) -> None:
 
             sys.exit(cli_import(settings, args.file, args.mapping, args.dry_run, args.rejects, args.allow_late,
                                 args.wait_timeout if args.wait else None))  # fmt: skip
+        elif args.command == "report":
+            from crm_pulse.report import cli_report
+
+            sys.exit(cli_report(settings, args.file, args.mapping, args.topic, args.period, args.first, args.format,
+                                args.out))  # fmt: skip
         elif args.command == "alerts" and args.alerts_command == "tail":
             from crm_pulse.alerts import tail
 

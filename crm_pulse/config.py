@@ -8,6 +8,7 @@ from datetime import date
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -68,6 +69,8 @@ class Settings(BaseSettings):
     deal_stages: frozenset[str] = frozenset({"proposal", "negotiation"})
     baseline_start: date | None = Field(None, description="First day of the baseline period (e.g. before the CRM)")
     baseline_end: date | None = Field(None, description="Last day of the baseline period")
+    # The IANA zone whose calendar days the daily buckets, rolling windows and calendar periods count.
+    business_timezone: str = "UTC"
 
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -137,6 +140,15 @@ class Settings(BaseSettings):
             raise ValueError("CRM_PULSE_BROKER must look like kafka://host:port[,host:port]")
         return value or None
 
+    @field_validator("business_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not an IANA time zone; use a name such as UTC or Europe/Berlin") from None
+        return value
+
     @model_validator(mode="after")
     def _dedupe_outlives_grace(self) -> "Settings":
         # An event id may be forgotten only once a duplicate of it would be rejected as late.
@@ -201,9 +213,14 @@ class Settings(BaseSettings):
             deal_stages=self.deal_stages,
         )
 
+    @cached_property
+    def business_zone(self) -> ZoneInfo | None:
+        """None for UTC: its day numbers are a plain division (`streams.kpis.day_of`)."""
+        return None if self.business_timezone == "UTC" else ZoneInfo(self.business_timezone)
+
     @property
     def baseline_days(self) -> tuple[int, int] | None:
-        """The baseline period as (first, last) UTC day numbers, as the KPI sums count days."""
+        """The baseline period as (first, last) day numbers of the business time zone, as the KPI sums count days."""
         if self.baseline_start is None or self.baseline_end is None:
             return None
         return (self.baseline_start - EPOCH).days, (self.baseline_end - EPOCH).days

@@ -34,8 +34,7 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from crm_pulse.agents.app import key_partition
-from crm_pulse.broker import client_security, connect_admin, ensure_topics
+from crm_pulse.broker import client_security, connect_admin, ensure_topics, key_partition
 from crm_pulse.config import Settings
 from crm_pulse.schemas.events import EVENT_TYPES, ms_to_iso
 from crm_pulse.schemas.validate import InvalidEvent, parse_event

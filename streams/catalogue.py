@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from datetime import tzinfo
 from typing import Callable, Mapping
 
-from crm_pulse.streams.kpis import day_of, dwell_observations
+from crm_pulse.streams.kpis import churn_between, customers_started, day_of, dwell_observations
+from crm_pulse.streams.periods import period_days, previous_period, stored_cells, stored_keys
 
 WINDOWS: dict[str, int | None] = {"7d": 7, "30d": 30, "all": None}
 SCORE_BANDS = ((0, 19), (20, 39), (40, 59), (60, 79), (80, 100))
@@ -39,12 +41,19 @@ def _add(cell: dict, values: Mapping[str, float], sign: int) -> None:
 
 def apply_sums(state: dict, day: int, values: Mapping[str, float], sign: int = 1,
                baseline: tuple[int, int] | None = None) -> None:  # fmt: skip
-    """Add (or retract) `values` on `day`, to the day's bucket, the all-time total and, when the day
-    falls inside the configured baseline period (first day, last day), to the baseline total."""
+    """Add (or retract) `values` on `day`, to the day's bucket, its week's and month's cells (kept for good,
+    unlike the days), the all-time total and, when the day falls inside the configured baseline period
+    (first day, last day), to the baseline total."""
     days = state.setdefault("days", {})
     _add(days.setdefault(str(day), {}), values, sign)
     if not days[str(day)]:
         del days[str(day)]
+    periods = state.setdefault("periods", {})
+    for kind, label in stored_keys(day):
+        cells = periods.setdefault(kind, {})
+        _add(cells.setdefault(label, {}), values, sign)
+        if not cells[label]:
+            del cells[label]
     _add(state.setdefault("total", {}), values, sign)
     if baseline and baseline[0] <= day <= baseline[1]:
         _add(state.setdefault("baseline", {}), values, sign)
@@ -59,6 +68,15 @@ def window_sums(state: dict, today: int, days: int | None, offset_days: int = 0)
     last = today - offset_days
     for day in range(last - days + 1, last + 1):
         for field, value in cells.get(str(day), {}).items():
+            sums[field] = sums.get(field, 0) + value
+    return sums
+
+
+def period_sums(state: dict, kind: str, label: str) -> dict[str, float]:
+    """Sums over one calendar period (`streams.periods`)."""
+    sums: dict[str, float] = {}
+    for stored, cell in stored_cells(kind, label):
+        for field, value in state.get("periods", {}).get(stored, {}).get(cell, {}).items():
             sums[field] = sums.get(field, 0) + value
     return sums
 
@@ -114,6 +132,8 @@ class Kpi:
     # Distinct counts (purchasers, active users/reps) count an actor on its latest active day only,
     # which is right for windows ending today but not for a baseline period in the past.
     has_baseline: bool = True
+    # Also per calendar period (`period_kpis`): the KPIs sales reporting reads by week, month and quarter.
+    in_periods: bool = False
 
     def metric(self, dimension: str | None) -> str:
         return f"crm_{dimension}_{self.name}" if dimension else f"crm_{self.name}"
@@ -121,19 +141,24 @@ class Kpi:
 
 KPIS = (
     # Sales
-    Kpi("deals_won", "Deals won in the window.", count("won"), ("rep",)),
-    Kpi("deals_lost", "Deals lost in the window.", count("lost"), ("rep",)),
-    Kpi("win_rate_ratio", "Won / (won + lost) deals closed in the window.", per("won", "won", "lost"), ("rep",)),
-    Kpi("won_revenue", "Amount of deals won in the window.", count("won_amount"), ("rep", "campaign")),
-    Kpi("average_deal_size", "Won revenue / deals won (the average check).", per("won_amount", "won"), ("rep",)),
-    Kpi("new_leads", "Leads created in the window.", count("leads"), ("rep", "source", "campaign", "score_band")),
+    Kpi("deals_won", "Deals won in the window.", count("won"), ("rep",), in_periods=True),
+    Kpi("deals_lost", "Deals lost in the window.", count("lost"), ("rep",), in_periods=True),
+    Kpi("win_rate_ratio", "Won / (won + lost) deals closed in the window.", per("won", "won", "lost"), ("rep",),
+        in_periods=True),  # fmt: skip
+    Kpi("won_revenue", "Amount of deals won in the window.", count("won_amount"), ("rep", "campaign"),
+        in_periods=True),  # fmt: skip
+    Kpi("average_deal_size", "Won revenue / deals won (the average check).", per("won_amount", "won"), ("rep",),
+        in_periods=True),  # fmt: skip
+    Kpi("new_leads", "Leads created in the window.", count("leads"), ("rep", "source", "campaign", "score_band"),
+        in_periods=True),  # fmt: skip
     Kpi("new_deals", "Leads that became deals (entered a deal stage or were won) in the window.",
-        count("new_deals"), ("rep", "source")),  # fmt: skip
+        count("new_deals"), ("rep", "source"), in_periods=True),  # fmt: skip
     Kpi("deals_per_100_leads", "New deals per 100 new leads in the window.",
         per("new_deals", "leads", scale=100), ("source",)),  # fmt: skip
-    Kpi("conversion_ratio", "Deals won / leads created in the window.", per("won", "leads"), ("score_band", "source")),
+    Kpi("conversion_ratio", "Deals won / leads created in the window.", per("won", "leads"), ("score_band", "source"),
+        in_periods=True),  # fmt: skip
     Kpi("lead_velocity_ratio", "(New leads in the window − in the window before) / in the window before.",
-        growth("leads")),  # fmt: skip
+        growth("leads"), in_periods=True),  # fmt: skip
     Kpi("quote_success_ratio", "Quotes accepted / quotes sent in the window.", per("quotes_accepted", "quotes_sent"),
         ("rep",)),  # fmt: skip
     Kpi("calls", "Calls logged in the window, by direction.", count("calls_inbound"), ("rep",),
@@ -181,6 +206,18 @@ KPIS = (
 )
 
 
+PERIOD_KPIS = tuple(kpi for kpi in KPIS if kpi.in_periods)
+
+
+def period_kpis(state: dict, kind: str, label: str) -> list[tuple[Kpi, float]]:
+    """(kpi, value) of every period KPI defined over one calendar period; growth compares it with the period
+    before it."""
+    first, last = period_days(kind, label)
+    sums, previous = period_sums(state, kind, label), period_sums(state, kind, previous_period(kind, label))
+    values = ((kpi, kpi.formula(sums, previous, last - first + 1)) for kpi in PERIOD_KPIS)
+    return [(kpi, value) for kpi, value in values if value is not None]
+
+
 def baseline_comparison(state: dict, today: int) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
     """For the "all" sums: ({metric: value over the baseline period}, {(metric, window): now / baseline})."""
     baseline_values: dict[str, float] = {}
@@ -215,6 +252,18 @@ def customer_base_kpis(base, sums: Mapping[str, float]) -> dict[str, float | Non
         "retention_cost_per_retained_customer": ratio(sums.get("retention_spend", 0), retained),
         "complaint_ratio": ratio(sums.get("complaints", 0), base.active_now),
     }
+
+
+# Of `customer_base_kpis`, those that need no distinct counts (see Kpi.has_baseline): exact for a past period.
+PERIOD_CUSTOMER_BASE = ("churn_ratio", "retention_ratio", "customers_active_at_window_start", "customers_churned",
+                        "customer_base_growth_ratio")  # fmt: skip
+
+
+def period_customer_base(state: dict, kind: str, label: str) -> dict[str, float | None]:
+    """The customer base over one calendar period, from the churn spells, and the customers new in it."""
+    first, last = period_days(kind, label)
+    values = customer_base_kpis(churn_between(state, first, last), {})
+    return {**{name: values[name] for name in PERIOD_CUSTOMER_BASE}, "customers_new": customers_started(state, first, last)}
 
 
 # --- what each event contributes ------------------------------------------------------------------
@@ -347,11 +396,26 @@ def actor_facts(actor: dict, field: str) -> Counter:
     return Counter({("sums", "all", actor["last_active"], field, 1): 1})
 
 
-def group_sums(contributions) -> dict[tuple[str, int, int], dict[str, float]]:
-    """Merge [(scope, at_ms, {field: value}, sign)] into one dict per (scope, day, sign): one message each."""
+def split_facts(fact_deltas, event: dict | None, zone: tzinfo | None = None):
+    """What one message changes in the keyed aggregates: ([(histogram scope, at_ms, duration_ms, ±1)],
+    {(sums scope, day, ±1): {field: value}}) from fact deltas ((fact, ±1)) and the event's own sums."""
+    histograms = []
+    contributions = [(scope, event["occurred_at"], values, 1) for scope, values in event_sums(event)] if event else []
+    for fact, sign in fact_deltas:
+        if fact[0] == "hist":
+            _, scope, at, ms = fact
+            histograms.append((scope, at, ms, sign))
+        else:
+            _, scope, at, field, value = fact
+            contributions.append((scope, at, {field: value}, sign))
+    return histograms, group_sums(contributions, zone)
+
+
+def group_sums(contributions, zone: tzinfo | None = None) -> dict[tuple[str, int, int], dict[str, float]]:
+    """Merge [(scope, at_ms, {field: value}, sign)] into one dict per (scope, day in `zone`, sign): one message each."""
     merged: dict[tuple[str, int, int], dict[str, float]] = {}
     for scope, at, values, sign in contributions:
-        cell = merged.setdefault((scope, day_of(at), sign), {})
+        cell = merged.setdefault((scope, day_of(at, zone), sign), {})
         for field, value in values.items():
             cell[field] = cell.get(field, 0) + value
     return merged

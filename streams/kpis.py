@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime, tzinfo
 from typing import Iterable, Iterator
+
+from crm_pulse.streams.periods import EPOCH, stored_cells, stored_keys
 
 DAY_MS = 86_400_000
 WINDOWS_DAYS = {"7d": 7, "30d": 30}
@@ -26,13 +29,16 @@ DWELL_BUCKETS_SECONDS = (
 )  # fmt: skip
 
 
-def day_of(ms: int) -> int:
-    return ms // DAY_MS
+def day_of(ms: int, zone: tzinfo | None = None) -> int:
+    """The day number (days since 1970-01-01) of the calendar day `ms` falls on in `zone`; None is UTC."""
+    if zone is None:
+        return ms // DAY_MS
+    return (datetime.fromtimestamp(ms // 1000, zone).date() - EPOCH).days
 
 
-def window_day_range(now_ms: int, days: int) -> range:
-    """The `days` UTC days ending with (and including) the day of `now_ms`."""
-    today = day_of(now_ms)
+def window_day_range(now_ms: int, days: int, zone: tzinfo | None = None) -> range:
+    """The `days` days ending with (and including) the day of `now_ms`."""
+    today = day_of(now_ms, zone)
     return range(today - days + 1, today + 1)
 
 
@@ -53,11 +59,14 @@ def _empty_cell() -> list[int]:
 
 def apply_dwell(state: dict, day: int, dwell_ms: int, sign: int, baseline: tuple[int, int] | None = None) -> None:
     """Add (sign=+1) or retract (sign=-1) one duration observed on `day` (a stage dwell, a sales cycle, a
-    ticket's time to resolution): to the day's cell, the all-time cell and, inside the baseline period,
-    the baseline cell. A cell is [count, sum_ms, bucket_0, ..., bucket_inf] (non-cumulative buckets).
+    ticket's time to resolution): to the day's cell, its week's and month's cells, the all-time cell and,
+    inside the baseline period, the baseline cell. A cell is [count, sum_ms, bucket_0, ..., bucket_inf]
+    (non-cumulative buckets).
     """
     days = state.setdefault("days", {})
+    periods = state.setdefault("periods", {})
     cells = [days.setdefault(str(day), _empty_cell()), state.setdefault("total", _empty_cell())]
+    cells += [periods.setdefault(kind, {}).setdefault(label, _empty_cell()) for kind, label in stored_keys(day)]
     if baseline and baseline[0] <= day <= baseline[1]:
         cells.append(state.setdefault("baseline", _empty_cell()))
     for cell in cells:
@@ -66,6 +75,9 @@ def apply_dwell(state: dict, day: int, dwell_ms: int, sign: int, baseline: tuple
         cell[2 + bucket_index(dwell_ms)] += sign
     if days[str(day)][0] == 0:
         del days[str(day)]
+    for kind, label in stored_keys(day):
+        if periods[kind][label][0] == 0:
+            del periods[kind][label]
 
 
 @dataclass(frozen=True)
@@ -82,14 +94,24 @@ class DwellStats:
         return histogram_quantile(q, self.buckets)
 
 
-def dwell_stats(state: dict, now_ms: int, days: int | None) -> DwellStats:
-    """Statistics of the `days` UTC days ending today, or of all time when `days` is None."""
+def dwell_stats(state: dict, now_ms: int, days: int | None, zone: tzinfo | None = None) -> DwellStats:
+    """Statistics of the `days` days ending today, or of all time when `days` is None."""
     if days is None:
         return _stats(state.get("total", _empty_cell()))
-    total = _empty_cell()
     cells = state.get("days", {})
-    for day in window_day_range(now_ms, days):
-        for i, n in enumerate(cells.get(str(day), ())):
+    return _sum_cells(cells.get(str(day), ()) for day in window_day_range(now_ms, days, zone))
+
+
+def period_dwell_stats(state: dict, kind: str, label: str) -> DwellStats:
+    """Statistics of one calendar period (`streams.periods`)."""
+    periods = state.get("periods", {})
+    return _sum_cells(periods.get(stored, {}).get(cell, ()) for stored, cell in stored_cells(kind, label))
+
+
+def _sum_cells(cells: Iterable) -> DwellStats:
+    total = _empty_cell()
+    for cell in cells:
+        for i, n in enumerate(cell):
             total[i] += n
     return _stats(total)
 
@@ -152,7 +174,7 @@ def prune_days(state: dict, oldest_day: int) -> None:
 # --- churn -------------------------------------------------------------------------------------
 
 
-def subscription_intervals(status_timeline: list) -> Counter:
+def subscription_intervals(status_timeline: list, zone: tzinfo | None = None) -> Counter:
     """Active spells (start_day, end_day or None) from sorted [[ms, event_id, kind], ...].
 
     A customer becomes active on `subscribed` or `renewed` and stops on `cancelled`.
@@ -162,12 +184,12 @@ def subscription_intervals(status_timeline: list) -> Counter:
     for ms, _event_id, kind in status_timeline:
         if kind == "cancelled":
             if started is not None:
-                spells[(day_of(started), day_of(ms))] += 1
+                spells[(day_of(started, zone), day_of(ms, zone))] += 1
                 started = None
         elif started is None:
             started = ms
     if started is not None:
-        spells[(day_of(started), None)] += 1
+        spells[(day_of(started, zone), None)] += 1
     return spells
 
 
@@ -224,15 +246,24 @@ class Churn:
         return None if churn is None else 1 - churn
 
 
-def churn(state: dict, now_ms: int, days: int = CHURN_WINDOW_DAYS) -> Churn:
-    """Churn over the `days` ending today: customers active when the window opened (started before its
-    first day, not cancelled before it) who cancelled inside the window, over those active at its start."""
-    window = window_day_range(now_ms, days)
-    first, last = window.start, window.stop - 1
-    active_at_start = churned = active_now = 0
+def _spells(state: dict) -> Iterator[tuple[int, int | None, int]]:
     for key, n in state.get("spells", {}).items():
         start_s, end_s = key.split("|")
-        start, end = int(start_s), (int(end_s) if end_s else None)
+        yield int(start_s), (int(end_s) if end_s else None), n
+
+
+def churn(state: dict, now_ms: int, days: int = CHURN_WINDOW_DAYS, zone: tzinfo | None = None) -> Churn:
+    """Churn over the `days` ending today (`churn_between` those days)."""
+    window = window_day_range(now_ms, days, zone)
+    return churn_between(state, window.start, window.stop - 1)
+
+
+def churn_between(state: dict, first: int, last: int) -> Churn:
+    """Churn from day `first` to day `last`: customers active when the window opened (started before its
+    first day, not cancelled before it) who cancelled inside the window, over those active at its start; and
+    those active at its end (`active_now`). Exact for windows starting at or after the state's horizon."""
+    active_at_start = churned = active_now = 0
+    for start, end, n in _spells(state):
         if start < first and (end is None or end >= first):
             active_at_start += n
             if end is not None and end <= last:
@@ -241,3 +272,9 @@ def churn(state: dict, now_ms: int, days: int = CHURN_WINDOW_DAYS) -> Churn:
             active_now += n
     return Churn(active_at_start, churned, active_now)
 
+
+
+def customers_started(state: dict, first: int, last: int) -> int:
+    """Active spells that began from day `first` to day `last`: customers who subscribed, or came back after a
+    cancellation. Exact for windows starting after the state's horizon (older starts sit at horizon − 1)."""
+    return sum(n for start, _end, n in _spells(state) if first <= start <= last)

@@ -44,6 +44,8 @@ def refused_address() -> str:
     ("CRM_PULSE_PARTITIONS", "0", "CRM_PULSE_PARTITIONS='0': Input should be greater than or equal to 1"),
     ("CRM_PULSE_BROKER", "localhost:9092",
      "CRM_PULSE_BROKER='localhost:9092': CRM_PULSE_BROKER must look like kafka://host:port[,host:port]"),
+    ("CRM_PULSE_BUSINESS_TIMEZONE", "CET+1",
+     "CRM_PULSE_BUSINESS_TIMEZONE='CET+1': not an IANA time zone; use a name such as UTC or Europe/Berlin"),
     ("CRM_PULSE_GRACE_SECONDS", "9999999999", "CRM_PULSE_DEDUPE_HORIZON_SECONDS must be at least CRM_PULSE_GRACE_SECONDS"),
     # The secret itself is not repeated.
     ("CRM_PULSE_NOTIFY_LINK_SECRET", "s3cret",
@@ -115,6 +117,14 @@ def test_the_kpi_math_imports_no_faust_and_no_client():
     impure = {f"{path.name}: {name}" for path in (ROOT / "streams").glob("*.py") for name in imports_of(path)
               if name.split(".")[0] in clients}  # fmt: skip
     assert not impure
+
+
+def test_the_report_loads_no_faust():
+    """`crm-pulse report` folds with the pure streams/ functions: Faust is not even imported."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, crm_pulse.cli, crm_pulse.report; "
+                             "print(sorted({m.split('.')[0] for m in sys.modules} & {'faust', 'mode'}))"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert loaded.stdout == "[]\n", loaded.stderr
 
 
 def test_worker_help_and_the_configuration_page_list_every_setting():

@@ -3,13 +3,15 @@ with duplicates, gives the same KPIs as a simple batch computation over the de-d
 
 from bisect import bisect_left
 from collections import Counter, defaultdict
+from datetime import date, datetime, timezone
+from zoneinfo import ZoneInfo
 
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crm_pulse.schemas.validate import parse_event
-from crm_pulse.streams.catalogue import apply_sums, event_sums, group_sums, prune_sums, window_sums
+from crm_pulse.streams.catalogue import apply_sums, event_sums, group_sums, period_sums, prune_sums, window_sums
 from crm_pulse.streams.clock import Clock
 from crm_pulse.streams.kpis import (
     DAY_MS,
@@ -18,25 +20,32 @@ from crm_pulse.streams.kpis import (
     apply_dwell,
     apply_spell,
     churn,
+    churn_between,
+    customers_started,
     day_of,
     dwell_stats,
+    period_dwell_stats,
     prune_days,
 )
 from crm_pulse.streams.leads import StallPolicy, apply_lead_event, new_lead
 from crm_pulse.streams.dedupe import first_seen
 from crm_pulse.streams.entities import apply_customer_event
 from crm_pulse.streams.families import LEAD_TYPES, OVERALL
+from crm_pulse.streams.fold import Fold
 
 GRACE_MS = 2 * DAY_MS  # the default CRM_PULSE_GRACE_SECONDS
 DEDUPE_HORIZON_MS = GRACE_MS  # the shortest horizon Settings accept: ids are forgotten as early as allowed
 RETENTION_DAYS = 60 + 2 + 2  # agents/app.py: longest window (and the one before it) + grace days + 2
-HORIZON_SLACK_DAYS = 30 + 2 + 2  # agents/customers.py: churn window + grace days + 2
+HORIZON_SLACK_DAYS = 184 + 2 + 2  # agents/customers.py: the previous quarter's reach + grace days + 2
 POLICY = StallPolicy()
 T0 = 1_767_225_600_000  # 2026-01-01T00:00Z
 H = 3_600_000
 STAGES = ("new", "qualified", "proposal", "negotiation")
 REPS = ("r1", "r2")
 WINDOWS = (7, 30)
+# Business time zones: around 2026-01-01 (T0) New York's days start 5 h after UTC's, Kolkata's 5.5 h before,
+# Lord Howe's (half-hour summer time) 11 h before.
+ZONES = (None, ZoneInfo("America/New_York"), ZoneInfo("Asia/Kolkata"), ZoneInfo("Australia/Lord_Howe"))
 CUSTOMER_KINDS = ("subscribed", "renewed", "cancelled")
 LEAD_PAYLOADS = {
     "lead.stage_changed": st.builds(lambda to: {"from": "new", "to": to}, st.sampled_from(STAGES)),
@@ -90,11 +99,11 @@ def deliveries(draw):
     return order
 
 
-def stream(order, crash_at: int, resume_at: int):
+def stream(order, crash_at: int, resume_at: int, zone=None):
     """The agents' fold: ingest's lateness check; per entity first_seen, then apply_lead_event or
     apply_customer_event; their deltas into the histogram, KPI-sum and churn aggregates. After reading
     `crash_at` messages the worker crashes and re-reads from offset `resume_at` (its last commit) with a
-    new process's clock; the tables keep what was applied."""
+    new process's clock; the tables keep what was applied. Days are `zone`'s calendar days."""
     entities: dict = {}
     histograms, sums, customer_base = defaultdict(dict), defaultdict(dict), {}
     duplicates = 0
@@ -116,21 +125,21 @@ def stream(order, crash_at: int, resume_at: int):
         if is_lead:  # alerts are not compared here: a fixed threshold will do
             fact_deltas, _ = apply_lead_event(entity, event, key, POLICY, lambda stage: (7 * DAY_MS, "stage_threshold"))
         else:
-            spell_deltas, fact_deltas = apply_customer_event(entity, event)
+            spell_deltas, fact_deltas = apply_customer_event(entity, event, zone)
             for start, end, sign in spell_deltas:  # agents/customers.py aggregate_churn
-                advance_churn_horizon(customer_base, day_of(at) - HORIZON_SLACK_DAYS)
+                advance_churn_horizon(customer_base, day_of(at, zone) - HORIZON_SLACK_DAYS)
                 apply_spell(customer_base, start, end, sign)
         # agents/aggregates.py: DeltaSender.facts, then aggregate_histograms and aggregate_sums
         contributions = [(scope, at, values, 1) for scope, values in event_sums(event)]
         for fact, sign in fact_deltas:
             if fact[0] == "hist":
                 _, scope, fact_at, ms = fact
-                apply_dwell(histograms[scope], day_of(fact_at), ms, sign)
-                prune_days(histograms[scope], day_of(fact_at) - RETENTION_DAYS)
+                apply_dwell(histograms[scope], day_of(fact_at, zone), ms, sign)
+                prune_days(histograms[scope], day_of(fact_at, zone) - RETENTION_DAYS)
             else:
                 _, scope, fact_at, field, value = fact
                 contributions.append((scope, fact_at, {field: value}, sign))
-        for (scope, day, sign), values in group_sums(contributions).items():
+        for (scope, day, sign), values in group_sums(contributions, zone).items():
             apply_sums(sums[scope], day, values, sign)
             prune_sums(sums[scope], day - RETENTION_DAYS)
     return histograms, sums, customer_base, duplicates
@@ -144,12 +153,46 @@ def entered_stage(event):
             "deal.won": "won", "deal.lost": "lost"}.get(event["type"])  # fmt: skip
 
 
-def in_window(ms, now, days):
-    return day_of(now) - days < day_of(ms) <= day_of(now)
+def local_date(ms, zone) -> date:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).astimezone(zone or timezone.utc).date()
 
 
-def batch_dwell(events, now, days):
-    """{stage: (count, sum_ms, Counter(bucket))} of stays that ended in the window. A lead's history starts
+def local_day(ms, zone) -> int:
+    return (local_date(ms, zone) - date(1970, 1, 1)).days
+
+
+def calendar_periods(zone):
+    """{kind: function of an event time → (its period's label, first day, last day)}, from the calendar alone."""
+    def span(first: date, last: date) -> tuple[int, int]:
+        return (first - date(1970, 1, 1)).days, (last - date(1970, 1, 1)).days
+
+    def week(ms):
+        d = local_date(ms, zone)
+        year, number, weekday = d.isocalendar()
+        return (f"{year}-W{number:02d}", *span(date.fromordinal(d.toordinal() - weekday + 1),
+                                                date.fromordinal(d.toordinal() - weekday + 7)))  # fmt: skip
+
+    def month(ms):
+        d = local_date(ms, zone)
+        following = date(d.year + d.month // 12, d.month % 12 + 1, 1)
+        return (f"{d.year}-{d.month:02d}", *span(d.replace(day=1), date.fromordinal(following.toordinal() - 1)))
+
+    def quarter(ms):
+        d = local_date(ms, zone)
+        q = (d.month - 1) // 3
+        following = date(d.year + (q == 3), (3 * q + 3) % 12 + 1, 1)
+        return (f"{d.year}-Q{q + 1}", *span(date(d.year, 3 * q + 1, 1), date.fromordinal(following.toordinal() - 1)))
+
+    return {"week": week, "month": month, "quarter": quarter}
+
+
+def rolling(now, days, zone):
+    """Whether an event time falls in the `days` calendar days of `zone` ending with the day of `now`."""
+    return lambda ms: local_day(now, zone) - days < local_day(ms, zone) <= local_day(now, zone)
+
+
+def batch_dwell(events, inside):
+    """{stage: (count, sum_ms, Counter(bucket))} of stays that ended when `inside` holds. A lead's history starts
     with its creation: of entries at the same time, the creation comes first (nothing here is dated before it)."""
     entries = defaultdict(list)
     for e in events:
@@ -159,64 +202,115 @@ def batch_dwell(events, now, days):
     for stays in entries.values():
         stays.sort()
         for (entered, _, _, stage), (left, *_) in zip(stays, stays[1:]):
-            if in_window(left, now, days):
+            if inside(left):
                 count, total, buckets = result[stage]
                 buckets[bisect_left(DWELL_BUCKETS_SECONDS, (left - entered) / 1000)] += 1
                 result[stage] = (count + 1, total + left - entered, buckets)
     return result
 
 
-def batch_win_rate(events, now, days, rep=None):
-    """(won, lost) deals closed in the window, by any rep or by `rep`."""
+def batch_win_rate(events, inside, rep=None):
+    """(won, lost) deals closed when `inside` holds, by any rep or by `rep`."""
     decided = [e["type"] for e in events if e["type"] in ("deal.won", "deal.lost")
-               and in_window(e["occurred_at"], now, days) and rep in (None, e["rep_id"])]  # fmt: skip
+               and inside(e["occurred_at"]) and rep in (None, e["rep_id"])]  # fmt: skip
     return decided.count("deal.won"), decided.count("deal.lost")
 
 
-def batch_churn(events, now, days):
-    """(active at start, churned, active now): a customer is active after subscribing or renewing, until cancelling."""
-    first, last = day_of(now) - days + 1, day_of(now)
+def batch_new_leads(events, inside):
+    return sum(1 for e in events if e["type"] == "lead.created" and inside(e["occurred_at"]))
+
+
+def batch_churn(events, first, last, zone):
+    """(active at start, churned, active at the end, spells begun) from day `first` to day `last` of `zone`: a
+    customer is active after subscribing or renewing, until cancelling."""
     timelines = defaultdict(list)
     for e in sorted(events, key=lambda e: (e["occurred_at"], e["event_id"])):
         if e["type"].startswith("customer."):
-            timelines[e["customer_id"]].append((day_of(e["occurred_at"]), e["type"]))
+            timelines[e["customer_id"]].append((local_day(e["occurred_at"], zone), e["type"]))
 
     def active_after(timeline, day):
         kinds = [kind for d, kind in timeline if d <= day]
         return bool(kinds) and kinds[-1] != "customer.cancelled"
 
-    at_start = churned = active_now = 0
+    def began(timeline):
+        """Days the customer went from inactive to active (on the event, not at the day's end)."""
+        active, days = False, []
+        for d, kind in timeline:
+            if kind == "customer.cancelled":
+                active = False
+            elif not active:
+                active = True
+                days.append(d)
+        return days
+
+    at_start = churned = active_now = started = 0
     for timeline in timelines.values():
         was_active = active_after(timeline, first - 1)
         at_start += was_active
         churned += was_active and any(first <= d <= last and k == "customer.cancelled" for d, k in timeline)
         active_now += active_after(timeline, last)
-    return at_start, churned, active_now
+        started += sum(1 for d in began(timeline) if first <= d <= last)
+    return at_start, churned, active_now, started
+
+
+def assert_dwell(histograms, expected, stats_of, where):
+    stages = {scope.removeprefix("dwell:") for scope in histograms if scope.startswith("dwell:")}
+    for stage in stages | set(expected):
+        stats = stats_of(histograms[f"dwell:{stage}"])
+        count, total_ms, buckets = expected[stage]
+        assert (stats.count, stats.sum_seconds) == (count, total_ms / 1000), (stage, where)
+        assert stats.buckets == tuple(buckets[i] for i in range(len(DWELL_BUCKETS_SECONDS) + 1)), (stage, where)
 
 
 @settings(max_examples=500, deadline=None)
-@given(deliveries(), st.data())
-def test_streaming_fold_matches_batch(order, data):
+@given(deliveries(), st.sampled_from(ZONES), st.data())
+def test_streaming_fold_matches_batch(order, zone, data):
     crash_at = data.draw(st.integers(0, len(order)), label="crash after reading")
     resume_at = data.draw(st.integers(0, crash_at), label="re-read from offset")
-    histograms, sums, customer_base, duplicates = stream(order, crash_at, resume_at)
+    histograms, sums, customer_base, duplicates = stream(order, crash_at, resume_at, zone)
     unique = {e["event_id"]: e for e in order}.values()
     now = max(e["occurred_at"] for e in unique)
+    today = local_day(now, zone)
 
     assert duplicates == len(order) - len(unique) + crash_at - resume_at
     for days in WINDOWS:
-        expected = batch_dwell(unique, now, days)
-        stages = {scope.removeprefix("dwell:") for scope in histograms if scope.startswith("dwell:")}
-        for stage in stages | set(expected):
-            stats = dwell_stats(histograms[f"dwell:{stage}"], now, days)
-            count, total_ms, buckets = expected[stage]
-            assert (stats.count, stats.sum_seconds) == (count, total_ms / 1000), (stage, days)
-            assert stats.buckets == tuple(buckets[i] for i in range(len(DWELL_BUCKETS_SECONDS) + 1)), (stage, days)
-
+        inside = rolling(now, days, zone)
+        assert_dwell(histograms, batch_dwell(unique, inside), lambda state: dwell_stats(state, now, days, zone), days)
         for scope, rep in [(OVERALL, None)] + [(f"rep:{rep}", rep) for rep in REPS]:
-            window = window_sums(sums[scope], day_of(now), days)
+            window = window_sums(sums[scope], today, days)
             won_lost = window.get("won", 0), window.get("lost", 0)
-            assert won_lost == batch_win_rate(unique, now, days, rep), (scope, days)
+            assert won_lost == batch_win_rate(unique, inside, rep), (scope, days)
 
-        result = churn(customer_base, now, days)
-        assert (result.active_at_start, result.churned, result.active_now) == batch_churn(unique, now, days), days
+        result = churn(customer_base, now, days, zone)
+        expected = batch_churn(unique, today - days + 1, today, zone)
+        assert (result.active_at_start, result.churned, result.active_now) == expected[:3], days
+
+    # Calendar periods: every week, month and quarter an event falls in, though the days are pruned by now.
+    assert_periods(histograms, sums, customer_base, unique, zone)
+
+
+@settings(max_examples=200, deadline=None)
+@given(deliveries(), st.sampled_from(ZONES))
+def test_the_report_fold_matches_batch(order, zone):
+    """`crm-pulse report`'s fold of the same deliveries, duplicates and disorder included."""
+    fold = Fold(POLICY, zone)
+    applied = [fold.apply(e["lead_id"] if e["type"] in LEAD_TYPES else e["customer_id"], e) for e in order]
+    unique = {e["event_id"]: e for e in order}.values()
+    assert applied.count(True) == len(unique)
+    assert_periods(fold.histograms, fold.kpi_sums, fold.customer_base[OVERALL], unique, zone)
+
+
+def assert_periods(histograms, sums, customer_base, unique, zone):
+    for kind, period_of in calendar_periods(zone).items():
+        for label, first, last in {period_of(e["occurred_at"]) for e in unique}:
+            def inside(ms):
+                return period_of(ms)[0] == label
+
+            assert_dwell(histograms, batch_dwell(unique, inside), lambda state: period_dwell_stats(state, kind, label), label)
+            for scope, rep in [(OVERALL, None)] + [(f"rep:{rep}", rep) for rep in REPS]:
+                period = period_sums(sums[scope], kind, label)
+                assert (period.get("won", 0), period.get("lost", 0)) == batch_win_rate(unique, inside, rep), (scope, label)
+            assert period_sums(sums[OVERALL], kind, label).get("leads", 0) == batch_new_leads(unique, inside), label
+            result = churn_between(customer_base, first, last)
+            found = result.active_at_start, result.churned, result.active_now, customers_started(customer_base, first, last)
+            assert found == batch_churn(unique, first, last, zone), label

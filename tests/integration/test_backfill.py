@@ -1,7 +1,9 @@
 """A backfill from three exports (leads, deals, activities: each unsorted, each with its own mapping) imported as a
 user would, with --wait, into a worker on the real embedded broker: once the import returns, the worker's all-time
 KPIs equal a batch computation here, and no event was late. Then an import of older history is refused for its
-late events, and with --allow-late published and counted as the worker then dead-letters them."""
+late events, and with --allow-late published and counted as the worker then dead-letters them. Last, the monthly
+table equals the batch truth month by month, on the worker's /kpis?period=month and in `crm-pulse report` from
+the files and from the input topic."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import random
 import re
 import subprocess
 import sys
+from collections import defaultdict
 from datetime import date, timedelta
 from pathlib import Path
 
+import orjson
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -69,14 +73,18 @@ def m(name, **labels):
     return (name, tuple(sorted(labels.items())))
 
 
-def write_exports(tmp_path: Path, leads: int = 60) -> tuple[list[str], dict]:
-    """The three exports and their mappings (shuffled rows, as CRMs export them); (import arguments, expected KPIs)."""
+def write_exports(tmp_path: Path, leads: int = 60) -> tuple[list[str], dict, dict]:
+    """The three exports and their mappings (shuffled rows, as CRMs export them); (import arguments, expected KPIs,
+    {month: {metric: expected value}})."""
     rnd = random.Random(18)
     start = date(2024, 1, 1)
     created = {f"L{i:03d}": start + timedelta(days=i) for i in range(leads)}
     lead_rows = [f"{lead},{day:%Y-%m-%d},{'web' if i % 2 else 'fair'},rep-{i % 3}"
                  for i, (lead, day) in enumerate(created.items())]  # fmt: skip
     deals, won, lost, cycles = [], [], 0, []
+    months = defaultdict(lambda: defaultdict(float))
+    for lead, day in created.items():
+        months[f"{day:%Y-%m}"]["leads"] += 1
     for i, (lead, day) in enumerate(created.items()):
         if i % 3 == 0:
             # L000's win is dated two days before its creation: closed all the same, with a cycle of 0 (kpis.md).
@@ -84,8 +92,13 @@ def write_exports(tmp_path: Path, leads: int = 60) -> tuple[list[str], dict]:
             deals.append(f"{lead},won,{closed:%d/%m/%Y},{100 + i}")
             won.append(100 + i)
             cycles.append(max(0, (closed - day).days) * 86400)
+            # The win counts on its own date (December 2023 for L000); its cycle when it ends, at creation at the earliest.
+            months[f"{closed:%Y-%m}"]["won"] += 1
+            months[f"{closed:%Y-%m}"]["revenue"] += 100 + i
+            months[f"{max(closed, day):%Y-%m}"]["cycles"] += 1
         elif i % 3 == 1:
             deals.append(f"{lead},lost,{day + timedelta(days=2):%d/%m/%Y},0")
+            months[f"{day + timedelta(days=2):%Y-%m}"]["lost"] += 1
             lost += 1
     activities = [f"A{i},{lead},{day + timedelta(hours=30):%Y-%m-%dT%H:%M:%S}+00:00,{'inbound' if i % 4 else 'outbound'}"
                   for i, (lead, day) in enumerate(created.items()) if i % 2 == 0]  # fmt: skip
@@ -112,7 +125,45 @@ def write_exports(tmp_path: Path, leads: int = 60) -> tuple[list[str], dict]:
         m("crm_events_processed_total", type="deal.lost"): lost,
         m("crm_events_processed_total", type="lead.activity"): len(activities),
     }
-    return args, expected
+    monthly = {
+        month: {"crm_new_leads": n["leads"], "crm_deals_won": n["won"], "crm_deals_lost": n["lost"],
+                "crm_won_revenue": n["revenue"],
+                "crm_win_rate_ratio": n["won"] / (n["won"] + n["lost"]) if n["won"] + n["lost"] else None,
+                "crm_sales_cycle_observations": n["cycles"] or None}
+        for month, n in sorted(months.items())
+    }  # fmt: skip
+    return args, expected, monthly
+
+
+def overall_by_period(periods: list[dict]) -> dict[str, dict[str, float]]:
+    """{period: {metric: value}} of the overall series (labelled by the period alone) of a /kpis?period= answer."""
+    return {p["period"]: {metric: s["value"] for metric, samples in p["kpis"].items() for s in samples
+                          if s["labels"] == {"window": p["period"]}}
+            for p in periods}  # fmt: skip
+
+
+def served_months_equal(worker, months: dict[str, dict]) -> dict:
+    """The worker's /kpis?period=month from the first of `months`, once its overall series equal them."""
+    status, body = worker.get_json(f"/kpis?period=month&from={next(iter(months))}")
+    assert status == 200
+    served = overall_by_period(body["periods"])
+    assert list(served) == list(months)
+    for month, values in months.items():
+        assert {name: served[month].get(name) for name in values} == pytest.approx(values), month
+    return body
+
+
+def samples(periods: list[dict]) -> dict[tuple, float]:
+    """{(period, metric, labels): value} of every series of a /kpis?period= answer, whatever their order."""
+    return {(p["period"], p["first_day"], p["last_day"], metric, tuple(sorted(s["labels"].items()))): s["value"]
+            for p in periods for metric, found in p["kpis"].items() for s in found}  # fmt: skip
+
+
+def crm_pulse_report(worker, tmp_path: Path, *args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "crm_pulse.cli", "report", *args, "--format", "json"], env=worker.env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return orjson.loads(done.stdout)
 
 
 def crm_pulse_import(worker, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -124,7 +175,7 @@ def test_three_exports_imported_with_wait_give_the_batch_kpis_and_older_history_
     start_worker, tmp_path
 ):
     worker = start_worker(CRM_PULSE_PARTITIONS="2")
-    args, expected = write_exports(tmp_path)
+    args, expected, monthly = write_exports(tmp_path)
 
     imported = crm_pulse_import(worker, tmp_path, *args, "--wait", "--wait-timeout", "120")
     assert imported.returncode == 0, imported.stderr[-3000:]
@@ -154,3 +205,14 @@ def test_three_exports_imported_with_wait_give_the_batch_kpis_and_older_history_
     got = worker.metrics()
     assert got.get(m("crm_events_invalid_total", reason="late")) == 5
     assert got.get(m("crm_new_leads", window="all")) == 60
+
+    # The monthly table: December 2023 (L000's win) to March 2024 (the last closes), as the batch says.
+    assert list(monthly) == ["2023-12", "2024-01", "2024-02", "2024-03"]
+    body = served_months_equal(worker, monthly)
+    # `crm-pulse report` gives the worker's numbers, every series of every month: from the files (without the
+    # late history) and from the input topic (leaving out the late events as the worker did).
+    for source in (args, ["--topic"]):
+        reported = crm_pulse_report(worker, tmp_path, *source, "--period", "month")
+        expected_samples, found = samples(body["periods"]), samples(reported["periods"])
+        assert len(expected_samples) > 100  # overall, by rep, by source; KPIs, histograms
+        assert found == expected_samples, source

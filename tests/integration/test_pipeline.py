@@ -94,10 +94,15 @@ def test_kpis_from_events_with_duplicates_and_disorder(start_worker):
     # The query API serves the same numbers as JSON.
     status, body = worker.get_json("/kpis/win-rate")
     assert status == 200 and body["watermark"] == "2026-02-10T00:00:00.000Z" and body["partitions"] == [0]
+    # Every deal closed on 9 or 10 February, in ISO week 7: no earlier week, month or quarter has a win rate.
     assert {(s["labels"]["window"], s["value"]) for s in body["kpis"]["crm_win_rate_ratio"]} == {
-        ("7d", 1 / 3), ("30d", 1 / 3), ("all", 1 / 3)}
+        ("7d", 1 / 3), ("30d", 1 / 3), ("all", 1 / 3), ("week_current", 1 / 3), ("month_current", 1 / 3),
+        ("quarter_current", 1 / 3)}  # fmt: skip
     status, body = worker.get_json("/kpis")
-    assert {s["labels"]["window"]: s["value"] for s in body["kpis"]["crm_churn_ratio"]} == {"30d": 0.5}
+    # This week (days 39-45): C2 and C3 active at its start, none churned; last week (32-38) and February (31-58):
+    # C1, C2, C3, and C1 cancelled on day 35. Nobody was active before 1 January: no churn for January or Q1.
+    assert {s["labels"]["window"]: s["value"] for s in body["kpis"]["crm_churn_ratio"]} == {
+        "30d": 0.5, "week_current": 0.0, "week_previous": 1 / 3, "month_current": 1 / 3}
     assert worker.get_json("/kpis/no-such-family")[0] == 404
 
 
@@ -171,3 +176,62 @@ def test_bad_input_is_dead_lettered_and_processing_continues(start_worker):
     assert [base64.b64decode(d["original_base64"]) for d in letters[:4]] == [raw for raw, _ in bad]
     assert all(d["source"]["topic"] == worker.topic("input") for d in letters)
     assert letters[1]["error"].startswith("type 'lead.exploded' is not one of")
+
+
+def test_calendar_periods_count_the_business_time_zones_days(start_worker):
+    """New York's December ends at 2026-01-01T05:00Z: what UTC puts in January, New York's books put in December."""
+    worker = start_worker(CRM_PULSE_BUSINESS_TIMEZONE="America/New_York")
+    now = T0 + 31 * DAY_MS + 4 * HOUR  # 2026-02-01T04:00Z: Saturday 31 January, 23:00 in New York
+    events = [
+        customer_event("c1", "customer.subscribed", "C1", T0 - 21 * DAY_MS),  # 10 December
+        customer_event("c2", "customer.cancelled", "C1", T0 + 14 * DAY_MS),  # 15 January: churned in January
+        lead_event("a1", "lead.created", "A", T0 - HOUR, source="web"),  # 31 December, 18:00 in New York
+        lead_event("a2", "deal.won", "A", T0 + 2 * HOUR, amount=500),  # 31 December, 21:00: a 3 h cycle
+        lead_event("b1", "lead.created", "B", T0 + 6 * HOUR, source="web"),  # 1 January, 01:00
+        lead_event("b2", "deal.lost", "B", T0 + 29 * DAY_MS, reason="price"),  # 29 January (ISO week 5)
+        lead_event("c3", "lead.created", "C", now - HOUR, source="web"),  # 31 January, 22:00
+        lead_event("c4", "deal.won", "C", now, amount=200),  # a 1 h cycle
+    ]
+    worker.send(*sorted(events, key=lambda event: event["occurred_at"]))  # none late
+    metrics = worker.wait_for(
+        lambda got: got.get(m("crm_deals_won", window="month_current")) == 1
+        and got.get(m("crm_sales_cycle_observations", window="month_current")) == 1
+        and got.get(m("crm_customers_churned", window="month_current")) == 1,
+        what="the period KPIs",
+    )
+    expected = {
+        # January in New York: B and C created, B lost, C won for 200; December: A created and won for 500.
+        "month_current": {"crm_deals_won": 1, "crm_deals_lost": 1, "crm_win_rate_ratio": 0.5, "crm_won_revenue": 200,
+                          "crm_new_leads": 2, "crm_lead_velocity_ratio": 1.0, "crm_sales_cycle_mean_seconds": 3600,
+                          "crm_churn_ratio": 1.0, "crm_customers_new": 0},
+        "month_previous": {"crm_deals_won": 1, "crm_deals_lost": 0, "crm_win_rate_ratio": 1.0, "crm_won_revenue": 500,
+                           "crm_new_leads": 1, "crm_sales_cycle_mean_seconds": 3 * 3600, "crm_customers_new": 1},
+        "quarter_current": {"crm_won_revenue": 200, "crm_new_leads": 2, "crm_lead_velocity_ratio": 1.0},
+        "quarter_previous": {"crm_won_revenue": 500, "crm_new_leads": 1},
+        "week_current": {"crm_deals_won": 1, "crm_deals_lost": 1, "crm_new_leads": 1},  # 26 January – 1 February
+        "week_previous": {"crm_deals_won": 0, "crm_new_leads": 0},
+    }  # fmt: skip
+    for window, values in expected.items():
+        assert {name: metrics.get(m(name, window=window)) for name in values} == values, window
+    # In UTC, A's win (01-01T02:00Z) would be January's: here it is not; December has no growth (no November).
+    assert m("crm_lead_velocity_ratio", window="month_previous") not in metrics
+    assert metrics[m("crm_rep_won_revenue", rep="r1", window="month_current")] == 200
+
+    status, body = worker.get_json("/kpis?period=month&from=2025-11")
+    assert status == 200 and (body["period"], body["time_zone"]) == ("month", "America/New_York")
+    table = {p["period"]: (p["first_day"], p["last_day"], {n: [s["value"] for s in samples if s["labels"] == {"window": p["period"]}]
+                                                           for n, samples in p["kpis"].items()})
+             for p in body["periods"]}  # fmt: skip
+    assert list(table) == ["2025-11", "2025-12", "2026-01"]
+    assert table["2026-01"][:2] == ("2026-01-01", "2026-01-31")
+    assert {p: values.get("crm_won_revenue") for p, (_, _, values) in table.items()} == {
+        "2025-11": [0], "2025-12": [500], "2026-01": [200]}
+    assert table["2026-01"][2]["crm_churn_ratio"] == [1.0]
+    assert "crm_win_rate_ratio" not in table["2025-11"][2]  # no deal decided in November
+    assert worker.get_json("/kpis?period=month&from=2025-13") == (
+        400, {"error": "'2025-13' is not a month: expected YYYY-MM, e.g. 2018-01"})
+    assert worker.get_json("/kpis?period=fortnight&from=2025-11") == (
+        400, {"error": "period 'fortnight' is not one of week, month, quarter"})
+    assert worker.get_json("/kpis?period=month") == (400, {"error": "?period= needs &from=<first period>, e.g. from=2018-01"})
+    status, body = worker.get_json("/kpis?period=quarter&from=2026-Q2")  # after now: no period yet
+    assert (status, body["periods"]) == (200, [])
