@@ -60,22 +60,6 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
             consumer._fetch_max_wait_ms = self.app.fetch_max_wait_ms
         return consumer
 
-    async def seek_to_committed(self):
-        """aiokafka's, with every stream partition that has no committed offset (or 0) sought back to its
-        beginning, where the reset policy (Faust's default, earliest) started it (a Faust and aiokafka matter,
-        on either broker). During recovery the fetcher already reads stream partitions and Faust drops what
-        it brings, trusting this seek to go back; aiokafka seeks only to a committed offset > 0, so a
-        partition never committed stayed past everything fetched meanwhile: a worker killed before its first
-        commit came back on Apache Kafka, restored its tables, and never read its input
-        (aio-libs/aiokafka#1003 reports the committed offset 0 case). What this process had read of such a
-        partition before is read again, and dropped as a re-read."""
-        committed = await super().seek_to_committed()
-        changelogs = self.app.tables.changelog_topics
-        never_committed = [tp for tp, offset in committed.items() if not offset and tp.topic not in changelogs]
-        if never_committed:
-            await self.seek_to_beginning(*never_committed)
-        return committed
-
 
 class Consumer(aiokafka_driver.Consumer):
     def _new_consumer_thread(self) -> ConsumerThread:
@@ -161,9 +145,11 @@ class Recovery(FaustRecovery):
             self.log.warning("Recovery rebalancing again")
             return
         if assignment:
+            streams = {tp for tp in assignment if not self._is_changelog_tp(tp)}
             self.log.info("Seek stream partitions to committed offsets.")
             await self._wait(consumer.perform_seek(), timeout=app.conf.broker_request_timeout)
-            consumer.resume_partitions({tp for tp in assignment if not self._is_changelog_tp(tp)})
+            await self._wait(self._rewind_never_committed(streams), timeout=app.conf.broker_request_timeout)
+            consumer.resume_partitions(streams)
         else:
             self.log.info("Resuming streams with empty assignment")
         self.completed.set()
@@ -175,6 +161,22 @@ class Recovery(FaustRecovery):
         self.tables.on_standbys_ready()
         app.on_rebalance_end()
         self.log.info("Worker ready")
+
+
+    async def _rewind_never_committed(self, streams: set) -> None:
+        """Every stream partition with no committed offset (or 0) back to its beginning, where the reset policy
+        (Faust's default, earliest) started it (a Faust and aiokafka matter, on either broker). During recovery
+        the fetcher already reads stream partitions and Faust drops what it brings, trusting the seek to the
+        committed offsets to go back; aiokafka seeks only to a committed offset > 0, so a partition never
+        committed stayed past everything fetched meanwhile: a worker killed before its first commit came back
+        on Apache Kafka, restored its tables, and never read its input (aio-libs/aiokafka#1003 reports the
+        committed offset 0 case). What this process had read of it before is read again, and dropped as a
+        re-read. Here, not in every seek to the committed offsets: Faust also seeks when its fetcher finds the
+        flow stopped, in the middle of a revocation."""
+        consumer = self.app.consumer
+        never_committed = [tp for tp in streams if not consumer._committed_offset.get(tp)]
+        if never_committed:
+            await consumer._thread.seek_to_beginning(*never_committed)
 
 
 class TableManager(FaustTableManager):
