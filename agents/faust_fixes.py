@@ -11,8 +11,6 @@ import logging
 
 import aiokafka
 import faust
-from faust.tables import TableManager as FaustTableManager
-from faust.tables.recovery import Recovery as FaustRecovery
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
@@ -59,6 +57,23 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         if self.app.fetch_max_wait_ms is not None:
             consumer._fetch_max_wait_ms = self.app.fetch_max_wait_ms
         return consumer
+
+    async def seek_to_committed(self):
+        """aiokafka's, with every stream partition that has no committed offset (or 0), and from which this
+        process has delivered nothing yet, sought back to its beginning, where the reset policy (Faust's
+        default, earliest) started it (a Faust and aiokafka matter, on either broker). During recovery the fetcher already reads stream partitions and Faust
+        drops what it brings, trusting this seek to go back; aiokafka seeks only to a committed offset
+        > 0, so a partition never committed stayed past everything fetched meanwhile: a worker killed
+        before its first commit came back on Apache Kafka, restored its tables, and never read its input
+        (aio-libs/aiokafka#1003 reports the committed offset 0 case)."""
+        committed = await super().seek_to_committed()
+        changelogs, delivered = self.app.tables.changelog_topics, self.consumer._read_offset
+        # Only partitions this process has delivered nothing from: one it reads already goes on where it was.
+        never_read = [tp for tp, offset in committed.items()
+                      if not offset and tp.topic not in changelogs and delivered.get(tp) is None]  # fmt: skip
+        if never_read:
+            await self.seek_to_beginning(*never_read)
+        return committed
 
 
 class Consumer(aiokafka_driver.Consumer):
@@ -129,64 +144,6 @@ class Transport(aiokafka_driver.Transport):
     Producer = Producer
 
 
-class Recovery(FaustRecovery):
-    async def _resume_streams(self, generation_id: int = 0) -> None:
-        """Faust's, with the stream partitions sought to their committed offsets before they are resumed,
-        not after (a Faust matter, on either broker). Resumed first, the fetcher delivered what it read from
-        where recovery had left them while the seek was on its way to the broker, past the messages it had
-        dropped during recovery; those were then never processed, as every agent here applies a partition's
-        messages in order and takes what it has passed for a re-read (a worker that lost its group in a
-        broker outage, and the older of two workers as the second joined, lost dozens of events on Apache
-        Kafka). Sought while paused, the first message delivered after a rebalance is the committed one."""
-        app, consumer = self.app, self.app.consumer
-        await app.on_rebalance_complete.send()
-        assignment = consumer.assignment()
-        if app.consumer_generation_id != generation_id:
-            self.log.warning("Recovery rebalancing again")
-            return
-        if assignment:
-            streams = {tp for tp in assignment if not self._is_changelog_tp(tp)}
-            self.log.info("Seek stream partitions to committed offsets.")
-            await self._wait(consumer.perform_seek(), timeout=app.conf.broker_request_timeout)
-            await self._wait(self._rewind_never_committed(streams), timeout=app.conf.broker_request_timeout)
-            consumer.resume_partitions(streams)
-        else:
-            self.log.info("Resuming streams with empty assignment")
-        self.completed.set()
-        self.log.info("Resuming flow...")
-        app.flow_control.resume()
-        consumer.resume_flow()
-        await app._fetcher.maybe_start()
-        self.tables.on_actives_ready()
-        self.tables.on_standbys_ready()
-        app.on_rebalance_end()
-        self.log.info("Worker ready")
-
-
-    async def _rewind_never_committed(self, streams: set) -> None:
-        """Every stream partition with no committed offset (or 0) back to its beginning, where the reset policy
-        (Faust's default, earliest) started it (a Faust and aiokafka matter, on either broker). During recovery
-        the fetcher already reads stream partitions and Faust drops what it brings, trusting the seek to the
-        committed offsets to go back; aiokafka seeks only to a committed offset > 0, so a partition never
-        committed stayed past everything fetched meanwhile: a worker killed before its first commit came back
-        on Apache Kafka, restored its tables, and never read its input (aio-libs/aiokafka#1003 reports the
-        committed offset 0 case). What this process had read of it before is read again, and dropped as a
-        re-read. Here, not in every seek to the committed offsets: Faust also seeks when its fetcher finds the
-        flow stopped, in the middle of a revocation."""
-        consumer = self.app.consumer
-        never_committed = [tp for tp in streams if not consumer._committed_offset.get(tp)]
-        if never_committed:
-            await consumer._thread.seek_to_beginning(*never_committed)
-
-
-class TableManager(FaustTableManager):
-    @property
-    def recovery(self) -> Recovery:
-        if self._recovery is None:
-            self._recovery = Recovery(self.app, self, beacon=self.beacon, loop=self.loop)
-        return self._recovery
-
-
 class App(faust.App):
     #: Tansu's fetch wait (Settings.effective_fetch_max_wait_ms); None leaves Faust's.
     fetch_max_wait_ms: int | None = None
@@ -197,7 +154,3 @@ class App(faust.App):
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
-
-    @cached_property
-    def tables(self) -> TableManager:
-        return TableManager(app=self, beacon=self.beacon)

@@ -33,7 +33,7 @@ class Fetcher:
 
 
 def test_aiokafka_seeks_only_to_a_committed_offset_above_0():
-    """aio-libs/aiokafka#1003: what Recovery._rewind_never_committed corrects."""
+    """aio-libs/aiokafka#1003: what ConsumerThread.seek_to_committed corrects."""
     committed = {TopicPartition("t", 0): None, TopicPartition("t", 1): 0, TopicPartition("t", 2): 7}
     consumer = aiokafka.AIOKafkaConsumer.__new__(aiokafka.AIOKafkaConsumer)
     consumer._subscription = SimpleNamespace(assigned_partitions=lambda: set(committed))
@@ -47,66 +47,25 @@ def test_aiokafka_seeks_only_to_a_committed_offset_above_0():
     assert consumer._fetcher.sought == {TopicPartition("t", 2): 7}
 
 
-class RecordingConsumer:
-    """The calls `_resume_streams` makes on the consumer, in order; `committed` as a seek would leave them."""
+def test_the_worker_seeks_partitions_never_committed_nor_read_to_their_beginning(app, monkeypatch):
+    thread = app.consumer._thread
+    changelog = next(iter(app.tables.values())).changelog_topic.get_topic_name()
+    never, zero, committed_7, read_on = (TopicPartition("input", p) for p in range(4))
+    committed = {never: None, zero: 0, committed_7: 7, read_on: None, TopicPartition(changelog, 0): None}
+    sought_to_beginning = []
 
-    def __init__(self, assignment, committed):
-        self.calls, self._assignment, self._committed_offset = [], assignment, committed
-        self._thread = SimpleNamespace(seek_to_beginning=self.seek_to_beginning)
+    async def upstream(self):
+        return committed
 
-    def assignment(self):
-        return self._assignment
+    async def seek_to_beginning(*partitions):
+        sought_to_beginning.extend(partitions)
 
-    def resume_partitions(self, partitions):
-        self.calls.append(("resume", sorted(partitions)))
-
-    async def perform_seek(self):
-        self.calls.append(("seek",))
-
-    async def seek_to_beginning(self, *partitions):
-        self.calls.append(("seek to beginning", sorted(partitions)))
-
-    def resume_flow(self):
-        self.calls.append(("flow",))
-
-
-def resume_streams(recovery_type, app, monkeypatch, streams: dict) -> list[tuple]:
-    """The consumer calls of a recovery's `_resume_streams`, with `streams` (partition → committed offset, None
-    if never committed) and a changelog partition assigned."""
-    changelog = TopicPartition(next(iter(app.tables.changelog_topics)), 0)
-    recovery = recovery_type(app, app.tables)
-    monkeypatch.setattr(recovery, "_wait", lambda coro, timeout=None: coro)
-
-    async def fetcher_started():
-        return None
-
-    monkeypatch.setattr(app._fetcher, "maybe_start", fetcher_started)
-    monkeypatch.setattr(app, "on_rebalance_end", lambda: None)
-    monkeypatch.setattr(app, "consumer_generation_id", 3)
-    committed = {tp: offset for tp, offset in streams.items() if offset}  # as Faust's perform_seek keeps them
-    consumer = RecordingConsumer({*streams, changelog}, committed)
-    monkeypatch.setattr(type(app), "consumer", consumer, raising=False)
-    asyncio.run(recovery._resume_streams(generation_id=3))
-    return consumer.calls
-
-
-def test_faust_resumes_stream_partitions_before_it_seeks_them(app, monkeypatch):
-    """What faust_fixes.Recovery corrects: the fetcher may deliver from where recovery left a partition
-    while the seek is on its way; and a partition never committed is not sought at all (above)."""
-    calls = resume_streams(faust.tables.recovery.Recovery, app, monkeypatch, {TopicPartition("input", 0): None})
-    assert calls[:2] == [("resume", [TopicPartition("input", 0)]), ("seek",)]
-    assert ("seek to beginning", [TopicPartition("input", 0)]) not in calls
-
-
-def test_the_worker_seeks_stream_partitions_before_it_resumes_them_never_committed_ones_to_their_beginning(
-    app, monkeypatch
-):
-    assert isinstance(app.tables.recovery, faust_fixes.Recovery)
-    never, zero, committed_7 = (TopicPartition("input", p) for p in range(3))
-    calls = resume_streams(faust_fixes.Recovery, app, monkeypatch, {never: None, zero: 0, committed_7: 7})
+    monkeypatch.setattr(faust_fixes.aiokafka_driver.AIOKafkaConsumerThread, "seek_to_committed", upstream)
+    monkeypatch.setattr(thread, "seek_to_beginning", seek_to_beginning)
+    monkeypatch.setitem(app.consumer._read_offset, read_on, 41)  # this process delivered up to 41: it goes on
+    assert asyncio.run(thread.seek_to_committed()) == committed
     # The changelog is Faust's recovery's to position, not this seek's.
-    assert calls == [("seek",), ("seek to beginning", [never, zero]), ("resume", [never, zero, committed_7]),
-                     ("flow",)]  # fmt: skip
+    assert sorted(sought_to_beginning) == [never, zero]
 
 
 class SlowChannel:
