@@ -3,6 +3,7 @@ a Teams webhook, a generic webhook signed with HMAC-SHA256; and the retries arou
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import hmac
 import http.client
@@ -151,16 +152,16 @@ def deliver_with_retries(channel: str, send: Callable[[], None], max_attempts: i
     return f"{error} after {max_attempts} attempts"
 
 
-class Channel:
+class Channel(abc.ABC):
     """A destination. `per_recipient` channels address each recipient (`address`: a Slack id, an e-mail
     address); the others post each alert once, to wherever they are configured to post."""
 
     name: ClassVar[str]
     per_recipient: ClassVar[bool] = False
 
+    @abc.abstractmethod
     def send(self, message: Message, alert: dict, address: str | None) -> None:
         """`alert` as published; a per-recipient channel may be sent a group of alerts, with the first."""
-        raise NotImplementedError
 
 
 @dataclass
