@@ -225,12 +225,7 @@ def kpis(worker: Worker) -> dict:
 
 
 def alert_ids(worker: Worker) -> dict[str, set[bytes]]:
-    records = worker.read("alerts", 1, timeout=10)
-    while True:  # read() returns what one poll brought: read again until nothing more comes
-        more = worker.read("alerts", len(records), timeout=5)
-        if len(more) == len(records):
-            break
-        records = more
+    records = worker.read_all("alerts")
     grouped: dict[str, set[bytes]] = {}
     for record in records:
         grouped.setdefault(orjson.loads(record.value)["alert_id"], set()).add(record.value)

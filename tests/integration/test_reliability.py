@@ -53,12 +53,7 @@ def run_to_end(worker, expected: int) -> dict:
 
 
 def alerts(worker) -> list[bytes]:
-    records = worker.read("alerts", 1, timeout=10)
-    while True:  # read() returns what one poll brought: read again until nothing more comes
-        more = worker.read("alerts", len(records), timeout=5)
-        if len(more) == len(records):
-            return [r.value for r in records]
-        records = more
+    return [record.value for record in worker.read_all("alerts")]
 
 
 def by_id(records: list[bytes]) -> dict[str, set[bytes]]:
