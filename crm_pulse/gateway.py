@@ -1,4 +1,5 @@
-"""`crm-pulse gateway`: CRM webhooks → verified → contract v1 events → the input topic (docs/ingestion.md).
+"""`crm-pulse gateway`: CRM webhooks → verified → contract v1 events → the input topic (docs/ingestion.md); and,
+with CRM_PULSE_NOTIFY_LINK_SECRET, the alerts' snooze links (crm_pulse.snooze).
 
 A request is answered 2xx only once the broker has acknowledged (acks=all) every event and dead letter it gave;
 otherwise 503, and the CRM delivers it again. Event ids derive from the vendor's own delivery ids, so a
@@ -17,6 +18,7 @@ import tomllib
 import uuid
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -24,6 +26,7 @@ import orjson
 from aiohttp import BasicAuth, web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
+from crm_pulse import snooze
 from crm_pulse.channels import signature
 from crm_pulse.config import Settings, SettingsInvalid
 from crm_pulse.schemas.records import dead_letter_record
@@ -412,6 +415,7 @@ class Gateway:
     send: Send  # (topic, key, value) → returns once the broker acknowledged it
     ready: Callable[[], Awaitable[bool]]
     stages: StageMap = field(default_factory=StageMap)
+    now: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))  # the snooze links' clock
 
     def __post_init__(self):
         self.hubspot, self.pipedrive = HubSpot(self.stages), Pipedrive(self.stages)
@@ -421,6 +425,8 @@ class Gateway:
         app.add_routes([web.post(f"/webhooks/{source}", self.handler(source)) for source in SOURCES])
         app.add_routes([web.get("/healthz", self.healthz), web.get("/readyz", self.readyz),
                         web.get("/metrics", self.metrics)])  # fmt: skip
+        if self.settings.notify_link_secret:
+            app.add_routes(snooze.routes(self.settings, self.send, self.now))
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
