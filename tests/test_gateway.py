@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import logging
 import subprocess
 import sys
@@ -159,6 +161,47 @@ def test_hubspot_v1_and_v2_signatures(gateway, broker):
     assert [key for key, _ in broker.on("in")] == [b"hubspot-deal-9003", b"hubspot-deal-9004"]
 
 
+def test_hubspot_v3_is_checked_when_it_comes_with_the_older_signature(gateway, broker):
+    """HubSpot sends X-HubSpot-Signature-Version: v1 with the v1 signature, and the v3 one besides: v3 decides, so
+    a replay with a valid v1 signature but a stale v3 timestamp is refused."""
+    uri = f"{PUBLIC}/webhooks/hubspot"
+    fresh = dumps([hubspot_event(105, "deal.creation", 9005, now_ms())])
+    stale = dumps([hubspot_event(106, "deal.creation", 9006, now_ms())])
+    forged = dumps([hubspot_event(107, "deal.creation", 9007, now_ms())])
+    before = metric("crm_gateway_verification_failures_total", source="hubspot", reason="stale_timestamp")
+    answers = [
+        gateway.post("/webhooks/hubspot", fresh, {**hubspot_v1_headers(fresh), **hubspot_v3_headers(uri, fresh, now_ms())}),
+        gateway.post("/webhooks/hubspot", stale, {**hubspot_v1_headers(stale),
+                                                  **hubspot_v3_headers(uri, stale, now_ms() - 360_000)}),
+        gateway.post("/webhooks/hubspot", forged, {**hubspot_v1_headers(forged),
+                                                   **hubspot_v3_headers(uri, forged, now_ms(), secret="not-it")}),
+    ]  # fmt: skip
+    assert [(status, orjson.loads(body)) for status, body, _ in answers] == [
+        (200, {"published": 1, "dead_lettered": 0}),
+        (401, {"error": "X-HubSpot-Request-Timestamp is more than 5 minutes away"}),
+        (401, {"error": "the signature does not match"}),
+    ]
+    assert metric("crm_gateway_verification_failures_total", source="hubspot", reason="stale_timestamp") == before + 1
+    assert [key for key, _ in broker.on("in")] == [b"hubspot-deal-9005"]
+
+
+def test_hubspot_v3_signs_the_target_url_with_hubspots_own_decoding(gateway, broker):
+    """A target URL with escapes in its query: HubSpot decodes %3A, %2F, %3F, %40, %21, %24, %27, %28, %29, %2A,
+    %2C and %3B before signing, and leaves the others (%26, %20) as they are."""
+    path = "/webhooks/hubspot?account=acme%3Aeu%2C1&team=sales%26ops%20emea"
+    body = dumps([hubspot_event(108, "deal.creation", 9008, now_ms())])
+    signed_by_hubspot = hubspot_v3_headers(f"{PUBLIC}{path}", body, now_ms())
+    digest = hmac.new(HUBSPOT_SECRET.encode(), b"POST" + f"{PUBLIC}/webhooks/hubspot?account=acme:eu,1&team=sales%26ops"
+                      f"%20emea".encode() + body + signed_by_hubspot["X-HubSpot-Request-Timestamp"].encode(),
+                      hashlib.sha256)  # fmt: skip
+    assert signed_by_hubspot["X-HubSpot-Signature-v3"] == base64.b64encode(digest.digest()).decode()
+    assert gateway.post(path, body, signed_by_hubspot)[0] == 200
+    # Signed over the URI decoded altogether (`&`, ` `): not what HubSpot signs, refused.
+    decoded = hubspot_v3_headers(f"{PUBLIC}/webhooks/hubspot?account=acme:eu,1&team=sales&ops emea", body, now_ms())
+    assert gateway.post(path, body, decoded)[0] == 401
+    assert [key for key, _ in broker.on("in")] == [b"hubspot-deal-9008"]
+
+
 def test_pipedrive_basic_credentials(gateway, broker):
     body = dumps(pipedrive_v1_deal("added", 31, 1_767_225_600, pipedrive_v1_current(
         31, 1, "open", "2026-01-01 00:00:00", "2026-01-01 00:00:00"), None))  # fmt: skip
@@ -237,6 +280,30 @@ def test_hubspot_deal_through_its_stages(gateway, broker):
          "lead_id": "hubspot-contact-88", "payload": {"source": "hubspot"}},
         {"event_id": expected_id("hubspot:62515:206:deal.lost"), "type": "deal.lost", "occurred_at": t + 5000,
          "lead_id": "hubspot-deal-78", "pipeline": "default", "payload": {"reason": "closedlost"}},
+    ]  # fmt: skip
+
+
+def test_hubspot_generic_object_subscriptions_translate_as_the_legacy_ones(gateway, broker):
+    """`object.creation` / `object.propertyChange` name the object by objectTypeId: deals 0-3, contacts 0-1;
+    other objects (a company, 0-2) give nothing."""
+    t = 1_767_225_600_000
+    batch = [
+        hubspot_event(211, "object.creation", 79, t, object_type="0-3"),
+        hubspot_event(212, "object.propertyChange", 79, t + 1000, "dealstage", "qualifiedtobuy", object_type="0-3"),
+        hubspot_event(213, "object.creation", 89, t + 2000, object_type="0-1"),
+        hubspot_event(214, "object.creation", 99, t + 3000, object_type="0-2"),
+    ]
+    body = dumps(batch)
+    status, answer, _ = gateway.post("/webhooks/hubspot", body, hubspot_v1_headers(body))
+    assert (status, orjson.loads(answer)) == (200, {"published": 3, "dead_lettered": 0})
+    assert [value for _, value in broker.on("in")] == [
+        {"event_id": expected_id("hubspot:62515:211:lead.created"), "type": "lead.created", "occurred_at": t,
+         "lead_id": "hubspot-deal-79", "payload": {"source": "hubspot"}},
+        {"event_id": expected_id("hubspot:62515:212:lead.stage_changed"), "type": "lead.stage_changed",
+         "occurred_at": t + 1000, "lead_id": "hubspot-deal-79", "pipeline": "default",
+         "payload": {"from": "unknown", "to": "qualified"}},
+        {"event_id": expected_id("hubspot:62515:213:lead.created"), "type": "lead.created", "occurred_at": t + 2000,
+         "lead_id": "hubspot-contact-89", "payload": {"source": "hubspot"}},
     ]  # fmt: skip
 
 

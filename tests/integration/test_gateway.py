@@ -18,8 +18,8 @@ from crm_pulse.config import Settings
 from crm_pulse.gateway import load_stage_map, serve
 from tests.gateway_payloads import (
     EVENTS_SECRET, HUBSPOT_SECRET, PIPEDRIVE_PASSWORD, PIPEDRIVE_USER, SALESFORCE_HEADERS, SALESFORCE_ORG_18, basic,
-    dumps, events_headers, hubspot_event, hubspot_v3_headers, opportunity, pipedrive_v1_current, pipedrive_v1_deal,
-    pipedrive_v2, salesforce_message,
+    dumps, events_headers, hubspot_event, hubspot_v1_headers, hubspot_v3_headers, opportunity, pipedrive_v1_current,
+    pipedrive_v1_deal, pipedrive_v2, salesforce_message,
 )  # fmt: skip
 from tests.gateway_server import Served
 from tests.integration.conftest import BROKER_KIND, on_tansu_only
@@ -48,9 +48,11 @@ def m(name, **labels):
 
 
 def hubspot_post(gateway: Served, events: list[dict]) -> int:
+    """Signed as HubSpot signs its webhooks: the v1 signature (X-HubSpot-Signature-Version: v1) and the v3 one."""
     body = dumps(events)
     uri = f"http://127.0.0.1:{gateway.port}/webhooks/hubspot"
-    return gateway.post("/webhooks/hubspot", body, hubspot_v3_headers(uri, body, int(time.time() * 1000)))[0]
+    headers = {**hubspot_v1_headers(body), **hubspot_v3_headers(uri, body, int(time.time() * 1000))}
+    return gateway.post("/webhooks/hubspot", body, headers)[0]
 
 
 def pd_time(ms: int) -> str:
