@@ -303,6 +303,11 @@ def create_missing(settings: Settings, wanted: dict[str, dict[str, str]]) -> Non
                     log.info("created topic %s", name)
                 except TopicAlreadyExistsError:
                     pass
+                except AuthorizationError as exc:
+                    raise BrokerUnusable(
+                        f"{principal(settings)} may not create topic {name} on {settings.broker} "
+                        f"({type(exc).__name__}): create it beforehand, or grant CREATE"
+                    ) from exc
     finally:
         admin.close()
 

@@ -172,7 +172,8 @@ def verify_hubspot(secret: bytes, method: str, uri: str, body: bytes, headers, n
             raise unauthenticated("hubspot", "bad_signature", f"unknown X-HubSpot-Signature-Version {version[:16]!r}")
         given = headers.get("X-HubSpot-Signature")
         if not given:
-            raise unauthenticated("hubspot", "missing_signature", "X-HubSpot-Signature-v3 or X-HubSpot-Signature is required")
+            raise unauthenticated("hubspot", "missing_signature",
+                                  "X-HubSpot-Signature-v3 or X-HubSpot-Signature is required")
         signed = secret + body if version == "v1" else secret + method.encode() + uri.encode() + body
         expected = hashlib.sha256(signed).hexdigest()
     if not hmac.compare_digest(given.encode(), expected.encode()):

@@ -192,7 +192,8 @@ class SentSet:
 
 
 def ensure_notify_topics(settings: Settings) -> None:
-    wanted = {settings.effective_notify_sent_topic: {"cleanup.policy": "compact"}, settings.effective_notify_dlq_topic: {}}
+    wanted = {settings.effective_notify_sent_topic: {"cleanup.policy": "compact"},
+              settings.effective_notify_dlq_topic: {}}
     if settings.notify_link_secret:
         wanted[settings.effective_notify_snoozes_topic] = {"cleanup.policy": "compact"}
     create_missing(settings, wanted)

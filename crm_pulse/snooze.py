@@ -54,7 +54,8 @@ def check_link(secret: bytes, query: str, now: datetime) -> tuple[str, str]:
     try:
         lead_id, rep_id, expires, given = fields["lead"], fields["rep"], int(fields["expires"]), fields["signature"]
     except (KeyError, ValueError):
-        raise LinkRefused(400, "incomplete", "the link is incomplete: it needs lead, rep, expires and signature") from None
+        raise LinkRefused(400, "incomplete",
+                          "the link is incomplete: it needs lead, rep, expires and signature") from None
     if "\n" in lead_id + rep_id or not hmac.compare_digest(given, link_signature(secret, lead_id, rep_id, expires)):
         raise LinkRefused(403, "bad_signature", "the link's signature is not valid")
     if expires <= now.timestamp():
@@ -114,7 +115,8 @@ def routes(settings: Settings, send: Callable[[str, bytes | None, bytes], Awaita
             return web.Response(text=page(f"Snooze lead {lead_id}", f"Stop alerts about lead {lead}?{form}"),
                                 content_type="text/html")  # fmt: skip
         try:
-            await asyncio.wait_for(send(topic, *snooze_record(lead_id, rep_id, until)), settings.gateway_ack_timeout_seconds)
+            await asyncio.wait_for(send(topic, *snooze_record(lead_id, rep_id, until)),
+                                   settings.gateway_ack_timeout_seconds)
         except Exception as exc:  # noqa: BLE001 - whatever the broker did, the snooze is not saved
             log.warning("snooze of lead %s not acknowledged: %r", lead_id, exc)
             LINKS.labels("unavailable").inc()
@@ -122,7 +124,7 @@ def routes(settings: Settings, send: Callable[[str, bytes | None, bytes], Awaita
                                 headers={"Retry-After": "30"})  # fmt: skip
         LINKS.labels("snoozed").inc()
         log.info("lead %s snoozed until %s", lead_id, until.isoformat())
-        return web.Response(text=page(f"Lead {lead_id} snoozed", f"No alerts about lead {lead} until {until:%Y-%m-%d %H:%M} UTC."),
-                            content_type="text/html")  # fmt: skip
+        done = f"No alerts about lead {lead} until {until:%Y-%m-%d %H:%M} UTC."
+        return web.Response(text=page(f"Lead {lead_id} snoozed", done), content_type="text/html")
 
     return [web.get(PATH, snooze), web.post(PATH, snooze)]

@@ -88,7 +88,8 @@ def pipedrive_v2(event_uuid: str, action: str, entity: str, data: dict, previous
 
 
 def salesforce_message(notifications: list[tuple[str, dict]], org: str = SALESFORCE_ORG_18) -> bytes:
-    """An Outbound Message: `notifications` of (notification Id, Opportunity fields)."""
+    """An Outbound Message: `notifications` of (notification Id, Opportunity fields). The WSDL's ids (organization,
+    action, notification, record) are 18 characters."""
     items = "".join(
         f"<Notification><Id>{nid}</Id><sObject xsi:type=\"sf:Opportunity\" "
         f"xmlns:sf=\"urn:sobject.enterprise.soap.sforce.com\">"
