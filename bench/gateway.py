@@ -16,6 +16,7 @@ import orjson
 
 from bench.harness import Bench, percentile, rate, synthetic_events
 from crm_pulse.broker import free_port
+from crm_pulse.generator import SyntheticCrm
 
 SECRET = "bench-signing-secret"
 CRM = {"seed": 19, "reps": 40, "leads_per_day": 500}
@@ -78,6 +79,7 @@ async def phase_gateway(bench: Bench, config) -> dict:
     on_topic = 0
     async for _ in bench.read_topic(app.input_topic, config.partitions):
         on_topic += 1
+    plain_events_per_s = await plain_producer_rate(bench, events, config.partitions)
     requests = sum(statuses.values())
     return {
         "clients": config.gateway_clients, "events_per_request": config.gateway_batch, "seconds": round(seconds, 2),
@@ -86,5 +88,18 @@ async def phase_gateway(bench: Bench, config) -> dict:
         "ack_p50_ms": round(percentile(latencies, 50), 1) if latencies else None,
         "ack_p99_ms": round(percentile(latencies, 99), 1) if latencies else None,
         "events_acknowledged": accepted_events, "events_on_topic": on_topic,
+        "plain_producer_events_per_s": plain_events_per_s,
+        "to_plain_producer_ratio": round(accepted_events / seconds / plain_events_per_s, 3),
         "memory": gateway.memory_mib(),
     }  # fmt: skip
+
+
+async def plain_producer_rate(bench: Bench, events: list[dict], partitions: int) -> float:
+    """Events per second one aiokafka producer (acks=all, as the gateway) writes the same events to a topic of
+    the same broker: what the gateway's HTTP, signature checking and validation leave of the broker's rate."""
+    topic = bench.app("gateway-plain", partitions).input_topic
+    await bench.create_topic(topic, partitions)
+    records = [(SyntheticCrm.key(event), orjson.dumps(event), None) for event in events]
+    started = time.monotonic()
+    await bench.produce(topic, records, len(records), "the same events from a plain producer", acks="all")
+    return rate(len(records), time.monotonic() - started)

@@ -317,9 +317,9 @@ class Bench:
             await consumer.stop()
 
     async def produce(self, topic: str, records: Iterable[tuple[bytes, bytes, int | None]], count: int,
-                      what: str) -> None:  # fmt: skip
+                      what: str, **options) -> None:  # fmt: skip
         """Send (key, value, partition or None for the default murmur2 partitioner) records, acknowledged."""
-        producer = await self.producer(linger_ms=20, max_batch_size=1 << 20)
+        producer = await self.producer(linger_ms=20, max_batch_size=1 << 20, **options)
         self.reporter.step(what, total=count)
         try:
             pending = []

@@ -31,6 +31,7 @@ import orjson
 from rich.table import Table
 
 from bench.chart import draw
+from bench.backfill import phase_backfill
 from bench.gateway import phase_gateway
 from bench.harness import REPO, Bench, Reporter
 from bench.latency import phase_latency
@@ -40,7 +41,7 @@ from bench.throughput import phase_scale_out, phase_throughput
 from crm_pulse.kafka import kafka_libs, kafka_version
 
 PHASES = {"throughput": phase_throughput, "latency": phase_latency, "stall": phase_stall, "scale": phase_scale_out,
-          "profile": phase_profile, "gateway": phase_gateway}  # fmt: skip
+          "profile": phase_profile, "gateway": phase_gateway, "backfill": phase_backfill}  # fmt: skip
 BROKERS = ("tansu", "kafka")
 # key: (comparison, target) — the targets.
 TARGETS = {
@@ -78,13 +79,16 @@ class Config:
     profile_rate: int = 100
     gateway_seconds: float = 20
     gateway_clients: int = 16
+    backfill_events: int = 10_000_000
+    backfill_files: int = 3
     gateway_batch: int = 10
 
 
 # A quick run that exercises every phase: sizes only, same methods.
 SMALL = {"throughput_events": 30_000, "throughput_timeout": 30, "latency_rate": 200, "latency_seconds": 10,
          "latency_drain": 30, "leads": 20_000, "scan_ticks": 2, "recovery_timeout": 120, "scale_timeout": 30,
-         "profile_events": 10_000, "gateway_seconds": 5}  # fmt: skip
+         "profile_events": 10_000, "gateway_seconds": 5,
+         "backfill_events": 100_000}  # fmt: skip
 
 HELP = {
     "partitions": "partitions of every topic (throughput, latency, stall)",
@@ -110,6 +114,8 @@ HELP = {
     "gateway_seconds": "seconds of requests in the gateway phase",
     "gateway_clients": "concurrent HTTP clients of the gateway, each sending its next request on the last's answer",
     "gateway_batch": "contract events per gateway request",
+    "backfill_events": "events in the backfill phase's exports, imported with crm-pulse import",
+    "backfill_files": "export files the backfill's events are spread over",
 }
 
 
@@ -236,9 +242,12 @@ def headline(phases: dict) -> dict:
             figures["two_worker_speedup"] = round(two / one, 3)
     if gateway := phases.get("gateway", {}).get("result"):
         figures.update({f"gateway_{key}": gateway[key] for key in ("requests_per_s", "events_per_s", "ack_p50_ms",
-                                                                    "ack_p99_ms")})  # fmt: skip
+                                                                    "ack_p99_ms", "to_plain_producer_ratio")})  # fmt: skip
         # Acknowledged with a 2xx yet not on the input topic: must be 0.
         figures["gateway_events_lost"] = max(0, gateway["events_acknowledged"] - gateway["events_on_topic"])
+    if backfill := phases.get("backfill", {}).get("result"):
+        figures.update({f"backfill_{key}": backfill[key] for key in ("events_published", "events_per_s",
+                                                                     "peak_rss_mib", "peak_sort_disk_mib")})  # fmt: skip
     figures["lower_bounds"] = lower_bounds
     return figures
 

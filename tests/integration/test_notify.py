@@ -150,7 +150,9 @@ def notifier_env(broker, tmp_path: Path, mailbox: Mailbox, slack_api: str, **set
     }
     (tmp_path / "reps.toml").write_text(DIRECTORY)
     admin = KafkaAdminClient(bootstrap_servers=broker.url.removeprefix("kafka://"))
-    admin.create_topics([NewTopic(env["CRM_PULSE_ALERTS_TOPIC"], 1, 1)])
+    # Kept for good: some tests publish alerts stamped in January 2026, which Apache Kafka's default time
+    # retention (7 days) deleted mid-test once its periodic check came round.
+    admin.create_topics([NewTopic(env["CRM_PULSE_ALERTS_TOPIC"], 1, 1, topic_configs={"retention.ms": "-1"})])
     admin.close()
     return env
 
