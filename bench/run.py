@@ -79,6 +79,7 @@ class Config:
     profile_rate: int = 100
     gateway_seconds: float = 20
     gateway_clients: int = 16
+    gateway_rate: float = 200
     backfill_events: int = 10_000_000
     backfill_files: int = 3
     gateway_batch: int = 10
@@ -114,6 +115,7 @@ HELP = {
     "gateway_seconds": "seconds of requests in the gateway phase",
     "gateway_clients": "concurrent HTTP clients of the gateway, each sending its next request on the last's answer",
     "gateway_batch": "contract events per gateway request",
+    "gateway_rate": "requests per second of the gateway's fixed-rate measurement (after the flat-out one)",
     "backfill_events": "events in the backfill phase's exports, imported with crm-pulse import",
     "backfill_files": "export files the backfill's events are spread over",
 }
@@ -243,6 +245,7 @@ def headline(phases: dict) -> dict:
     if gateway := phases.get("gateway", {}).get("result"):
         figures.update({f"gateway_{key}": gateway[key] for key in ("requests_per_s", "events_per_s", "ack_p50_ms",
                                                                     "ack_p99_ms", "to_plain_producer_ratio")})  # fmt: skip
+        figures.update({f"gateway_fixed_rate_{key}": gateway["fixed_rate"][key] for key in ("ack_p50_ms", "ack_p99_ms")})
         # Acknowledged with a 2xx yet not on the input topic: must be 0.
         figures["gateway_events_lost"] = max(0, gateway["events_acknowledged"] - gateway["events_on_topic"])
     if backfill := phases.get("backfill", {}).get("result"):
