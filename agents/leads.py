@@ -11,6 +11,7 @@ from crm_pulse.agents.aggregates import Aggregates, DeltaSender
 from crm_pulse.agents.app import Pipeline, key_partition
 from crm_pulse.agents.batches import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events, upstream_watermark
 from crm_pulse.agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, STALL_SCAN_SECONDS
+from crm_pulse.streams.deals import DueIndex, apply_deal_event, deal_alerts, fold_deal_alerted, lead_time
 from crm_pulse.streams.kpis import day_of
 from crm_pulse.streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
 from crm_pulse.streams.stall_index import StallIndex
@@ -34,6 +35,10 @@ class Leads:
             internal=True, partitions=settings.partitions, key_type=str,  # declared: created with the app's partitions
         )  # fmt: skip
         self.index = StallIndex(self.policy)
+        self.deal_policy = settings.deal_policy
+        self.due_deals = DueIndex(self.deal_policy)
+        # Deal alert ids the timer raised and not yet saved on the lead: merged in first by either path.
+        self.raised_deal_alerts: dict[str, list[str]] = {}
         # Raised by the timer and not yet folded into the lead's state by the agent: applied first by either path.
         self.raised_stalls: dict[str, dict] = {}
         self.processed = upstream_watermark(pipeline, self.lead_events)
@@ -55,10 +60,15 @@ class Leads:
             del self.raised_stalls[lead_id]
         for lead_id in [k for k in self.index.open if key_partition(k, partitions) not in mine]:
             self.index.discard(lead_id)
+        for lead_id in [k for k in self.raised_deal_alerts if key_partition(k, partitions) not in mine]:
+            del self.raised_deal_alerts[lead_id]
+        for lead_id in [k for k in self.due_deals.due_at if key_partition(k, partitions) not in mine]:
+            self.due_deals.discard(lead_id)
 
     async def rebuild_index(self) -> None:
         """After every rebalance, from the leads this worker now owns (restored from the changelog)."""
         self.index.rebuild(self.leads.items())
+        self.due_deals.rebuild(self.leads.items())
 
     def threshold_at(self, now_ms: int):
         @functools.cache
@@ -77,6 +87,8 @@ class Leads:
     def fold_raised_stall(self, lead_id: str, lead: dict) -> None:
         if (record := self.raised_stalls.pop(lead_id, None)) is not None:
             apply_stall_record(lead, record)
+        if (raised := self.raised_deal_alerts.pop(lead_id, None)) is not None:
+            fold_deal_alerted(lead, raised)
 
     async def track_leads(self, stream):
         pipeline, raised_stalls = self.pipeline, self.raised_stalls
@@ -91,6 +103,12 @@ class Leads:
                 for received in events:
                     if received.message.topic == stall_levels:
                         lead = batch.state(received.key)
+                        if "deal_alerted" in received.value:  # deal alerts the timer raised
+                            if fold_deal_alerted(lead, received.value["deal_alerted"]):
+                                batch.touch(received.key, lead, received)
+                            if set(self.raised_deal_alerts.get(received.key, ())) <= set(lead["deal_alerted"]):
+                                self.raised_deal_alerts.pop(received.key, None)
+                            continue
                         if apply_stall_record(lead, received.value):
                             batch.touch(received.key, lead, received)
                         if raised_stalls.get(received.key) == received.value:
@@ -103,6 +121,8 @@ class Leads:
                         if day not in thresholds:
                             thresholds[day] = self.threshold_at(event["occurred_at"])
                         fact_deltas, alerts = apply_lead_event(lead, event, lead_id, self.policy, thresholds[day])
+                        apply_deal_event(lead, event)
+                        alerts += deal_alerts(lead, lead_id, self.deal_policy, lead_time(lead, event["occurred_at"]))
                         deltas.facts(fact_deltas, event)
                         if event["type"] == "lead.activity" and event.get("rep_id"):
                             activity = {"at": event["occurred_at"]}
@@ -113,6 +133,7 @@ class Leads:
                 await batch.commit()
                 for lead_id, (lead, _) in batch.touched.items():
                     self.index.update(lead_id, lead)
+                    self.due_deals.update(lead_id, lead)
 
     async def scan_for_stalls(self):
         now = self.stall_now_ms()
@@ -132,6 +153,17 @@ class Leads:
                     alerts += check_stall(lead, lead_id, now, self.policy, threshold)
                     raised[lead_id] = self.raised_stalls[lead_id] = stall_record(lead)
                     self.index.update(lead_id, lead)
+                deal_raised: dict[str, list[str]] = {}
+                for lead_id in self.due_deals.due(now):
+                    if (saved := self.leads.get(lead_id)) is None:
+                        continue
+                    lead = dict(saved, deal_alerted=list(saved.get("deal_alerted") or ()))  # a copy, as above
+                    fold_deal_alerted(lead, self.raised_deal_alerts.get(lead_id, []))
+                    before = set(lead["deal_alerted"])
+                    alerts += deal_alerts(lead, lead_id, self.deal_policy, now)
+                    if new_ids := [i for i in lead["deal_alerted"] if i not in before]:
+                        deal_raised[lead_id] = new_ids
+                        self.raised_deal_alerts[lead_id] = self.raised_deal_alerts.get(lead_id, []) + new_ids
                 # Queued before the agent can clear any of them: in the order decided.
                 published = self.publish_alerts(alerts)
             for future, on_delivered in published:
@@ -139,7 +171,8 @@ class Leads:
                 on_delivered()
             # Only after the alerts: a crash in between raises them again rather than losing them.
             stall_levels = self.pipeline.stall_levels_topic
-            for future in [stall_levels.send_soon(key=lead_id, value=record) for lead_id, record in raised.items()]:
+            records = [*raised.items(), *((lead_id, {"deal_alerted": ids}) for lead_id, ids in deal_raised.items())]
+            for future in [stall_levels.send_soon(key=lead_id, value=record) for lead_id, record in records]:
                 await future
 
 

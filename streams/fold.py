@@ -7,6 +7,7 @@ from collections import defaultdict
 from datetime import tzinfo
 
 from crm_pulse.streams.catalogue import apply_sums, split_facts
+from crm_pulse.streams.deals import apply_deal_event
 from crm_pulse.streams.entities import apply_actor_activity, apply_customer_event
 from crm_pulse.streams.families import FAMILY_OF_TYPE, OVERALL
 from crm_pulse.streams.kpis import apply_dwell, apply_spell, day_of
@@ -45,6 +46,7 @@ class Fold:
         fact_deltas = []
         if family == "lead":
             fact_deltas, _alerts = apply_lead_event(entity, event, key, self.policy, self.threshold)
+            apply_deal_event(entity, event)
             if event["type"] == "lead.activity" and event.get("rep_id"):
                 rep = self.entities.setdefault(("rep", event["rep_id"]), {})
                 self.facts(apply_actor_activity(rep, at, "active_reps"))

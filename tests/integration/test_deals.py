@@ -1,0 +1,57 @@
+"""Deal inspection end to end on the embedded broker: deal alerts from events (slip, decrease, regression) and
+from the timer (past due, in event time), once each, keyed by rep, as version-2 records."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+
+from crm_pulse.streams.kpis import DAY_MS
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+def event(event_id, event_type, lead, at, rep="rep-7", **payload):
+    return {"event_id": event_id, "type": event_type, "occurred_at": at, "lead_id": lead, "rep_id": rep,
+            "team_id": "t1", "payload": payload}  # fmt: skip
+
+
+def m(name, **labels):
+    return (name, tuple(sorted(labels.items())))
+
+
+def test_deal_alerts_once_each_keyed_by_rep(start_worker):
+    # No stall alerts in the way: thresholds far beyond the events' span.
+    worker = start_worker(CRM_PULSE_STALL_DEFAULT_DAYS="100", CRM_PULSE_STALL_STAGE_DAYS="{}", CRM_PULSE_GRACE_SECONDS="3600")
+    worker.send(
+        event("d1", "lead.created", "D1", T0, source="web", amount=1000.0, close_date=T0 + 5 * DAY_MS),
+        # Pushed from day 5 to day 10 and cut to 700 (30 %): two alerts from one update.
+        event("d2", "deal.updated", "D1", T0 + DAY_MS, amount=700.0, close_date=T0 + 10 * DAY_MS),
+        event("d3", "lead.stage_changed", "D1", T0 + 2 * DAY_MS, **{"from": "new", "to": "qualified"}),
+        event("d4", "lead.stage_changed", "D1", T0 + 3 * DAY_MS, **{"from": "qualified", "to": "new"}),
+        event("d1", "lead.created", "D1", T0, source="web", amount=1000.0, close_date=T0 + 5 * DAY_MS),  # a duplicate
+        # Another lead moves event time to day 20: the timer finds D1 past due (day 10 + 1 day of grace).
+        event("e1", "lead.created", "E1", T0 + 20 * DAY_MS, rep="rep-8", source="web"),
+    )
+    worker.wait_for(lambda got: got.get(m("crm_alerts_emitted_total", type="deal.past_due")) == 1, what="past due")
+    records = worker.read("alerts", 4)
+    alerts = [orjson.loads(r.value) for r in records]
+    assert [r.key for r in records] == [b"rep-7"] * 4
+    assert [(a["type"], a["detected_at"]) for a in alerts] == [
+        ("deal.amount_decreased", "2026-01-02T00:00:00.000Z"),  # one time: in the order of their types' names
+        ("deal.close_date_slipped", "2026-01-02T00:00:00.000Z"),
+        ("deal.stage_regressed", "2026-01-04T00:00:00.000Z"),
+        ("deal.past_due", "2026-01-12T00:00:00.000Z"),
+    ]
+    assert {a["schema_version"] for a in alerts} == {2}
+    assert (alerts[1]["push_count"], alerts[0]["decrease_ratio"]) == (1, pytest.approx(0.3))
+    assert (alerts[2]["from_stage"], alerts[2]["to_stage"]) == ("qualified", "new")
+    # Scans every 0.5 s: later scans and events raise nothing again.
+    worker.send(event("d5", "lead.activity", "D1", T0 + 21 * DAY_MS, kind="call", direction="inbound"))
+    worker.wait_for(lambda got: got.get(m("crm_events_processed_total", type="lead.activity")) == 1, what="activity")
+    time.sleep(2)
+    assert len(worker.read("alerts", 4, timeout=3)) == 4
