@@ -12,6 +12,7 @@ from crm_pulse.agents.app import Pipeline, key_partition
 from crm_pulse.agents.batches import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events, upstream_watermark
 from crm_pulse.agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, STALL_SCAN_SECONDS
 from crm_pulse.streams.deals import DueIndex, apply_deal_event, deal_alerts, fold_deal_alerted, lead_time
+from crm_pulse.streams.forecast import closed_outcome, open_deal, outcome_deltas
 from crm_pulse.streams.kpis import day_of
 from crm_pulse.streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
 from crm_pulse.streams.stall_index import StallIndex
@@ -37,6 +38,9 @@ class Leads:
         self.index = StallIndex(self.policy)
         self.deal_policy = settings.deal_policy
         self.due_deals = DueIndex(self.deal_policy)
+        # Open deals with an amount and close date, for the weighted pipeline: (pipeline, stage, amount, close
+        # ms, team, rep) by lead.
+        self.open_deals: dict[str, tuple] = {}
         # Deal alert ids the timer raised and not yet saved on the lead: merged in first by either path.
         self.raised_deal_alerts: dict[str, list[str]] = {}
         # Raised by the timer and not yet folded into the lead's state by the agent: applied first by either path.
@@ -64,11 +68,22 @@ class Leads:
             del self.raised_deal_alerts[lead_id]
         for lead_id in [k for k in self.due_deals.due_at if key_partition(k, partitions) not in mine]:
             self.due_deals.discard(lead_id)
+        for lead_id in [k for k in self.open_deals if key_partition(k, partitions) not in mine]:
+            del self.open_deals[lead_id]
 
     async def rebuild_index(self) -> None:
         """After every rebalance, from the leads this worker now owns (restored from the changelog)."""
         self.index.rebuild(self.leads.items())
         self.due_deals.rebuild(self.leads.items())
+        self.open_deals.clear()
+        for lead_id, lead in self.leads.items():
+            self.track_open_deal(lead_id, lead)
+
+    def track_open_deal(self, lead_id: str, lead: dict) -> None:
+        if (deal := open_deal(lead, self.deal_policy)) is None:
+            self.open_deals.pop(lead_id, None)
+        else:
+            self.open_deals[lead_id] = (*deal, lead["team"], lead["rep"])
 
     def threshold_at(self, now_ms: int):
         @functools.cache
@@ -93,6 +108,7 @@ class Leads:
     async def track_leads(self, stream):
         pipeline, raised_stalls = self.pipeline, self.raised_stalls
         stall_levels = pipeline.stall_levels_topic.get_topic_name()
+        zone = pipeline.settings.business_zone
         async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
             # The stall timer decides only between batches: never on state a batch has changed but not saved.
             async with self.between_batches:
@@ -120,8 +136,11 @@ class Leads:
                         day = day_of(event["occurred_at"])
                         if day not in thresholds:
                             thresholds[day] = self.threshold_at(event["occurred_at"])
+                        outcome_before = closed_outcome(lead, self.deal_policy, zone)
                         fact_deltas, alerts = apply_lead_event(lead, event, lead_id, self.policy, thresholds[day])
                         apply_deal_event(lead, event)
+                        for key, delta in outcome_deltas(outcome_before, closed_outcome(lead, self.deal_policy, zone)):
+                            deltas.send(pipeline.outcome_deltas_topic, key, delta)
                         alerts += deal_alerts(lead, lead_id, self.deal_policy, lead_time(lead, event["occurred_at"]))
                         deltas.facts(fact_deltas, event)
                         if event["type"] == "lead.activity" and event.get("rep_id"):
@@ -134,6 +153,7 @@ class Leads:
                 for lead_id, (lead, _) in batch.touched.items():
                     self.index.update(lead_id, lead)
                     self.due_deals.update(lead_id, lead)
+                    self.track_open_deal(lead_id, lead)
 
     async def scan_for_stalls(self):
         now = self.stall_now_ms()

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     deal_stage_order: dict[str, list[str]] = {"default": ["new", "qualified", "proposal", "negotiation"]}
     deal_amount_decrease_share: float = Field(0.2, gt=0, le=1)
     deal_past_due_grace_seconds: float = Field(86400, ge=0)
+    # The trailing window of closed deals that stage conversion and P(win | stage) are learned from.
+    deal_history_days: int = Field(180, ge=1)
     baseline_start: date | None = Field(None, description="First day of the baseline period (e.g. before the CRM)")
     baseline_end: date | None = Field(None, description="Last day of the baseline period")
     # The IANA zone whose calendar days the daily buckets, rolling windows and calendar periods count.

@@ -55,3 +55,41 @@ def test_deal_alerts_once_each_keyed_by_rep(start_worker):
     worker.wait_for(lambda got: got.get(m("crm_events_processed_total", type="lead.activity")) == 1, what="activity")
     time.sleep(2)
     assert len(worker.read("alerts", 4, timeout=3)) == 4
+
+
+def test_conversion_weighted_pipeline_and_forecast_on_metrics_and_query(start_worker):
+    worker = start_worker(CRM_PULSE_GRACE_SECONDS="3600")
+    feb_1 = T0 + 31 * DAY_MS
+    events = [
+        # January's closed history: W new → qualified → won; X new → lost.
+        event("w1", "lead.created", "W", T0, source="web"),
+        event("w2", "lead.stage_changed", "W", T0 + DAY_MS, **{"from": "new", "to": "qualified"}),
+        event("w3", "deal.won", "W", T0 + 2 * DAY_MS, amount=500.0),
+        event("x1", "lead.created", "X", T0, source="web"),
+        event("x2", "deal.lost", "X", T0 + DAY_MS, reason="price"),
+        # Open on 1 February: O in qualified, 1,000 by 10 February; P in new, 2,000 by 20 February.
+        event("o1", "lead.created", "O", T0 + 4 * DAY_MS, source="web", stage="qualified", amount=1000.0,
+              close_date=feb_1 + 9 * DAY_MS),
+        event("p1", "lead.created", "P", T0 + 5 * DAY_MS, source="web"),
+        event("p2", "deal.updated", "P", T0 + 6 * DAY_MS, amount=2000.0, close_date=feb_1 + 19 * DAY_MS),
+        event("o2", "deal.won", "O", feb_1 + 11 * DAY_MS, amount=1200.0),
+    ]
+    worker.send(*sorted(events, key=lambda e: e["occurred_at"]))  # none late (grace: 1 h)
+    weighted = m("crm_pipeline_weighted_value", close_month="2026-02", pipeline="default", team="t1", rep="rep-7")
+    metrics = worker.wait_for(
+        lambda got: got.get(m("crm_deal_closed_reached", pipeline="default", stage="qualified")) == 2
+        and got.get(weighted) == 1000.0,
+        what="O's win in the outcomes and P alone in the weighted pipeline",
+    )
+    # Through 12 February: new reached by W, X (W won, went on); qualified by W, O (both won).
+    assert metrics[m("crm_deal_win_probability_ratio", pipeline="default", stage="new")] == 0.5
+    assert metrics[m("crm_deal_win_probability_ratio", pipeline="default", stage="qualified")] == 1.0
+    assert metrics[m("crm_deal_stage_conversion_ratio", pipeline="default", stage="new")] == 0.5
+    status, body = worker.get_json("/deals/forecast?month=2026-02")
+    assert status == 200
+    assert body["stages"]["default"]["closed_reached"] == {"new": 2, "qualified": 2}
+    assert body["weighted_pipeline"] == [
+        {"close_month": "2026-02", "pipeline": "default", "team_id": "t1", "rep_id": "rep-7", "weighted_value": 1000.0}]
+    # Made on 1 February with January's history (P(qualified) = 1, P(new) = 1/2): 1,000 + 1,000; won: 1,200.
+    assert body["forecast"] == {"month": "2026-02", "forecast": 2000.0, "won": 1200.0, "accuracy_ratio": pytest.approx(1 / 3)}
+    assert worker.get_json("/deals/forecast?month=2026-13")[0] == 400

@@ -1,0 +1,85 @@
+"""Deal family: closed deals' outcomes per pipeline (stage conversion and P(win | stage) over a trailing window),
+and the weighted pipeline and month forecast of the open deals this worker owns, as gauges and at /deals."""
+
+from __future__ import annotations
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from crm_pulse.agents.app import Pipeline
+from crm_pulse.agents.batches import unapplied_deltas
+from crm_pulse.agents.leads import Leads
+from crm_pulse.streams.forecast import (
+    Probability, apply_outcome, conversion_ratios, prune_outcomes, stage_counts, weighted_pipeline, win_probabilities,
+)  # fmt: skip
+from crm_pulse.streams.kpis import day_of
+
+# Outcomes are kept for the window and the two months before it, so last month's forecast, made at its start
+# with the window that ended there, can still be recomputed.
+FORECAST_LOOKBACK_DAYS = 62
+
+
+class Deals(Collector):
+    def __init__(self, pipeline: Pipeline, leads: Leads):
+        settings = pipeline.settings
+        self.clock, self.leads, self.zone = pipeline.clock, leads, settings.business_zone
+        self.window_days = settings.deal_history_days
+        self.keep_days = self.window_days + FORECAST_LOOKBACK_DAYS + int(settings.grace_seconds // 86400) + 2
+        self.outcomes = pipeline.table("deal-outcomes")
+
+    async def aggregate_outcomes(self, stream):
+        async for _batch, _event, state, deltas in unapplied_deltas(stream, self.outcomes):
+            for delta in deltas:
+                apply_outcome(state, delta)
+                prune_outcomes(state, delta["day"] - self.keep_days)
+
+    def counts(self, pipeline: str, last_day: int) -> dict[str, list[int]]:
+        return stage_counts(self.outcomes.get(pipeline) or {}, last_day, self.window_days)
+
+    def probability_through(self, last_day: int) -> Probability:
+        """P(win | stage) learned from the deals closed in the window ending with `last_day` (this worker's
+        copy of the outcomes, as the stall thresholds read the dwell histograms)."""
+        cache: dict[str, dict[str, float]] = {}
+
+        def probability(pipeline: str, stage: str) -> float | None:
+            if pipeline not in cache:
+                cache[pipeline] = win_probabilities(self.counts(pipeline, last_day))
+            return cache[pipeline].get(stage)
+
+        return probability
+
+    def weighted(self, now_ms: int) -> dict[tuple, float]:
+        return weighted_pipeline(self.leads.open_deals.values(), self.probability_through(day_of(now_ms, self.zone)),
+                                 self.zone)
+
+    def collect(self):
+        labels = ["pipeline", "stage"]
+        win = GaugeMetricFamily("crm_deal_win_probability_ratio",
+                                "P(win | stage): won / reached among deals closed in the trailing window.", labels=labels)
+        conversion = GaugeMetricFamily("crm_deal_stage_conversion_ratio",
+                                       "Closed deals that reached the stage and went on to a later one or won / reached.",
+                                       labels=labels)  # fmt: skip
+        closed = GaugeMetricFamily("crm_deal_closed_reached", "Deals closed in the trailing window that reached the stage.",
+                                   labels=labels)  # fmt: skip
+        weighted = GaugeMetricFamily("crm_pipeline_weighted_value",
+                                     "Σ amount × P(win | stage) of open deals, by expected close month.",
+                                     labels=["close_month", "pipeline", "team", "rep"])  # fmt: skip
+        now = self.clock.now_ms()
+        if now is not None:
+            today = day_of(now, self.zone)
+            for pipeline in sorted(self.outcomes.keys()):
+                counts = self.counts(pipeline, today)
+                for stage, p in win_probabilities(counts).items():
+                    win.add_metric([pipeline, stage], p)
+                    closed.add_metric([pipeline, stage], counts[stage][0])
+                for stage, ratio in conversion_ratios(counts).items():
+                    conversion.add_metric([pipeline, stage], ratio)
+            for (month, pipeline, team, rep), value in sorted(self.weighted(now).items()):
+                weighted.add_metric([month, pipeline, team or "none", rep or "unassigned"], value)
+        return [win, conversion, closed, weighted]
+
+
+def install(pipeline: Pipeline, leads: Leads) -> Deals:
+    deals = Deals(pipeline, leads)
+    pipeline.app.agent(pipeline.outcome_deltas_topic)(deals.aggregate_outcomes)
+    return deals
