@@ -12,6 +12,7 @@ from crm_pulse.agents.leads import Leads
 from crm_pulse.streams.forecast import (
     Probability, apply_outcome, conversion_ratios, prune_outcomes, stage_counts, weighted_pipeline, win_probabilities,
 )  # fmt: skip
+from crm_pulse.streams.health import BANDS, band, components, health
 from crm_pulse.streams.kpis import day_of
 
 # Outcomes are kept for the window and the two months before it, so last month's forecast, made at its start
@@ -76,7 +77,30 @@ class Deals(Collector):
                     conversion.add_metric([pipeline, stage], ratio)
             for (month, pipeline, team, rep), value in sorted(self.weighted(now).items()):
                 weighted.add_metric([month, pipeline, team or "none", rep or "unassigned"], value)
-        return [win, conversion, closed, weighted]
+        health_deals = GaugeMetricFamily("crm_deal_health_deals", "Open deals by deal health band (docs/deals.md).",
+                                         labels=["pipeline", "band"])  # fmt: skip
+        counts = {}
+        for item in self.deal_health():
+            key = (item["pipeline"] or "default", item["band"])
+            counts[key] = counts.get(key, 0) + 1
+        for pipeline in sorted({p for p, _ in counts}):
+            for name, _ in BANDS:  # every band, 0 included, so a band emptying shows as 0
+                health_deals.add_metric([pipeline, name], counts.get((pipeline, name), 0))
+        return [win, conversion, closed, weighted, health_deals]
+
+    def deal_health(self) -> list[dict]:
+        """Health of each open deal with an amount that this worker owns, at the stall checks' "now"."""
+        now = self.leads.stall_now_ms()
+        if now is None:
+            return []
+        norms = self.leads.norms_at(now)
+        found = []
+        for lead_id, inputs in self.leads.health_inputs.items():
+            parts = components(inputs, now, norms)
+            score = health(inputs, now, norms)
+            found.append({"lead_id": lead_id, "rep_id": inputs["rep"], "pipeline": inputs["pipeline"],
+                          "stage": inputs["stage"], "health": score, "band": band(score), "components": parts})  # fmt: skip
+        return found
 
 
 def install(pipeline: Pipeline, leads: Leads) -> Deals:

@@ -13,6 +13,7 @@ from crm_pulse.agents.batches import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Bat
 from crm_pulse.agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, STALL_SCAN_SECONDS
 from crm_pulse.streams.deals import DueIndex, apply_deal_event, deal_alerts, fold_deal_alerted, lead_time
 from crm_pulse.streams.forecast import closed_outcome, open_deal, outcome_deltas
+from crm_pulse.streams.health import health_alerts, health_inputs
 from crm_pulse.streams.kpis import day_of
 from crm_pulse.streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
 from crm_pulse.streams.stall_index import StallIndex
@@ -41,6 +42,8 @@ class Leads:
         # Open deals with an amount and close date, for the weighted pipeline: (pipeline, stage, amount, close
         # ms, team, rep) by lead.
         self.open_deals: dict[str, tuple] = {}
+        # What deal health reads of each open deal with an amount (streams/health.py), by lead.
+        self.health_inputs: dict[str, dict] = {}
         # Deal alert ids the timer raised and not yet saved on the lead: merged in first by either path.
         self.raised_deal_alerts: dict[str, list[str]] = {}
         # Raised by the timer and not yet folded into the lead's state by the agent: applied first by either path.
@@ -70,12 +73,15 @@ class Leads:
             self.due_deals.discard(lead_id)
         for lead_id in [k for k in self.open_deals if key_partition(k, partitions) not in mine]:
             del self.open_deals[lead_id]
+        for lead_id in [k for k in self.health_inputs if key_partition(k, partitions) not in mine]:
+            del self.health_inputs[lead_id]
 
     async def rebuild_index(self) -> None:
         """After every rebalance, from the leads this worker now owns (restored from the changelog)."""
         self.index.rebuild(self.leads.items())
         self.due_deals.rebuild(self.leads.items())
         self.open_deals.clear()
+        self.health_inputs.clear()
         for lead_id, lead in self.leads.items():
             self.track_open_deal(lead_id, lead)
 
@@ -84,6 +90,21 @@ class Leads:
             self.open_deals.pop(lead_id, None)
         else:
             self.open_deals[lead_id] = (*deal, lead["team"], lead["rep"])
+        if (inputs := health_inputs(lead, self.deal_policy)) is None:
+            self.health_inputs.pop(lead_id, None)
+        else:
+            self.health_inputs[lead_id] = inputs | {"pipeline": lead["pipeline"], "rep": lead["rep"]}
+
+    def norms_at(self, now_ms: int):
+        """Each stage's norms for deal health: its stall threshold, and its learned p50 and p90 dwell."""
+        threshold = self.threshold_at(now_ms)
+
+        @functools.cache
+        def norms(stage: str) -> tuple[int, float | None, float | None]:
+            p50, p90 = self.aggregates.stage_dwell_norms(stage, now_ms, self.policy.p90_min_samples)
+            return threshold(stage)[0], p50, p90
+
+        return norms
 
     def threshold_at(self, now_ms: int):
         @functools.cache
@@ -116,6 +137,7 @@ class Leads:
                 # Per day of event time: thresholds depend on the day's 30-day window and on the dwell
                 # histograms, which do not change within a batch.
                 thresholds: dict[int, object] = {}
+                norms: dict[int, object] = {}
                 for received in events:
                     if received.message.topic == stall_levels:
                         lead = batch.state(received.key)
@@ -141,7 +163,11 @@ class Leads:
                         apply_deal_event(lead, event)
                         for key, delta in outcome_deltas(outcome_before, closed_outcome(lead, self.deal_policy, zone)):
                             deltas.send(pipeline.outcome_deltas_topic, key, delta)
-                        alerts += deal_alerts(lead, lead_id, self.deal_policy, lead_time(lead, event["occurred_at"]))
+                        known = lead_time(lead, event["occurred_at"])
+                        alerts += deal_alerts(lead, lead_id, self.deal_policy, known)
+                        if day not in norms:
+                            norms[day] = self.norms_at(event["occurred_at"])
+                        alerts += health_alerts(lead, lead_id, self.deal_policy, known, norms[day], event["event_id"])
                         deltas.facts(fact_deltas, event)
                         if event["type"] == "lead.activity" and event.get("rep_id"):
                             activity = {"at": event["occurred_at"]}

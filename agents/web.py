@@ -101,3 +101,13 @@ def install(pipeline: Pipeline, gauges: Gauges, leads: Leads, deals: Deals) -> N
                     for (m, p, t, r), v in sorted(deals.weighted(now).items(), key=lambda kv: tuple(map(str, kv[0])))]  # fmt: skip
         return self.json(_envelope({"history_days": deals.window_days, "stages": stages, "weighted_pipeline": weighted,
                                     "forecast": {"month": month, **accuracy}}))  # fmt: skip
+
+    @app.page("/deals/health")
+    async def deal_health(self: web.View, request: web.Request) -> web.Response:
+        """Deal health of this worker's open deals, worst first; `?rep=`, `?band=`, `?lead=` filter."""
+        wanted = {key: request.query.get(key) for key in ("rep", "band", "lead")}
+        found = [item for item in deals.deal_health()
+                 if all(value is None or item[field] == value
+                        for field, value in (("rep_id", wanted["rep"]), ("band", wanted["band"]), ("lead_id", wanted["lead"])))]  # fmt: skip
+        found.sort(key=lambda item: (item["health"], item["lead_id"]))
+        return self.json(_envelope({"deals": found}))
