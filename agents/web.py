@@ -13,6 +13,7 @@ from crm_pulse.agents.deals import Deals
 from crm_pulse.agents.gauges import Gauges, kpi_snapshot, period_table
 from crm_pulse.agents.leads import Leads
 from crm_pulse.schemas.events import ms_to_iso
+from crm_pulse.streams.commonalities import commonalities
 from crm_pulse.streams.forecast import conversion_ratios, month_forecast, win_probabilities
 from crm_pulse.streams.kpis import day_of
 from crm_pulse.streams.periods import parse_period, period_days, period_of
@@ -111,3 +112,13 @@ def install(pipeline: Pipeline, gauges: Gauges, leads: Leads, deals: Deals) -> N
                         for field, value in (("rep_id", wanted["rep"]), ("band", wanted["band"]), ("lead_id", wanted["lead"])))]  # fmt: skip
         found.sort(key=lambda item: (item["health"], item["lead_id"]))
         return self.json(_envelope({"deals": found}))
+
+    @app.page("/commonalities")
+    async def lead_commonalities(self: web.View, request: web.Request) -> web.Response:
+        """Stall, loss and win rates of this worker's leads by source, campaign, score band, stage and rep,
+        ranked by the Wilson lower bound; `?min=<n>` leaves out segments with fewer than n cases."""
+        try:
+            min_count = int(request.query.get("min", "1"))
+        except ValueError:
+            return self.json({"error": "?min= takes a whole number of cases, e.g. min=5"}, status=400)
+        return self.json(_envelope(commonalities(leads.leads.values(), leads.policy, min_count)))

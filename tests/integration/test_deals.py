@@ -100,3 +100,9 @@ def test_conversion_weighted_pipeline_and_forecast_on_metrics_and_query(start_wo
     status, body = worker.get_json("/deals/health?rep=rep-7")
     assert status == 200 and [(d["lead_id"], d["health"], d["band"]) for d in body["deals"]] == [("P", 45.0, "at_risk")]
     assert worker.get_json("/deals/health?band=healthy")[1]["deals"] == []
+    # Won: W and O of 3 closed (all source web, rep-7); the stage each left: W qualified, O qualified, X new.
+    status, body = worker.get_json("/commonalities")
+    won = {(r["dimension"], r["value"]): (r["count"], r["of"]) for r in body["won"]}
+    assert status == 200 and won == {("source", "web"): (2, 3), ("rep", "rep-7"): (2, 3), ("stage", "qualified"): (2, 2)}
+    assert [(r["dimension"], r["value"]) for r in body["won"]][0] == ("stage", "qualified")
+    assert worker.get_json("/commonalities?min=x")[0] == 400
