@@ -89,7 +89,7 @@ class Deals(Collector):
         return [win, conversion, closed, weighted, health_deals]
 
     def deal_health(self) -> list[dict]:
-        """Health of each open deal with an amount that this worker owns, at the stall checks' "now"."""
+        """Health of each open lead (deal) this worker owns, at the stall checks' "now"."""
         now = self.leads.stall_now_ms()
         if now is None:
             return []

@@ -42,7 +42,7 @@ class Leads:
         # Open deals with an amount and close date, for the weighted pipeline: (pipeline, stage, amount, close
         # ms, team, rep) by lead.
         self.open_deals: dict[str, tuple] = {}
-        # What deal health reads of each open deal with an amount (streams/health.py), by lead.
+        # What deal health reads of each open lead (streams/health.py), by lead.
         self.health_inputs: dict[str, dict] = {}
         # Deal alert ids the timer raised and not yet saved on the lead: merged in first by either path.
         self.raised_deal_alerts: dict[str, list[str]] = {}

@@ -1,11 +1,11 @@
-"""Deal health, 0-100, of an open deal (docs/deals.md#deal-health): five components in [0, 1], weighted.
+"""Deal health, 0-100, of every open lead or deal (docs/deals.md#deal-health): five components in [0, 1], weighted.
 
 | component | weight | 1 when | 0 when |
 | recency | 30 | activity (or the stage entry) no older than the stage's norm | 2 × the norm or older |
 | dwell | 25 | in the stage no longer than its p50 | 2 × its p90 or longer (0.5 at p90) |
 | pushes | 20 | close date never pushed | pushed 3 times or more |
 | regressions | 10 | never moved backwards | moved backwards 2 times or more |
-| amount | 15 | amount at its highest | amount 0 (latest / highest) |
+| amount | 15 | amount at its highest (or never given) | amount 0 (latest / highest) |
 """
 
 from __future__ import annotations
@@ -26,17 +26,18 @@ Norms = Callable[[str], tuple[int, float | None, float | None]]
 
 
 def health_inputs(lead: dict, policy: DealPolicy) -> dict | None:
-    """What the score reads from an open deal's history (None unless open with an amount snapshot)."""
+    """What the score reads from an open lead's history (None once closed). Without amount snapshots it has
+    no pushes and a full amount component: nothing says it shrank."""
     history = stage_history(lead)
     snapshots = updates(lead)
-    if not history or not snapshots or history[-1][2] in policy.closed_stages:
+    if not history or history[-1][2] in policy.closed_stages:
         return None
     order = {stage: rank for rank, stage in enumerate(policy.order(lead["pipeline"]))}
     regressions = sum(1 for a, b in zip(history, history[1:]) if a[2] in order and b[2] in order and order[b[2]] < order[a[2]])
     pushes = sum(1 for a, b in zip(snapshots, snapshots[1:]) if b[3] > a[3])
     return {"stage": history[-1][2], "entered": history[-1][0], "last_activity": lead["last_activity"],
-            "pushes": pushes, "regressions": regressions, "amount": snapshots[-1][2],
-            "highest": max(s[2] for s in snapshots)}  # fmt: skip
+            "pushes": pushes, "regressions": regressions, "amount": snapshots[-1][2] if snapshots else None,
+            "highest": max((s[2] for s in snapshots), default=None)}  # fmt: skip
 
 
 def _clamp(x: float) -> float:
@@ -62,7 +63,7 @@ def components(inputs: dict, now_ms: int, norms: Norms) -> dict[str, float]:
         "dwell": dwell,
         "pushes": 1 - min(inputs["pushes"], MAX_PUSHES) / MAX_PUSHES,
         "regressions": 1 - min(inputs["regressions"], MAX_REGRESSIONS) / MAX_REGRESSIONS,
-        "amount": inputs["amount"] / inputs["highest"] if inputs["highest"] > 0 else 1.0,
+        "amount": inputs["amount"] / inputs["highest"] if inputs["highest"] else 1.0,
     }
 
 

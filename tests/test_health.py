@@ -61,3 +61,16 @@ def test_a_band_drop_raises_one_alert_with_both_bands():
         HEALTH_DROPPED, 39.6, "critical", "healthy")
     assert alert["detected_at"] == ms_to_iso(T + 13 * DAY_MS) and alert["rep_id"] == "r1"
     assert health_alerts(lead, "L1", policy, T + 14 * DAY_MS, norms, "a2") == []  # still critical: nothing new
+
+
+def test_a_lead_without_an_amount_has_health_too_and_a_closed_one_none():
+    lead = new_lead()
+    created = {"event_id": "c", "type": "lead.created", "occurred_at": T, "payload": {"source": "web", "stage": "new"}}
+    apply_lead_event(lead, created, "L2", StallPolicy(), lambda stage: (2 * DAY_MS, "stage_threshold"))
+    inputs = health_inputs(lead, DealPolicy())
+    assert (inputs["pushes"], inputs["amount"], inputs["highest"]) == (0, None, None)
+    # A day into "new" (norm 2 days, none learned: p50 1 day): recency 1, dwell 1, pushes 1, regressions 1, amount 1.
+    assert health(inputs, T + DAY_MS, norms) == 100.0
+    lost = {"event_id": "l", "type": "deal.lost", "occurred_at": T + DAY_MS, "payload": {"reason": "price"}}
+    apply_lead_event(lead, lost, "L2", StallPolicy(), lambda stage: (2 * DAY_MS, "stage_threshold"))
+    assert health_inputs(lead, DealPolicy()) is None

@@ -504,8 +504,8 @@ def test_alert_rules_fire_on_the_conditions_they_describe(tmp_path):
             {"eval_time": "70m", "alertname": "CrmDealsCriticalShareHigh", "exp_alerts": [_alert(
                 "warning", {
                     "summary": "40% of open deals are in critical health",
-                    "description": "More than 30% of the open deals with an amount have had a deal health below 40 "
-                                   "for 1 hour (docs/deals.md)."})]},
+                    "description": "More than 30% of the open deals have had a deal health below 40 for 1 hour "
+                                   "(docs/deals.md)."})]},
             {"eval_time": "20m", "alertname": "CrmCloseDatesSlipping", "exp_alerts": []},
             {"eval_time": "100m", "alertname": "CrmCloseDatesSlipping", "exp_alerts": [_alert(
                 "warning", {

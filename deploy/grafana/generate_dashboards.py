@@ -496,11 +496,11 @@ def deals() -> Dashboard:
     d.add(stat("Weighted pipeline", [q(f"sum({weighted})")], decimals=0,
                description="Open deals with an amount and close date, weighted by their stage's win probability "
                            "(selected reps)."))  # fmt: skip
-    d.add(stat("Open deals with an amount", [q("sum(crm_deal_health_deals)")], decimals=0,
-               description="Open deals that have a deal.updated snapshot (or an amount on lead.created)."))  # fmt: skip
+    d.add(stat("Open deals scored", [q("sum(crm_deal_health_deals)")], decimals=0,
+               description="Open leads and deals with a deal health score: every open one."))  # fmt: skip
     d.add(stat("Critical deals", [q('sum(crm_deal_health_deals{band="critical"}) / sum(crm_deal_health_deals)')],
                "percentunit", decimals=1, thresholds=steps("green", 0.2, "orange", 0.3, "red"),
-               description="Deals with health below 40 / open deals with an amount. Above 30% for 1 h raises "
+               description="Deals with health below 40 / open deals. Above 30% for 1 h raises "
                            "CrmDealsCriticalShareHigh."))  # fmt: skip
     d.add(stat("Deal alerts in the time range", [q(f"sum(increase({deal_alerts}[$__range]))")], decimals=0))
     d.add(bars("Weighted pipeline by close month", [q(f"sum by (close_month) ({weighted})", "{{close_month}}")],
