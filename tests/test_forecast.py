@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from datetime import datetime, timezone
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -193,3 +194,65 @@ def test_streaming_conversion_and_forecast_equal_a_batch_computation(deals, rnd:
     assert streamed.keys() == expected.keys()
     for key, value in expected.items():
         assert streamed[key] == pytest.approx(value), key
+
+
+# Denser: deals within four months and due within six weeks, so most months have history and deals due in them.
+DENSE_DEALS = st.lists(
+    st.fixed_dictionaries({
+        "pipeline": st.sampled_from([None, "p2"]),
+        "stages": st.lists(st.sampled_from(ORDER), min_size=1, max_size=4),
+        "outcome": st.sampled_from(["won", "lost", None]),
+        "day": st.integers(0, 120),
+        "snapshots": st.lists(st.tuples(st.integers(0, 50_000), st.integers(0, 45)), min_size=1, max_size=3),
+        "rep": st.sampled_from(["r1", "r2"]),
+    }),
+    min_size=5, max_size=40,
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(DENSE_DEALS, st.randoms(use_true_random=False))
+def test_streaming_month_forecast_equals_a_batch_computation(deals, rnd: random.Random):
+    """The forecast of a month made at its start, from lead states folded in any order with duplicates, against
+    one computed from the deals as generated: what each was at the month's first instant. The month is the one
+    the first deal, kept open, is last expected to close in."""
+    deals[0] = deals[0] | {"outcome": None}
+    events = [e for i, deal in enumerate(deals) for e in events_of(i, deal)]
+    arrivals = events + rnd.sample(events, k=len(events) // 3)
+    rnd.shuffle(arrivals)
+    fold = folded(arrivals)
+    label = month_of(MAR_1 + (deals[0]["day"] + deals[0]["snapshots"][-1][1]) * DAY_MS)
+    year, month = map(int, label.split("-"))
+    start = int(datetime(year, month, 1, tzinfo=timezone.utc).timestamp() * 1000)
+    window = 180
+
+    # Batch: closed deals before the month (window ending the day before it), then each deal as of start − 1 ms.
+    def times(deal):
+        at = MAR_1 + deal["day"] * DAY_MS
+        return at, [at + i * HOUR for i in range(len(deal["stages"]))], at + len(deal["stages"]) * HOUR
+
+    counts: defaultdict = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    last_day = start // DAY_MS - 1
+    for deal in deals:
+        _, _, closed = times(deal)
+        if deal["outcome"] and last_day - window < closed // DAY_MS <= last_day:
+            for stage in set(deal["stages"]) & set(POLICY.order(deal["pipeline"])):
+                counts[deal["pipeline"] or "default"][stage][0] += 1
+                counts[deal["pipeline"] or "default"][stage][1] += deal["outcome"] == "won"
+    forecast = won = 0.0
+    for deal in deals:
+        at, entered, closed = times(deal)
+        if deal["outcome"] == "won" and month_of(closed) == label:
+            won += 10.0
+        snapshots = [(at + 30 * 60_000 + k * 60_000, amount, at + days * DAY_MS)
+                     for k, (amount, days) in enumerate(deal["snapshots"]) if at + 30 * 60_000 + k * 60_000 < start]  # fmt: skip
+        if at >= start or (deal["outcome"] and closed < start) or not snapshots:
+            continue
+        stage = [s for s, t in zip(deal["stages"], entered) if t < start][-1]
+        reached, hits = counts[deal["pipeline"] or "default"].get(stage, (0, 0))
+        if reached and month_of(snapshots[-1][2]) == label:
+            forecast += snapshots[-1][1] * hits / reached
+
+    leads = [lead for (family, _), lead in fold.entities.items() if family == "lead"]
+    result = month_forecast(leads, label, probabilities_at(fold, window), POLICY)
+    assert result["forecast"] == pytest.approx(forecast) and result["won"] == won
