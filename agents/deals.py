@@ -10,10 +10,12 @@ from crm_pulse.agents.app import Pipeline
 from crm_pulse.agents.batches import unapplied_deltas
 from crm_pulse.agents.leads import Leads
 from crm_pulse.streams.forecast import (
-    Probability, apply_outcome, conversion_ratios, prune_outcomes, stage_counts, weighted_pipeline, win_probabilities,
+    Probability, apply_outcome, conversion_ratios, month_forecast, prune_outcomes, stage_counts, weighted_pipeline,
+    win_probabilities,
 )  # fmt: skip
 from crm_pulse.streams.health import BANDS, band, components, health
 from crm_pulse.streams.kpis import day_of
+from crm_pulse.streams.periods import period_days, period_of
 
 # Outcomes are kept for the window and the two months before it, so last month's forecast, made at its start
 # with the window that ended there, can still be recomputed.
@@ -27,6 +29,8 @@ class Deals(Collector):
         self.window_days = settings.deal_history_days
         self.keep_days = self.window_days + FORECAST_LOOKBACK_DAYS + int(settings.grace_seconds // 86400) + 2
         self.outcomes = pipeline.table("deal-outcomes")
+        # (months, leads version) → the month forecasts: they walk every lead, so only when a lead has changed.
+        self.forecast_cache: tuple[tuple, list] | None = None
 
     async def aggregate_outcomes(self, stream):
         async for _batch, _event, state, deltas in unapplied_deltas(stream, self.outcomes):
@@ -49,6 +53,20 @@ class Deals(Collector):
 
         return probability
 
+    def forecast(self, month: str) -> dict:
+        """`month`'s forecast made at its start, against what was won in it, over this worker's leads."""
+        probability = self.probability_through(period_days("month", month)[0] - 1)
+        return month_forecast(self.leads.leads.values(), month, lambda _: probability, self.leads.deal_policy, self.zone)
+
+    def month_forecasts(self, today: int) -> list[tuple[str, dict]]:
+        """[(window, forecast)] of the current month (won so far) and the previous one."""
+        current = period_of("month", today)
+        months = (("month_current", current), ("month_previous", period_of("month", period_days("month", current)[0] - 1)))
+        key = (months, self.leads.version)
+        if self.forecast_cache is None or self.forecast_cache[0] != key:
+            self.forecast_cache = (key, [(window, self.forecast(month)) for window, month in months])
+        return self.forecast_cache[1]
+
     def weighted(self, now_ms: int) -> dict[tuple, float]:
         return weighted_pipeline(self.leads.open_deals.values(), self.probability_through(day_of(now_ms, self.zone)),
                                  self.zone)
@@ -65,9 +83,17 @@ class Deals(Collector):
         weighted = GaugeMetricFamily("crm_pipeline_weighted_value",
                                      "Σ amount × P(win | stage) of open deals, by expected close month.",
                                      labels=["close_month", "pipeline", "team", "rep"])  # fmt: skip
+        forecast = GaugeMetricFamily("crm_forecast_weighted_value",
+                                     "The month's forecast made at its first instant: Σ amount × P(win | stage) of the "
+                                     "deals then open and due in it.", labels=["window"])  # fmt: skip
+        forecast_won = GaugeMetricFamily("crm_forecast_won_value", "Amount of the deals won in the month (so far).",
+                                         labels=["window"])  # fmt: skip
         now = self.clock.now_ms()
         if now is not None:
             today = day_of(now, self.zone)
+            for window, result in self.month_forecasts(today):
+                forecast.add_metric([window], result["forecast"])
+                forecast_won.add_metric([window], result["won"])
             for pipeline in sorted(self.outcomes.keys()):
                 counts = self.counts(pipeline, today)
                 for stage, p in win_probabilities(counts).items():
@@ -86,7 +112,7 @@ class Deals(Collector):
         for pipeline in sorted({p for p, _ in counts}):
             for name, _ in BANDS:  # every band, 0 included, so a band emptying shows as 0
                 health_deals.add_metric([pipeline, name], counts.get((pipeline, name), 0))
-        return [win, conversion, closed, weighted, health_deals]
+        return [win, conversion, closed, weighted, forecast, forecast_won, health_deals]
 
     def deal_health(self) -> list[dict]:
         """Health of each open lead (deal) this worker owns, at the stall checks' "now"."""

@@ -44,6 +44,8 @@ class Leads:
         self.open_deals: dict[str, tuple] = {}
         # What deal health reads of each open lead (streams/health.py), by lead.
         self.health_inputs: dict[str, dict] = {}
+        # Counts the batches written (and rebuilds): what is computed from every lead is recomputed only when it moves.
+        self.version = 0
         # Deal alert ids the timer raised and not yet saved on the lead: merged in first by either path.
         self.raised_deal_alerts: dict[str, list[str]] = {}
         # Raised by the timer and not yet folded into the lead's state by the agent: applied first by either path.
@@ -82,6 +84,7 @@ class Leads:
         self.due_deals.rebuild(self.leads.items())
         self.open_deals.clear()
         self.health_inputs.clear()
+        self.version += 1
         for lead_id, lead in self.leads.items():
             self.track_open_deal(lead_id, lead)
 
@@ -176,6 +179,7 @@ class Leads:
                             batch.sent(future, on_delivered)
                         EVENTS_PROCESSED.labels(event["type"]).inc()
                 await batch.commit()
+                self.version += 1
                 for lead_id, (lead, _) in batch.touched.items():
                     self.index.update(lead_id, lead)
                     self.due_deals.update(lead_id, lead)

@@ -14,7 +14,7 @@ from crm_pulse.agents.gauges import Gauges, kpi_snapshot, period_table
 from crm_pulse.agents.leads import Leads
 from crm_pulse.schemas.events import ms_to_iso
 from crm_pulse.streams.commonalities import commonalities
-from crm_pulse.streams.forecast import conversion_ratios, month_forecast, win_probabilities
+from crm_pulse.streams.forecast import conversion_ratios, win_probabilities
 from crm_pulse.streams.kpis import day_of
 from crm_pulse.streams.periods import parse_period, period_days, period_of
 
@@ -90,9 +90,7 @@ def install(pipeline: Pipeline, gauges: Gauges, leads: Leads, deals: Deals) -> N
             parse_period("month", month)
         except ValueError as exc:
             return self.json({"error": str(exc)}, status=400)
-        start_day = period_days("month", month)[0]
-        accuracy = month_forecast(leads.leads.values(), month, lambda _: deals.probability_through(start_day - 1),
-                                  leads.deal_policy, zone)  # fmt: skip
+        accuracy = deals.forecast(month)
         stages = {}
         for key in sorted(deals.outcomes.keys()):
             counts = deals.counts(key, today)

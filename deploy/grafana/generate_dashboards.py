@@ -508,7 +508,13 @@ def deals() -> Dashboard:
     d.add(bars("Weighted pipeline by rep", [q(f"sort_desc(sum by (rep) ({weighted}))", "{{rep}}")], decimals=0), w=8)
     d.add(bars("Weighted pipeline by team", [q(f"sum by (team) ({weighted})", "{{team}}")], decimals=0), w=8)
     d.add(timeseries("Weighted pipeline by pipeline", [q(f"sum by (pipeline) ({weighted})", "{{pipeline}}")],
-                     stack=True), w=24)  # fmt: skip
+                     stack=True), w=12)  # fmt: skip
+    d.add(timeseries("Month forecast (made at the month's start) and won", [
+        q("sum by (window) (crm_forecast_weighted_value)", "forecast {{window}}"),
+        q("sum by (window) (crm_forecast_won_value)", "won {{window}}"),
+    ], decimals=0), w=8)
+    d.add(stat("Last month's forecast accuracy", [q("crm:forecast_accuracy_ratio:month_previous")], "percentunit",
+               decimals=1, description="1 − |won − forecast| / won, for the previous month."), w=4)  # fmt: skip
     d.row("Conversion: deals closed in the trailing window (CRM_PULSE_DEAL_HISTORY_DAYS)")
     d.add(bars("P(win | stage)", [q("crm:deal_win_probability_ratio:by_stage", "{{pipeline}} {{stage}}")],
                "percentunit", minimum=0, maximum=1,
