@@ -103,13 +103,13 @@ def day_start_ms(day: int, zone: tzinfo | None = None) -> int:
 
 def open_deal(lead: dict, policy: DealPolicy, at: int | None = None) -> tuple | None:
     """(pipeline, stage, amount, close_ms) of the deal as it stood at `at` (now when None): open, with an
-    amount and close date; else None."""
+    amount and close date, and not put in forecast category "omitted" (as CRMs leave those out); else None."""
     history = stage_history(lead)
     snapshots = updates(lead)
     if at is not None:
         history = [entry for entry in history if entry[0] <= at]
         snapshots = [entry for entry in snapshots if entry[0] <= at]
-    if not history or not snapshots or history[-1][2] in policy.closed_stages:
+    if not history or not snapshots or history[-1][2] in policy.closed_stages or snapshots[-1][4] == "omitted":
         return None
     return lead["pipeline"] or DEFAULT_PIPELINE, history[-1][2], snapshots[-1][2], snapshots[-1][3]
 

@@ -119,6 +119,12 @@ def test_month_forecast_made_at_the_months_start_against_what_was_won():
     assert month_forecast(leads, "2026-03", probabilities_at(fold), POLICY) == {
         "forecast": 0.0, "won": 50.0, "accuracy_ratio": 0.0}
     assert open_deal(fold.entities[("lead", "E")], POLICY, at=APR_1 - 1) == ("default", "proposal", 10_000.0, APR_1 + 14 * DAY_MS)
+    # Put in forecast category "omitted" before April, F leaves April's forecast: 5,000 remain.
+    omitted = ev("F:u", "deal.updated", "F", MAR_1 + 30 * DAY_MS,
+                 {"amount": 4_000.0, "close_date": APR_1 + 29 * DAY_MS, "forecast_category": "omitted"})
+    fold = folded([*events, omitted])
+    leads = [lead for (family, _), lead in fold.entities.items() if family == "lead"]
+    assert month_forecast(leads, "2026-04", probabilities_at(fold), POLICY)["forecast"] == 5_000.0
 
 
 DEALS = st.lists(
