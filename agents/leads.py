@@ -86,9 +86,9 @@ class Leads:
         self.health_inputs.clear()
         self.version += 1
         for lead_id, lead in self.leads.items():
-            self.track_open_deal(lead_id, lead)
+            self.track_deal(lead_id, lead)
 
-    def track_open_deal(self, lead_id: str, lead: dict) -> None:
+    def track_deal(self, lead_id: str, lead: dict) -> None:
         if (deal := open_deal(lead, self.deal_policy)) is None:
             self.open_deals.pop(lead_id, None)
         else:
@@ -183,7 +183,7 @@ class Leads:
                 for lead_id, (lead, _) in batch.touched.items():
                     self.index.update(lead_id, lead)
                     self.due_deals.update(lead_id, lead)
-                    self.track_open_deal(lead_id, lead)
+                    self.track_deal(lead_id, lead)
 
     async def scan_for_stalls(self):
         now = self.stall_now_ms()

@@ -47,9 +47,10 @@ def _clamp(x: float) -> float:
 def components(inputs: dict, now_ms: int, norms: Norms) -> dict[str, float]:
     norm_ms, p50_s, p90_s = norms(inputs["stage"])
     idle = now_ms - max(inputs["entered"], inputs["last_activity"] or 0)
-    recency = _clamp(2 - idle / norm_ms) if norm_ms > 0 else 1.0
+    # Norms of at least 1 ms: a stage configured at 0 days is overdue at once, with no division by 0.
+    recency = _clamp(2 - idle / max(norm_ms, 1))
     # Without enough learned dwell, the norm stands for p90 and half of it for p50.
-    p90 = p90_s * 1000 if p90_s else norm_ms
+    p90 = max(p90_s * 1000 if p90_s else norm_ms, 1)
     p50 = min(p50_s * 1000 if p50_s else p90 / 2, p90)
     dwell_ms = now_ms - inputs["entered"]
     if dwell_ms <= p50:

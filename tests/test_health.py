@@ -39,6 +39,9 @@ def test_thirteen_days_in_is_at_risk():
     fresh = INPUTS | {"stage": "new", "last_activity": None, "pushes": 0, "amount": 10_000.0}
     assert components(fresh, T + DAY_MS + DAY_MS // 2, norms)["dwell"] == 0.75
     assert band(39.9) == "critical" and band(40.0) == "at_risk" and band(70.0) == "healthy"
+    # A stage configured at 0 days: any idle time is past its norm and any dwell past its p90 (no division by 0).
+    zero = components(fresh, T + 10, lambda stage: (0, None, None))
+    assert (zero["recency"], zero["dwell"]) == (0.0, 0.0)
 
 
 def test_a_band_drop_raises_one_alert_with_both_bands():
