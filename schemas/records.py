@@ -50,7 +50,7 @@ class DealAlert(_Record):
     team_id: str | None
     pipeline: str | None
     account_id: str | None
-    stage: str | None = Field(description="The deal's current stage.")
+    stage: str | None = Field(description="The deal's stage at detected_at.")
     detected_at: str = Field(description="ISO-8601 UTC event time of the occurrence.")
     amount: float | None = Field(description="The deal's amount (for slipped, decreased, past due: at the occurrence).")
     close_date: str | None = Field(description="ISO-8601 UTC expected close date (as amount).")

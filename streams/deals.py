@@ -138,7 +138,6 @@ def deal_alerts(lead: dict, lead_id: str, policy: DealPolicy, now_ms: int) -> li
 
 def deal_alert(kind: str, alert_id: str, lead: dict, lead_id: str, detected_at: int, details: dict) -> dict:
     deal = current_deal(lead)
-    stage = stage_history(lead)[-1][2] if lead["timeline"] else None
     return {
         "schema_version": DEAL_ALERT_SCHEMA_VERSION,
         "alert_id": alert_id,
@@ -148,7 +147,8 @@ def deal_alert(kind: str, alert_id: str, lead: dict, lead_id: str, detected_at: 
         "team_id": lead["team"],
         "pipeline": lead["pipeline"],
         "account_id": lead.get("account"),
-        "stage": stage,
+        # At the occurrence, not when raised: the timer and an event of the deal raise the same record.
+        "stage": stage_at(lead, detected_at),
         "detected_at": ms_to_iso(detected_at),
         "amount": deal[0] if deal else None,
         "close_date": ms_to_iso(deal[1]) if deal else None,
