@@ -207,7 +207,7 @@ class Leads:
                 for lead_id in self.due_deals.due(now):
                     if (saved := self.leads.get(lead_id)) is None:
                         continue
-                    lead = dict(saved, deal_alerted=list(saved.get("deal_alerted") or ()))  # a copy, as above
+                    lead = dict(saved)  # a copy, as above (the deal functions replace its lists, never append)
                     fold_deal_alerted(lead, self.raised_deal_alerts.get(lead_id, []))
                     before = set(lead["deal_alerted"])
                     alerts += deal_alerts(lead, lead_id, self.deal_policy, now)

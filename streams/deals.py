@@ -71,10 +71,11 @@ def lead_time(lead: dict, at: int) -> int:
 
 
 def fold_deal_alerted(lead: dict, alert_ids: list[str]) -> bool:
-    """Record deal alerts the timer raised; True if any was new to the lead."""
-    raised = lead.setdefault("deal_alerted", [])
+    """Record deal alerts the timer raised; True if any was new to the lead. A new list, not an append: the
+    timer folds into shallow copies of the saved leads, which the lead agent alone writes."""
+    raised = lead.get("deal_alerted") or []
     new = [alert_id for alert_id in alert_ids if alert_id not in raised]
-    raised += new
+    lead["deal_alerted"] = raised + new
     return bool(new)
 
 
@@ -126,13 +127,14 @@ def occurrences(lead: dict, policy: DealPolicy, now_ms: int) -> list[dict]:
 
 def deal_alerts(lead: dict, lead_id: str, policy: DealPolicy, now_ms: int) -> list[dict]:
     """The deal alerts of occurrences not raised before, in event time; marks them raised on the lead."""
-    raised = lead.setdefault("deal_alerted", [])
+    raised = list(lead.get("deal_alerted") or ())  # a new list: `lead` may be a shallow copy (as above)
     alerts = []
     for kind, key, detected_at, details in sorted(occurrences(lead, policy, now_ms), key=lambda o: (o[2], o[0])):
         alert_id = str(uuid.uuid5(ALERT_NAMESPACE, f"{kind}|{lead_id}|{key}"))
         if alert_id not in raised:
             raised.append(alert_id)
             alerts.append(deal_alert(kind, alert_id, lead, lead_id, detected_at, details))
+    lead["deal_alerted"] = raised
     return alerts
 
 

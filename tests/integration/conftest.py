@@ -151,6 +151,16 @@ class Worker:
         return records
 
 
+def landed(worker: "Worker", role: str) -> int:
+    """How many records the worker's input, alerts or DLQ topic holds: the sum of its end offsets."""
+    consumer = KafkaConsumer(bootstrap_servers=worker.bootstrap)
+    try:
+        ends = consumer.end_offsets([TopicPartition(worker.topic(role), p) for p in range(worker.partitions)])
+    finally:
+        consumer.close()
+    return sum(ends.values())
+
+
 def end_offsets(metrics: dict) -> dict:
     """{labels: end offset} of each partition the worker reads. (Changelogs are only read to restore tables,
     and never committed.)"""
