@@ -29,14 +29,17 @@ class Deals(Collector):
         self.window_days = settings.deal_history_days
         self.keep_days = self.window_days + FORECAST_LOOKBACK_DAYS + int(settings.grace_seconds // 86400) + 2
         self.outcomes = pipeline.table("deal-outcomes")
-        # (months, leads version) → the month forecasts: they walk every lead, so only when a lead has changed.
+        # (months, leads version, outcomes version) → the month forecasts: they walk every lead, so they are
+        # recomputed only when a lead or an outcome has changed.
         self.forecast_cache: tuple[tuple, list] | None = None
+        self.version = 0
 
     async def aggregate_outcomes(self, stream):
         async for _batch, _event, state, deltas in unapplied_deltas(stream, self.outcomes):
             for delta in deltas:
                 apply_outcome(state, delta)
                 prune_outcomes(state, delta["day"] - self.keep_days)
+            self.version += 1
 
     def counts(self, pipeline: str, last_day: int) -> dict[str, list[int]]:
         return stage_counts(self.outcomes.get(pipeline) or {}, last_day, self.window_days)
@@ -62,7 +65,7 @@ class Deals(Collector):
         """[(window, forecast)] of the current month (won so far) and the previous one."""
         current = period_of("month", today)
         months = (("month_current", current), ("month_previous", period_of("month", period_days("month", current)[0] - 1)))
-        key = (months, self.leads.version)
+        key = (months, self.leads.version, self.version)
         if self.forecast_cache is None or self.forecast_cache[0] != key:
             self.forecast_cache = (key, [(window, self.forecast(month)) for window, month in months])
         return self.forecast_cache[1]
