@@ -151,3 +151,26 @@ def test_deal_alerts_follow_the_v2_alert_schema():
         jsonschema.validate(alert, schema)
     assert {a["type"] for a in alerts} == {SLIPPED, DECREASED, REGRESSED, PAST_DUE}
     assert occurrences(new_lead(), POLICY, T0) == []
+
+
+def test_tail_prints_a_line_per_deal_alert_and_rejects_unknown_versions():
+    from crm_pulse.alerts import format_alert, parse_any_alert
+
+    lead, alerts = new_lead(), []
+    for event in HISTORY:
+        alerts += fold(lead, event)
+    lines = [format_alert(parse_any_alert(orjson.dumps(alert))) for alert in alerts]
+    assert lines[:2] == [
+        "2026-03-04T00:00:00.000Z deal.close_date_slipped rep=r1 lead=L1 stage=proposal "
+        "close=2026-04-15T00:00:00.000Z was=2026-03-31T00:00:00.000Z pushes=1",
+        "2026-03-05T00:00:00.000Z deal.amount_decreased rep=r1 lead=L1 stage=proposal amount=7000 was=10000 cut=30%",
+    ]
+    assert lines[3] == "2026-03-07T00:00:00.000Z deal.stage_regressed rep=r1 lead=L1 stage=qualified from=proposal to=qualified"
+    for record, reason in (({**alerts[0], "schema_version": 3}, "unsupported schema_version 3; this consumer reads versions 1 and 2"),
+                           ({**alerts[0], "type": "lead.stalled"}, "type: Input should be 'deal.close_date_slipped'")):  # fmt: skip
+        try:
+            parse_any_alert(orjson.dumps(record))
+        except ValueError as error:
+            assert str(error).startswith(reason)
+        else:
+            raise AssertionError(f"{record['schema_version']} {record['type']} parsed")
