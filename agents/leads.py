@@ -46,7 +46,7 @@ class Leads:
         self.health_inputs: dict[str, dict] = {}
         # Counts the batches written (and rebuilds): what is computed from every lead is recomputed only when it moves.
         self.version = 0
-        # Deal alert ids the timer raised and not yet saved on the lead: merged in first by either path.
+        # Deal alert occurrences the timer raised and not yet saved on the lead: merged in first by either path.
         self.raised_deal_alerts: dict[str, list[str]] = {}
         # Raised by the timer and not yet folded into the lead's state by the agent: applied first by either path.
         self.raised_stalls: dict[str, dict] = {}
@@ -126,6 +126,9 @@ class Leads:
     def fold_raised_stall(self, lead_id: str, lead: dict) -> None:
         if (record := self.raised_stalls.pop(lead_id, None)) is not None:
             apply_stall_record(lead, record)
+
+    def fold_raised_deal_alerts(self, lead_id: str, lead: dict) -> None:
+        """Into the lead the agent is about to write: never into the timer's copies, which would drop them."""
         if (raised := self.raised_deal_alerts.pop(lead_id, None)) is not None:
             fold_deal_alerted(lead, raised)
 
@@ -158,6 +161,7 @@ class Leads:
                     deltas = DeltaSender(pipeline, "leads", batch, received)
                     for lead_id, event, lead in unseen_events(pipeline, batch, received, self.processed):
                         self.fold_raised_stall(lead_id, lead)
+                        self.fold_raised_deal_alerts(lead_id, lead)
                         day = day_of(event["occurred_at"])
                         if day not in thresholds:
                             thresholds[day] = self.threshold_at(event["occurred_at"])
@@ -211,9 +215,9 @@ class Leads:
                     fold_deal_alerted(lead, self.raised_deal_alerts.get(lead_id, []))
                     before = set(lead["deal_alerted"])
                     alerts += deal_alerts(lead, lead_id, self.deal_policy, now)
-                    if new_ids := [i for i in lead["deal_alerted"] if i not in before]:
-                        deal_raised[lead_id] = new_ids
-                        self.raised_deal_alerts[lead_id] = self.raised_deal_alerts.get(lead_id, []) + new_ids
+                    if new := [o for o in lead["deal_alerted"] if o not in before]:
+                        deal_raised[lead_id] = new
+                        self.raised_deal_alerts[lead_id] = self.raised_deal_alerts.get(lead_id, []) + new
                 # Queued before the agent can clear any of them: in the order decided.
                 published = self.publish_alerts(alerts)
             for future, on_delivered in published:
@@ -221,7 +225,7 @@ class Leads:
                 on_delivered()
             # Only after the alerts: a crash in between raises them again rather than losing them.
             stall_levels = self.pipeline.stall_levels_topic
-            records = [*raised.items(), *((lead_id, {"deal_alerted": ids}) for lead_id, ids in deal_raised.items())]
+            records = [*raised.items(), *((lead_id, {"deal_alerted": new}) for lead_id, new in deal_raised.items())]
             for future in [stall_levels.send_soon(key=lead_id, value=record) for lead_id, record in records]:
                 await future
 

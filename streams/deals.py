@@ -70,11 +70,12 @@ def lead_time(lead: dict, at: int) -> int:
     return lead["seen_until"]
 
 
-def fold_deal_alerted(lead: dict, alert_ids: list[str]) -> bool:
-    """Record deal alerts the timer raised; True if any was new to the lead. A new list, not an append: the
-    timer folds into shallow copies of the saved leads, which the lead agent alone writes."""
+def fold_deal_alerted(lead: dict, occurrences_raised: list[str]) -> bool:
+    """Record the occurrences ("<type>|<key>") whose alerts the timer raised; True if any was new to the lead.
+    A new list, not an append: the timer folds into shallow copies of the saved leads, which the lead agent
+    alone writes."""
     raised = lead.get("deal_alerted") or []
-    new = [alert_id for alert_id in alert_ids if alert_id not in raised]
+    new = [occurrence for occurrence in occurrences_raised if occurrence not in raised]
     lead["deal_alerted"] = raised + new
     return bool(new)
 
@@ -127,12 +128,13 @@ def occurrences(lead: dict, policy: DealPolicy, now_ms: int) -> list[dict]:
 
 def deal_alerts(lead: dict, lead_id: str, policy: DealPolicy, now_ms: int) -> list[dict]:
     """The deal alerts of occurrences not raised before, in event time; marks them raised on the lead."""
+    # The occurrences raised, as "<type>|<key>" (the alert id is derived from it only for a new one).
     raised = list(lead.get("deal_alerted") or ())  # a new list: `lead` may be a shallow copy (as above)
     alerts = []
     for kind, key, detected_at, details in sorted(occurrences(lead, policy, now_ms), key=lambda o: (o[2], o[0])):
-        alert_id = str(uuid.uuid5(ALERT_NAMESPACE, f"{kind}|{lead_id}|{key}"))
-        if alert_id not in raised:
-            raised.append(alert_id)
+        if (occurrence := f"{kind}|{key}") not in raised:
+            raised.append(occurrence)
+            alert_id = str(uuid.uuid5(ALERT_NAMESPACE, f"{kind}|{lead_id}|{key}"))
             alerts.append(deal_alert(kind, alert_id, lead, lead_id, detected_at, details))
     lead["deal_alerted"] = raised
     return alerts
@@ -184,7 +186,7 @@ class DueIndex:
     def update(self, lead_id: str, lead: dict) -> None:
         at = past_due_at(lead, self.policy)
         raised = lead.get("deal_alerted") or ()
-        if at is None or str(uuid.uuid5(ALERT_NAMESPACE, f"{PAST_DUE}|{lead_id}|{current_deal(lead)[1]}")) in raised:
+        if at is None or f"{PAST_DUE}|{current_deal(lead)[1]}" in raised:
             self.due_at.pop(lead_id, None)
             return
         if self.due_at.get(lead_id) != at:
