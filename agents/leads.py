@@ -195,6 +195,11 @@ class Leads:
             return
         with STALL_SCAN_SECONDS.time():
             async with self.between_batches:
+                # Until recovery ends the table holds leads being restored, a kept partition's too (a memory
+                # store replays its changelog from the start): older versions, and a scan then stalled a
+                # lead on an idle time its later events had ended (a worker joining mid-stream).
+                if self.pipeline.app.rebalancing:
+                    return
                 threshold = self.threshold_at(now)
                 alerts: list[dict] = []
                 raised: dict[str, dict] = {}

@@ -290,6 +290,28 @@ def ensure_topics(settings: Settings, timeout: float | None = None, writes: tupl
         admin.close()
 
 
+def create_missing(settings: Settings, wanted: dict[str, dict[str, str]]) -> None:
+    """Create the topics of `wanted` (name → topic configs) that do not exist yet."""
+    admin = connect_admin(settings)
+    try:
+        existing = set(admin.list_topics())
+        for name, config in wanted.items():
+            if name not in existing:
+                try:
+                    admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor,
+                                                  topic_configs=config)])  # fmt: skip
+                    log.info("created topic %s", name)
+                except TopicAlreadyExistsError:
+                    pass
+                except AuthorizationError as exc:
+                    raise BrokerUnusable(
+                        f"{principal(settings)} may not create topic {name} on {settings.broker} "
+                        f"({type(exc).__name__}): create it beforehand, or grant CREATE"
+                    ) from exc
+    finally:
+        admin.close()
+
+
 # A key no table uses: its tombstone is the one record of the last batch of a changelog partition.
 CHANGELOG_SEAL_KEY = "\x00crm-pulse-changelog-seal"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 
-from crm_pulse.broker import BrokerUnusable, bind_error, broker_for, ensure_topics, seal_changelogs
+from crm_pulse.broker import BrokerUnusable, bind_error, broker_for, create_missing, ensure_topics, seal_changelogs
 from crm_pulse.config import Settings, SettingsInvalid, env_name, load_settings
 from crm_pulse.directory import DirectoryInvalid, import_user_export
 from crm_pulse.streams.periods import PERIODS
@@ -60,6 +60,8 @@ def run_gateway(settings: Settings) -> None:
     check_port_free(settings.gateway_host, settings.gateway_port, "CRM_PULSE_GATEWAY_PORT")
     with broker_for(settings) as resolved:
         ensure_topics(resolved, writes=(resolved.input_topic, resolved.dlq_topic))
+        if resolved.notify_link_secret:  # the gateway may start before any notifier has created it
+            create_missing(resolved, {resolved.effective_notify_snoozes_topic: {"cleanup.policy": "compact"}})
 
         async def until_signalled() -> None:
             stop = asyncio.Event()

@@ -116,7 +116,8 @@ class Settings(BaseSettings):
     notify_group_seconds: float = Field(0, ge=0)
     notify_digest: bool = False
     notify_quiet_hours: bool = False
-    # Snooze links (docs/alerts.md#snooze-links), served by notify's web server at this public base URL.
+    # Snooze links (docs/alerts.md#snooze-links): notify signs them, `crm-pulse gateway` serves them at this public
+    # base URL and publishes each confirmed snooze to the topic notify follows.
     notify_link_secret: SecretStr | None = None
     notify_link_base_url: str | None = None
     notify_link_valid_seconds: float = Field(7 * 86400, gt=0)

@@ -1,4 +1,5 @@
-"""`crm-pulse gateway`: CRM webhooks → verified → contract v1 events → the input topic (docs/ingestion.md).
+"""`crm-pulse gateway`: CRM webhooks → verified → contract v1 events → the input topic (docs/ingestion.md); and,
+with CRM_PULSE_NOTIFY_LINK_SECRET, the alerts' snooze links (crm_pulse.snooze).
 
 A request is answered 2xx only once the broker has acknowledged (acks=all) every event and dead letter it gave;
 otherwise 503, and the CRM delivers it again. Event ids derive from the vendor's own delivery ids, so a
@@ -12,11 +13,13 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import time
 import tomllib
 import uuid
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -24,6 +27,7 @@ import orjson
 from aiohttp import BasicAuth, web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
+from crm_pulse import snooze
 from crm_pulse.channels import signature
 from crm_pulse.config import Settings, SettingsInvalid
 from crm_pulse.schemas.records import dead_letter_record
@@ -141,26 +145,37 @@ def is_timestamp(value: str) -> bool:
     return value.isascii() and value.isdigit() and len(value) <= 15
 
 
+# HubSpot's v3 signature covers the URI with these percent-escapes, and only these, decoded
+# (https://developers.hubspot.com/docs/api/webhooks/validating-requests).
+HUBSPOT_V3_DECODED = re.compile(r"%(3A|2F|3F|40|21|24|27|28|29|2A|2C|3B)", re.IGNORECASE)
+
+
 def verify_hubspot(secret: bytes, method: str, uri: str, body: bytes, headers, now_ms: int) -> None:
-    version = headers.get("X-HubSpot-Signature-Version", "v3" if "X-HubSpot-Signature-v3" in headers else "v1")
-    if version == "v3":
-        given, timestamp = headers.get("X-HubSpot-Signature-v3"), headers.get("X-HubSpot-Request-Timestamp", "")
+    """`uri` as the request was sent (its percent-escapes as they came). HubSpot sends the v3 signature alongside
+    an older one, and X-HubSpot-Signature-Version names the older one: v3, when present, is the one checked, so
+    that its timestamp refuses replays; v1/v2 only for requests that carry nothing newer."""
+    if "X-HubSpot-Signature-v3" in headers:
+        given, timestamp = headers["X-HubSpot-Signature-v3"], headers.get("X-HubSpot-Request-Timestamp", "")
         if not given or not is_timestamp(timestamp):
             raise unauthenticated("hubspot", "missing_signature",
                                   "X-HubSpot-Signature-v3 and X-HubSpot-Request-Timestamp (epoch milliseconds) are required")
+        # HubSpot refuses only older than 5 minutes; one from further ahead of this clock is no fresher.
         if abs(now_ms - int(timestamp)) > REPLAY_WINDOW_MS:
             raise unauthenticated("hubspot", "stale_timestamp",
                                   "X-HubSpot-Request-Timestamp is more than 5 minutes away")
-        digest = hmac.new(secret, method.encode() + uri.encode() + body + timestamp.encode(), hashlib.sha256).digest()
-        expected = base64.b64encode(digest).decode()
-    elif version in ("v1", "v2"):
+        signed_uri = HUBSPOT_V3_DECODED.sub(lambda escape: chr(int(escape[1], 16)), uri)
+        digest = hmac.new(secret, method.encode() + signed_uri.encode() + body + timestamp.encode(), hashlib.sha256)
+        expected = base64.b64encode(digest.digest()).decode()
+    else:
+        version = headers.get("X-HubSpot-Signature-Version", "v1")
+        if version not in ("v1", "v2"):
+            raise unauthenticated("hubspot", "bad_signature", f"unknown X-HubSpot-Signature-Version {version[:16]!r}")
         given = headers.get("X-HubSpot-Signature")
         if not given:
-            raise unauthenticated("hubspot", "missing_signature", "X-HubSpot-Signature is required")
+            raise unauthenticated("hubspot", "missing_signature",
+                                  "X-HubSpot-Signature-v3 or X-HubSpot-Signature is required")
         signed = secret + body if version == "v1" else secret + method.encode() + uri.encode() + body
         expected = hashlib.sha256(signed).hexdigest()
-    else:
-        raise unauthenticated("hubspot", "bad_signature", f"unknown X-HubSpot-Signature-Version {version[:16]!r}")
     if not hmac.compare_digest(given.encode(), expected.encode()):
         raise unauthenticated("hubspot", "bad_signature", "the signature does not match")
 
@@ -216,9 +231,14 @@ def closing_or_change(source: str, delivery: str, lead_id: str, at: object, stag
                       **envelope)
 
 
+# Generic subscriptions (`object.creation`, `object.propertyChange`) name the object type by id instead
+# (https://developers.hubspot.com/changelog/public-beta-generic-webhook-subscriptions).
+HUBSPOT_OBJECT_TYPES = {"0-1": "contact", "0-3": "deal"}
+
+
 class HubSpot:
     """HubSpot webhooks (a JSON array of up to 100 events): deal.creation, deal.propertyChange on dealstage and
-    amount, contact.creation. HubSpot sends only a property's new value: a stage change's `from` is unknown, and a
+    amount, contact.creation, or their generic `object.*` forms. HubSpot sends only a property's new value: a stage change's `from` is unknown, and a
     won deal's amount is the last `amount` change this gateway saw for it (0 if none)."""
 
     def __init__(self, stages: StageMap):
@@ -234,6 +254,8 @@ class HubSpot:
 
     def one(self, item: dict) -> list[dict]:
         kind, object_id = item.get("subscriptionType"), item.get("objectId")
+        if isinstance(kind, str) and kind.startswith("object."):
+            kind = f"{HUBSPOT_OBJECT_TYPES.get(item.get('objectTypeId'))}.{kind.removeprefix('object.')}"
         delivery = f"{item.get('portalId')}:{item['eventId']}"
         at = item["occurredAt"]
         if kind == "contact.creation":
@@ -412,6 +434,7 @@ class Gateway:
     send: Send  # (topic, key, value) → returns once the broker acknowledged it
     ready: Callable[[], Awaitable[bool]]
     stages: StageMap = field(default_factory=StageMap)
+    now: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))  # the snooze links' clock
 
     def __post_init__(self):
         self.hubspot, self.pipedrive = HubSpot(self.stages), Pipedrive(self.stages)
@@ -421,6 +444,8 @@ class Gateway:
         app.add_routes([web.post(f"/webhooks/{source}", self.handler(source)) for source in SOURCES])
         app.add_routes([web.get("/healthz", self.healthz), web.get("/readyz", self.readyz),
                         web.get("/metrics", self.metrics)])  # fmt: skip
+        if self.settings.notify_link_secret:
+            app.add_routes(snooze.routes(self.settings, self.send, self.now))
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -482,7 +507,8 @@ class Gateway:
     def verify(self, source: str, request: web.Request, body: bytes) -> None:
         s, now_ms = self.settings, int(time.time() * 1000)
         if source == "hubspot":
-            uri = (s.gateway_public_url.rstrip("/") + request.path_qs) if s.gateway_public_url else str(request.url)
+            origin = s.gateway_public_url.rstrip("/") if s.gateway_public_url else f"{request.scheme}://{request.host}"
+            uri = origin + request.raw_path  # the path and query as sent: HubSpot signs its own escaping
             verify_hubspot(secret_bytes(s.hubspot_client_secret), request.method, uri, body, request.headers, now_ms)
         elif source == "pipedrive":
             verify_basic(s.pipedrive_username, secret_bytes(s.pipedrive_password), request.headers.get("Authorization"))

@@ -16,20 +16,19 @@ from typing import Callable
 
 import orjson
 from kafka import KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
-from kafka.errors import CommitFailedError, TopicAlreadyExistsError
+from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from crm_pulse.alerts import DAY_SECONDS, kafka_consumer, parse_alert, where
-from crm_pulse.broker import bind_error, client_security, connect_admin
+from crm_pulse.broker import bind_error, client_security, create_missing
 from crm_pulse.channels import (
     MAX_DELAY_SECONDS, SNOOZE, Channel, Message, configure_channels, deliver_with_retries,
 )  # fmt: skip
 from crm_pulse.config import Settings, SettingsInvalid
 from crm_pulse.directory import Directory, DirectoryFile
 from crm_pulse.schedule import Timing, release_time
-from crm_pulse.snooze import Snoozes, serve, snooze_link
+from crm_pulse.snooze import Snoozes, snooze_link
 from crm_pulse.schemas.records import Alert, NotificationDeadLetter
 from crm_pulse.streams.leads import ESCALATED
 
@@ -136,20 +135,34 @@ def route(alert: Alert, directory: Directory | None, channels: list[Channel]) ->
     return deliveries
 
 
+class TopicReader:
+    """One of notify's compacted topics, every partition from its beginning: each `new()` gives the records written
+    since the last, up to the topic's end as of that call."""
+
+    def __init__(self, settings: Settings, topic: str):
+        self.consumer = kafka_consumer(settings)
+        self.partitions = [TopicPartition(topic, p) for p in self.consumer.partitions_for_topic(topic) or ()]
+        self.consumer.assign(self.partitions)
+        self.consumer.seek_to_beginning()
+
+    def new(self) -> list:
+        records = []
+        end = self.consumer.end_offsets(self.partitions)
+        while any(self.consumer.position(tp) < end[tp] for tp in self.partitions):
+            records.extend(itertools.chain.from_iterable(self.consumer.poll(timeout_ms=500).values()))
+        return records
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
 def read_topic(settings: Settings, topic: str) -> list:
-    """Every record of `topic` (one of notify's compacted topics), from the beginning to its current end."""
-    consumer = kafka_consumer(settings)
-    records = []
+    """Every record of `topic`, from the beginning to its current end."""
+    reader = TopicReader(settings, topic)
     try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning()
-        end = consumer.end_offsets(partitions)
-        while any(consumer.position(tp) < end[tp] for tp in partitions):
-            records.extend(itertools.chain.from_iterable(consumer.poll(timeout_ms=500).values()))
+        return reader.new()
     finally:
-        consumer.close()
-    return records
+        reader.close()
 
 
 class SentSet:
@@ -179,25 +192,11 @@ class SentSet:
 
 
 def ensure_notify_topics(settings: Settings) -> None:
-    admin = connect_admin(settings)
-    try:
-        existing = set(admin.list_topics())
-        wanted = {
-            settings.effective_notify_sent_topic: {"cleanup.policy": "compact"},
-            settings.effective_notify_dlq_topic: {},
-        }
-        if settings.notify_link_secret:
-            wanted[settings.effective_notify_snoozes_topic] = {"cleanup.policy": "compact"}
-        for name, config in wanted.items():
-            if name not in existing:
-                try:
-                    admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor,
-                                                  topic_configs=config)])  # fmt: skip
-                    log.info("created topic %s", name)
-                except TopicAlreadyExistsError:
-                    pass
-    finally:
-        admin.close()
+    wanted = {settings.effective_notify_sent_topic: {"cleanup.policy": "compact"},
+              settings.effective_notify_dlq_topic: {}}
+    if settings.notify_link_secret:
+        wanted[settings.effective_notify_snoozes_topic] = {"cleanup.policy": "compact"}
+    create_missing(settings, wanted)
 
 
 class NotifyMetrics:
@@ -289,6 +288,7 @@ class Notifier:
         if not pending or any(held.alert.alert_id == alert.alert_id for held in self.held.get(alert.rep_id, ())):
             return "duplicate"
         item = Held(record, alert, published, pending)
+        self.catch_up_snoozes()
         if self.snoozed(item):
             return "snoozed"
         holds = self.timing.holds and directory is not None and alert.rep_id in directory.reps
@@ -318,6 +318,7 @@ class Notifier:
             self.metrics.held.dec(len(items))
             groups: dict[tuple, tuple[Delivery, list[Held]]] = {}
             live = []
+            self.catch_up_snoozes()
             for item in items:
                 if self.snoozed(item):
                     released.append((item, "snoozed"))
@@ -342,6 +343,11 @@ class Notifier:
                 self.held[rep_id] = kept
             else:
                 del self.held[rep_id]
+
+    def catch_up_snoozes(self) -> None:
+        """Read the snoozes published since the last look (by the gateway, a process of its own) before deciding."""
+        if self.snoozes is not None:
+            self.snoozes.catch_up()
 
     def snoozed(self, item: Held) -> bool:
         if self.snoozes is None or not self.snoozes.snoozed(item.alert.lead_id, self.now()):
@@ -466,14 +472,17 @@ def notify(
     )
     producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all", **client_security(settings))
     counts = dict.fromkeys(("posted", "failed", "duplicate", "invalid", "snoozed"), 0)
-    server = None
+    server = snooze_reader = None
     try:
         ensure_notify_topics(settings)
-        sent_topic, snoozes_topic = settings.effective_notify_sent_topic, settings.effective_notify_snoozes_topic
+        sent_topic = settings.effective_notify_sent_topic
         sent = SentSet(sent_topic, producer, read_topic(settings, sent_topic))
-        snoozes = (Snoozes(snoozes_topic, producer, read_topic(settings, snoozes_topic))
-                   if settings.notify_link_secret else None)  # fmt: skip
-        server = serve(settings, registry, snoozes, now)
+        snoozes = None
+        if settings.notify_link_secret:
+            # Followed, not only read at start: the gateway publishes the snoozes its links confirm.
+            snooze_reader = TopicReader(settings, settings.effective_notify_snoozes_topic)
+            snoozes = Snoozes(snooze_reader.new)
+        server, _ = start_http_server(settings.notify_metrics_port, settings.notify_metrics_host, registry)
         notifier = Notifier(settings, channels, directory, producer, sent, metrics, max_attempts, backoff_seconds,
                             snoozes, now)  # fmt: skip
         offsets = Offsets()
@@ -504,6 +513,8 @@ def notify(
     finally:
         if server is not None:
             server.shutdown()
+        if snooze_reader is not None:
+            snooze_reader.close()
         consumer.close()
         producer.close()
         log.info("notify stopped: %s", " ".join(f"{name}={count}" for name, count in counts.items()))

@@ -1,23 +1,22 @@
 """Snooze links (docs/alerts.md#snooze-links): a URL signed with HMAC-SHA256 that names a lead, its rep and when
-the link expires; opening it and confirming suppresses that lead's alerts for CRM_PULSE_NOTIFY_SNOOZE_SECONDS.
-Snoozes are kept in a compacted topic, keyed by lead, so a restarted notifier still honours them."""
+the link expires. `crm-pulse alerts notify` puts one in each message; `crm-pulse gateway` serves it, and once the rep
+confirms, publishes the snooze, keyed by lead, to a compacted topic. The notifier follows that topic, so the two run
+as separate processes and a restarted notifier still honours every snooze."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import html
 import logging
-import threading
 from datetime import datetime, timedelta, timezone
-from http.server import ThreadingHTTPServer
-from typing import Callable
-from urllib.parse import parse_qs, urlencode, urlparse
+from typing import Awaitable, Callable, Iterable
+from urllib.parse import parse_qs, urlencode
 
 import orjson
-from kafka import KafkaProducer
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import MetricsHandler
+from aiohttp import web
+from prometheus_client import Counter
 
 from crm_pulse.config import Settings
 
@@ -25,9 +24,17 @@ log = logging.getLogger(__name__)
 
 PATH = "/snooze"
 
+LINKS = Counter(
+    "crm_gateway_snooze_links_total", "Snooze links opened at the gateway, by outcome.", ["outcome"],
+)  # fmt: skip
+
 
 class LinkRefused(ValueError):
-    """A snooze link that is not honoured: the reason, for the 403 page."""
+    """A snooze link that is not honoured: the HTTP status, the metric's outcome, and the one-line reason."""
+
+    def __init__(self, status: int, outcome: str, reason: str):
+        super().__init__(reason)
+        self.status, self.outcome = status, outcome
 
 
 def link_signature(secret: bytes, lead_id: str, rep_id: str, expires: int) -> str:
@@ -42,87 +49,82 @@ def snooze_link(base_url: str, secret: bytes, lead_id: str, rep_id: str, expires
 
 
 def check_link(secret: bytes, query: str, now: datetime) -> tuple[str, str]:
-    """(lead id, rep id) of a signed, unexpired link's query string, or LinkRefused."""
+    """(lead id, rep id) of a signed, unexpired link's raw query string, or LinkRefused."""
     fields = {name: values[0] for name, values in parse_qs(query).items() if len(values) == 1}
     try:
         lead_id, rep_id, expires, given = fields["lead"], fields["rep"], int(fields["expires"]), fields["signature"]
     except (KeyError, ValueError):
-        raise LinkRefused("the link is incomplete: it needs lead, rep, expires and signature") from None
+        raise LinkRefused(400, "incomplete",
+                          "the link is incomplete: it needs lead, rep, expires and signature") from None
     if "\n" in lead_id + rep_id or not hmac.compare_digest(given, link_signature(secret, lead_id, rep_id, expires)):
-        raise LinkRefused("the link's signature is not valid")
+        raise LinkRefused(403, "bad_signature", "the link's signature is not valid")
     if expires <= now.timestamp():
         expired = datetime.fromtimestamp(expires, timezone.utc).isoformat(timespec="seconds")
-        raise LinkRefused(f"the link expired at {expired}; use the one in a newer alert")
+        raise LinkRefused(410, "expired", f"the link expired at {expired}; use the one in a newer alert")
     return lead_id, rep_id
 
 
-class Snoozes:
-    """Lead id → until when its alerts are suppressed, read back from the compacted topic at start."""
+def snooze_record(lead_id: str, rep_id: str, until: datetime) -> tuple[bytes, bytes]:
+    """The snoozes topic's key and value: a later snooze of the lead replaces the earlier once compacted."""
+    return lead_id.encode(), orjson.dumps({"lead_id": lead_id, "rep_id": rep_id, "until": until.isoformat()})
 
-    def __init__(self, topic: str, producer: KafkaProducer, records):
-        self.topic, self.producer = topic, producer
+
+class Snoozes:
+    """Lead id → until when its alerts are suppressed. `fetch` gives the snoozes topic's records not yet seen, up to
+    its end as of the call; `catch_up` applies them, so a snooze the gateway published before an alert is decided
+    on is honoured for it."""
+
+    def __init__(self, fetch: Callable[[], Iterable]):
+        self.fetch = fetch
         self.until: dict[str, datetime] = {}
-        for record in records:
-            self.until[record.key.decode()] = datetime.fromisoformat(orjson.loads(record.value)["until"])
-        self.lock = threading.Lock()  # the web server's threads add, the consume loop reads
+        self.catch_up()
+
+    def catch_up(self) -> None:
+        for record in self.fetch():
+            value = orjson.loads(record.value)
+            self.until[record.key.decode()] = datetime.fromisoformat(value["until"])
+            log.info("lead %s snoozed until %s", record.key.decode(), value["until"])
 
     def snoozed(self, lead_id: str, now: datetime) -> bool:
-        with self.lock:
-            return lead_id in self.until and now < self.until[lead_id]
-
-    def add(self, lead_id: str, rep_id: str, until: datetime) -> None:
-        value = {"lead_id": lead_id, "rep_id": rep_id, "until": until.isoformat()}
-        self.producer.send(self.topic, key=lead_id.encode(), value=orjson.dumps(value)).get(timeout=30)
-        with self.lock:
-            self.until[lead_id] = until
-        log.info("lead %s snoozed until %s", lead_id, until.isoformat())
+        return lead_id in self.until and now < self.until[lead_id]
 
 
-def page(title: str, body: str) -> bytes:
-    return f"<!doctype html><title>{html.escape(title)}</title><p>{body}</p>\n".encode()
+def page(title: str, body: str) -> str:
+    return f"<!doctype html><title>{html.escape(title)}</title><p>{body}</p>\n"
 
 
-def serve(settings: Settings, metrics_registry: CollectorRegistry, snoozes: Snoozes | None,
-          now: Callable[[], datetime]) -> ThreadingHTTPServer:  # fmt: skip
-    """The notifier's web server on CRM_PULSE_NOTIFY_METRICS_HOST:PORT: /metrics, and with snooze links /snooze.
-    A GET of a link only asks to confirm (mail scanners open links); the POST the page sends snoozes."""
-    secret = settings.notify_link_secret.get_secret_value().encode() if settings.notify_link_secret else b""
+def routes(settings: Settings, send: Callable[[str, bytes | None, bytes], Awaitable[None]],
+           now: Callable[[], datetime]) -> list[web.RouteDef]:  # fmt: skip
+    """The gateway's /snooze: a GET only asks to confirm (mail scanners open links); the POST the page sends
+    publishes the snooze and answers once the broker acknowledged it. A refused link gets its status and one line."""
+    secret = settings.notify_link_secret.get_secret_value().encode()
     period = timedelta(seconds=settings.notify_snooze_seconds)
+    topic = settings.effective_notify_snoozes_topic
 
-    class Handler(MetricsHandler):
-        registry = metrics_registry
+    async def snooze(request: web.Request) -> web.Response:
+        try:
+            lead_id, rep_id = check_link(secret, request.rel_url.raw_query_string, now())
+        except LinkRefused as refused:
+            LINKS.labels(refused.outcome).inc()
+            return web.Response(status=refused.status, text=f"{refused}\n")
+        until = now() + period
+        lead = html.escape(lead_id)
+        if request.method != "POST":
+            LINKS.labels("shown").inc()
+            form = f'<form method="post"><button>Snooze lead {lead} until {until:%Y-%m-%d %H:%M} UTC</button></form>'
+            return web.Response(text=page(f"Snooze lead {lead_id}", f"Stop alerts about lead {lead}?{form}"),
+                                content_type="text/html")  # fmt: skip
+        try:
+            await asyncio.wait_for(send(topic, *snooze_record(lead_id, rep_id, until)),
+                                   settings.gateway_ack_timeout_seconds)
+        except Exception as exc:  # noqa: BLE001 - whatever the broker did, the snooze is not saved
+            log.warning("snooze of lead %s not acknowledged: %r", lead_id, exc)
+            LINKS.labels("unavailable").inc()
+            return web.Response(status=503, text="the snooze could not be saved now; open the link again in a minute\n",
+                                headers={"Retry-After": "30"})  # fmt: skip
+        LINKS.labels("snoozed").inc()
+        log.info("lead %s snoozed until %s", lead_id, until.isoformat())
+        done = f"No alerts about lead {lead} until {until:%Y-%m-%d %H:%M} UTC."
+        return web.Response(text=page(f"Lead {lead_id} snoozed", done), content_type="text/html")
 
-        def do_GET(self) -> None:
-            if urlparse(self.path).path != PATH or snoozes is None:
-                return super().do_GET()
-            self.snooze(confirmed=False)
-
-        def do_POST(self) -> None:
-            if urlparse(self.path).path != PATH or snoozes is None:
-                return self.answer(404, page("Not found", "Not found."))
-            self.snooze(confirmed=True)
-
-        def snooze(self, confirmed: bool) -> None:
-            try:
-                lead_id, rep_id = check_link(secret, urlparse(self.path).query, now())
-            except LinkRefused as exc:
-                return self.answer(403, page("Link refused", html.escape(str(exc), quote=False)))
-            until = now() + period
-            lead = html.escape(lead_id)
-            if not confirmed:
-                form = f'<form method="post"><button>Snooze lead {lead} until {until:%Y-%m-%d %H:%M} UTC</button></form>'
-                return self.answer(200, page(f"Snooze lead {lead_id}", f"Stop alerts about lead {lead}?{form}"))
-            snoozes.add(lead_id, rep_id, until)
-            self.answer(200, page(f"Lead {lead_id} snoozed", f"No alerts about lead {lead} until {until:%Y-%m-%d %H:%M} UTC."))
-
-        def answer(self, status: int, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer((settings.notify_metrics_host, settings.notify_metrics_port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="notify-web", daemon=True).start()
-    return server
+    return [web.get(PATH, snooze), web.post(PATH, snooze)]

@@ -1,6 +1,6 @@
-"""Webhook payloads as the CRMs send them, shaped after their published webhook documentation (HubSpot's
-Webhooks API, Pipedrive's "Guide for Webhooks" v1 and v2, Salesforce's Outbound Messaging WSDL), and the
-signatures and credentials computed here independently of crm_pulse.gateway."""
+"""Webhook payloads as the CRMs send them, shaped after their published webhook documentation (docs/ingestion.md
+cites it: HubSpot's Webhooks API and request validation, Pipedrive's "Guide for Webhooks" v1 and v2, Salesforce's
+Outbound Messaging WSDL), and the signatures and credentials computed here independently of crm_pulse.gateway."""
 
 from __future__ import annotations
 
@@ -17,16 +17,29 @@ EVENTS_SECRET = "events-secret-89ab"
 PORTAL = 62515
 
 
-def hubspot_event(event_id: int, kind: str, deal: int, at_ms: int, prop: str | None = None, value=None) -> dict:
+def hubspot_event(event_id: int, kind: str, deal: int, at_ms: int, prop: str | None = None, value=None,
+                  object_type: str | None = None) -> dict:  # fmt: skip
+    """One event of the array HubSpot posts: the fields of its Webhooks API reference; `object_type`, the
+    objectTypeId of a generic `object.*` subscription (deals 0-3, contacts 0-1)."""
     event = {"eventId": event_id, "subscriptionId": 1_234_567, "portalId": PORTAL, "appId": 54321,
              "occurredAt": at_ms, "subscriptionType": kind, "attemptNumber": 0, "objectId": deal,
-             "changeSource": "CRM", "changeFlag": "NEW" if kind.endswith("creation") else None}  # fmt: skip
+             "objectTypeId": object_type, "changeSource": "CRM_UI",
+             "changeFlag": "CREATED" if kind.endswith("creation") else None}  # fmt: skip
     if prop is not None:
         event.update(propertyName=prop, propertyValue=value, sourceId="userId:4242")
     return {k: v for k, v in event.items() if v is not None}
 
 
+# The escapes HubSpot decodes in the URI it signs for v3, and only these.
+V3_DECODED = {"%3A": ":", "%2F": "/", "%3F": "?", "%40": "@", "%21": "!", "%24": "$", "%27": "'", "%28": "(",
+              "%29": ")", "%2A": "*", "%2C": ",", "%3B": ";"}  # fmt: skip
+
+
 def hubspot_v3_headers(uri: str, body: bytes, timestamp_ms: int, secret: str = HUBSPOT_SECRET) -> dict:
+    """As HubSpot signs: `uri` the target URL as configured, with V3_DECODED's escapes decoded. Real requests
+    also carry the v1 signature and X-HubSpot-Signature-Version: v1 (hubspot_v1_headers)."""
+    for escape, character in V3_DECODED.items():
+        uri = uri.replace(escape, character).replace(escape.lower(), character)
     digest = hmac.new(secret.encode(), b"POST" + uri.encode() + body + str(timestamp_ms).encode(), hashlib.sha256)
     return {"Content-Type": "application/json", "X-HubSpot-Signature-v3": base64.b64encode(digest.digest()).decode(),
             "X-HubSpot-Request-Timestamp": str(timestamp_ms)}  # fmt: skip
@@ -75,7 +88,8 @@ def pipedrive_v2(event_uuid: str, action: str, entity: str, data: dict, previous
 
 
 def salesforce_message(notifications: list[tuple[str, dict]], org: str = SALESFORCE_ORG_18) -> bytes:
-    """An Outbound Message: `notifications` of (notification Id, Opportunity fields)."""
+    """An Outbound Message: `notifications` of (notification Id, Opportunity fields). The WSDL's ids (organization,
+    action, notification, record) are 18 characters."""
     items = "".join(
         f"<Notification><Id>{nid}</Id><sObject xsi:type=\"sf:Opportunity\" "
         f"xmlns:sf=\"urn:sobject.enterprise.soap.sforce.com\">"

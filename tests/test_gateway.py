@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import logging
 import subprocess
 import sys
@@ -159,6 +161,48 @@ def test_hubspot_v1_and_v2_signatures(gateway, broker):
     assert [key for key, _ in broker.on("in")] == [b"hubspot-deal-9003", b"hubspot-deal-9004"]
 
 
+def test_hubspot_v3_is_checked_when_it_comes_with_the_older_signature(gateway, broker):
+    """HubSpot sends X-HubSpot-Signature-Version: v1 with the v1 signature, and the v3 one besides: v3 decides, so
+    a replay with a valid v1 signature but a stale v3 timestamp is refused."""
+    uri = f"{PUBLIC}/webhooks/hubspot"
+    fresh = dumps([hubspot_event(105, "deal.creation", 9005, now_ms())])
+    stale = dumps([hubspot_event(106, "deal.creation", 9006, now_ms())])
+    forged = dumps([hubspot_event(107, "deal.creation", 9007, now_ms())])
+    before = metric("crm_gateway_verification_failures_total", source="hubspot", reason="stale_timestamp")
+    answers = [
+        gateway.post("/webhooks/hubspot", fresh, {**hubspot_v1_headers(fresh),
+                                                  **hubspot_v3_headers(uri, fresh, now_ms())}),
+        gateway.post("/webhooks/hubspot", stale, {**hubspot_v1_headers(stale),
+                                                  **hubspot_v3_headers(uri, stale, now_ms() - 360_000)}),
+        gateway.post("/webhooks/hubspot", forged, {**hubspot_v1_headers(forged),
+                                                   **hubspot_v3_headers(uri, forged, now_ms(), secret="not-it")}),
+    ]  # fmt: skip
+    assert [(status, orjson.loads(body)) for status, body, _ in answers] == [
+        (200, {"published": 1, "dead_lettered": 0}),
+        (401, {"error": "X-HubSpot-Request-Timestamp is more than 5 minutes away"}),
+        (401, {"error": "the signature does not match"}),
+    ]
+    assert metric("crm_gateway_verification_failures_total", source="hubspot", reason="stale_timestamp") == before + 1
+    assert [key for key, _ in broker.on("in")] == [b"hubspot-deal-9005"]
+
+
+def test_hubspot_v3_signs_the_target_url_with_hubspots_own_decoding(gateway, broker):
+    """A target URL with escapes in its query: HubSpot decodes %3A, %2F, %3F, %40, %21, %24, %27, %28, %29, %2A,
+    %2C and %3B before signing, and leaves the others (%26, %20) as they are."""
+    path = "/webhooks/hubspot?account=acme%3Aeu%2C1&team=sales%26ops%20emea"
+    body = dumps([hubspot_event(108, "deal.creation", 9008, now_ms())])
+    signed_by_hubspot = hubspot_v3_headers(f"{PUBLIC}{path}", body, now_ms())
+    digest = hmac.new(HUBSPOT_SECRET.encode(), b"POST" + f"{PUBLIC}/webhooks/hubspot?account=acme:eu,1&team=sales%26ops"
+                      f"%20emea".encode() + body + signed_by_hubspot["X-HubSpot-Request-Timestamp"].encode(),
+                      hashlib.sha256)  # fmt: skip
+    assert signed_by_hubspot["X-HubSpot-Signature-v3"] == base64.b64encode(digest.digest()).decode()
+    assert gateway.post(path, body, signed_by_hubspot)[0] == 200
+    # Signed over the URI decoded altogether (`&`, ` `): not what HubSpot signs, refused.
+    decoded = hubspot_v3_headers(f"{PUBLIC}/webhooks/hubspot?account=acme:eu,1&team=sales&ops emea", body, now_ms())
+    assert gateway.post(path, body, decoded)[0] == 401
+    assert [key for key, _ in broker.on("in")] == [b"hubspot-deal-9008"]
+
+
 def test_pipedrive_basic_credentials(gateway, broker):
     body = dumps(pipedrive_v1_deal("added", 31, 1_767_225_600, pipedrive_v1_current(
         31, 1, "open", "2026-01-01 00:00:00", "2026-01-01 00:00:00"), None))  # fmt: skip
@@ -172,13 +216,13 @@ def test_pipedrive_basic_credentials(gateway, broker):
 
 
 def test_salesforce_checks_the_organization_and_acks_in_soap(gateway, broker):
-    fields = opportunity("0065g00000Opp01", "Prospecting", "2026-01-01T09:00:00.000Z", "2026-01-01T09:00:00.000Z")
-    status, body, _ = gateway.post("/webhooks/salesforce", salesforce_message([("04l01", fields)], "00D5g000009ZZZZEAZ"),
-                                   SALESFORCE_HEADERS)  # fmt: skip
+    fields = opportunity("0065g00000Opp01AAA", "Prospecting", "2026-01-01T09:00:00.000Z", "2026-01-01T09:00:00.000Z")
+    other_org = salesforce_message([("04l5g00000N00001AA", fields)], "00D5g000009ZZZZEAZ")
+    status, body, _ = gateway.post("/webhooks/salesforce", other_org, SALESFORCE_HEADERS)
     assert status == 403 and broker.sent == []
     # The configured id has 15 characters, the message the 18 of the same org.
-    status, body, headers = gateway.post("/webhooks/salesforce", salesforce_message([("04l01", fields)], SALESFORCE_ORG_18),
-                                         SALESFORCE_HEADERS)  # fmt: skip
+    ours = salesforce_message([("04l5g00000N00001AA", fields)], SALESFORCE_ORG_18)
+    status, body, headers = gateway.post("/webhooks/salesforce", ours, SALESFORCE_HEADERS)
     assert status == 200 and headers["Content-Type"] == "text/xml; charset=utf-8"
     assert b'<notificationsResponse xmlns="http://soap.sforce.com/2005/09/outbound"><Ack>true</Ack>' in body
     assert len(broker.on("in")) == 1
@@ -240,6 +284,30 @@ def test_hubspot_deal_through_its_stages(gateway, broker):
     ]  # fmt: skip
 
 
+def test_hubspot_generic_object_subscriptions_translate_as_the_legacy_ones(gateway, broker):
+    """`object.creation` / `object.propertyChange` name the object by objectTypeId: deals 0-3, contacts 0-1;
+    other objects (a company, 0-2) give nothing."""
+    t = 1_767_225_600_000
+    batch = [
+        hubspot_event(211, "object.creation", 79, t, object_type="0-3"),
+        hubspot_event(212, "object.propertyChange", 79, t + 1000, "dealstage", "qualifiedtobuy", object_type="0-3"),
+        hubspot_event(213, "object.creation", 89, t + 2000, object_type="0-1"),
+        hubspot_event(214, "object.creation", 99, t + 3000, object_type="0-2"),
+    ]
+    body = dumps(batch)
+    status, answer, _ = gateway.post("/webhooks/hubspot", body, hubspot_v1_headers(body))
+    assert (status, orjson.loads(answer)) == (200, {"published": 3, "dead_lettered": 0})
+    assert [value for _, value in broker.on("in")] == [
+        {"event_id": expected_id("hubspot:62515:211:lead.created"), "type": "lead.created", "occurred_at": t,
+         "lead_id": "hubspot-deal-79", "payload": {"source": "hubspot"}},
+        {"event_id": expected_id("hubspot:62515:212:lead.stage_changed"), "type": "lead.stage_changed",
+         "occurred_at": t + 1000, "lead_id": "hubspot-deal-79", "pipeline": "default",
+         "payload": {"from": "unknown", "to": "qualified"}},
+        {"event_id": expected_id("hubspot:62515:213:lead.created"), "type": "lead.created", "occurred_at": t + 2000,
+         "lead_id": "hubspot-contact-89", "payload": {"source": "hubspot"}},
+    ]  # fmt: skip
+
+
 def test_pipedrive_v1_and_v2_deals_and_activities(gateway, broker):
     v1_moved = pipedrive_v1_deal("updated", 31, 1_767_229_200, pipedrive_v1_current(
         31, 3, "open", "2026-01-01 00:00:00", "2026-01-01 01:00:00", 900),
@@ -267,20 +335,21 @@ def test_pipedrive_v1_and_v2_deals_and_activities(gateway, broker):
 
 
 def test_salesforce_notifications_of_one_message(gateway, broker):
-    created = opportunity("0065g00000Opp02", "Qualification", "2026-01-01T09:00:00.000Z", "2026-01-01T09:00:00.000Z")
-    moved = opportunity("0065g00000Opp02", "Negotiation/Review", "2026-01-01T09:00:00.000Z", "2026-01-03T09:00:00.000Z")
-    won = opportunity("0065g00000Opp02", "Closed Won", "2026-01-01T09:00:00.000Z", "2026-01-05T09:00:00.000Z",
+    created = opportunity("0065g00000Opp02AAA", "Qualification", "2026-01-01T09:00:00.000Z", "2026-01-01T09:00:00.000Z")
+    moved = opportunity("0065g00000Opp02AAA", "Negotiation/Review", "2026-01-01T09:00:00.000Z", "2026-01-03T09:00:00.000Z")
+    won = opportunity("0065g00000Opp02AAA", "Closed Won", "2026-01-01T09:00:00.000Z", "2026-01-05T09:00:00.000Z",
                       amount=7300.0, closed=True, won=True)  # fmt: skip
-    message = salesforce_message([("04l0A", created), ("04l0B", moved), ("04l0C", won)])
+    message = salesforce_message([("04l5g00000N0000AAA", created), ("04l5g00000N0000BAA", moved),
+                                  ("04l5g00000N0000CAA", won)])  # fmt: skip
     assert gateway.post("/webhooks/salesforce", message, SALESFORCE_HEADERS)[0] == 200
-    envelope = {"lead_id": "salesforce-opportunity-0065g00000Opp02", "rep_id": "salesforce-user-0055g00000Rep01AAA",
+    envelope = {"lead_id": "salesforce-opportunity-0065g00000Opp02AAA", "rep_id": "salesforce-user-0055g00000Rep01AAA",
                 "account_id": "0015g00000XyZ12AAB"}  # fmt: skip
     assert [value for _, value in broker.on("in")] == [
-        {"event_id": expected_id("salesforce:0065g00000Opp02:2026-01-01T09:00:00.000Z:lead.created"), "type": "lead.created",
+        {"event_id": expected_id("salesforce:0065g00000Opp02AAA:2026-01-01T09:00:00.000Z:lead.created"), "type": "lead.created",
          "occurred_at": "2026-01-01T09:00:00.000Z", **envelope, "payload": {"source": "salesforce", "stage": "qualified"}},
-        {"event_id": expected_id("salesforce:0065g00000Opp02:2026-01-03T09:00:00.000Z:lead.stage_changed"), "type": "lead.stage_changed",
+        {"event_id": expected_id("salesforce:0065g00000Opp02AAA:2026-01-03T09:00:00.000Z:lead.stage_changed"), "type": "lead.stage_changed",
          "occurred_at": "2026-01-03T09:00:00.000Z", **envelope, "payload": {"from": "unknown", "to": "negotiation"}},
-        {"event_id": expected_id("salesforce:0065g00000Opp02:2026-01-05T09:00:00.000Z:deal.won"), "type": "deal.won",
+        {"event_id": expected_id("salesforce:0065g00000Opp02AAA:2026-01-05T09:00:00.000Z:deal.won"), "type": "deal.won",
          "occurred_at": "2026-01-05T09:00:00.000Z", **envelope, "payload": {"amount": 7300.0, "currency": "USD"}},
     ]  # fmt: skip
 
@@ -392,19 +461,19 @@ def test_the_command_needs_a_broker_and_a_free_port(tmp_path):
 
 
 def test_a_salesforce_notification_with_an_unknown_stage_is_dead_lettered_as_xml(gateway, broker):
-    odd = opportunity("006X", "Sleeping", "2026-01-01T09:00:00.000Z", "2026-01-02T09:00:00.000Z")
-    fine = opportunity("006Y", "Prospecting", "2026-01-01T09:00:00.000Z", "2026-01-01T09:00:00.000Z")
-    status, body, _ = gateway.post("/webhooks/salesforce", salesforce_message([("04lX", odd), ("04lY", fine)]),
-                                   SALESFORCE_HEADERS)  # fmt: skip
+    odd = opportunity("0065g00000OppXXAAA", "Sleeping", "2026-01-01T09:00:00.000Z", "2026-01-02T09:00:00.000Z")
+    fine = opportunity("0065g00000OppYYAAA", "Prospecting", "2026-01-01T09:00:00.000Z", "2026-01-01T09:00:00.000Z")
+    message = salesforce_message([("04l5g00000N0000XAA", odd), ("04l5g00000N0000YAA", fine)])
+    status, body, _ = gateway.post("/webhooks/salesforce", message, SALESFORCE_HEADERS)
     assert status == 200 and b"<Ack>true</Ack>" in body
     (_, dead), = broker.on("dlq")
     assert (dead["reason"], dead["error"]) == ("untranslatable",
                                                "unknown_stage: salesforce stage 'Sleeping' is not in the gateway mapping")
     original = ElementTree.fromstring(base64.b64decode(dead["original_base64"]))
     outbound, sobject = "{http://soap.sforce.com/2005/09/outbound}", "{urn:sobject.enterprise.soap.sforce.com}"
-    assert original.tag == f"{outbound}Notification" and original.findtext(f"{outbound}Id") == "04lX"
+    assert original.tag == f"{outbound}Notification" and original.findtext(f"{outbound}Id") == "04l5g00000N0000XAA"
     assert original.findtext(f"{outbound}sObject/{sobject}StageName") == "Sleeping"
-    assert [value["lead_id"] for _, value in broker.on("in")] == ["salesforce-opportunity-006Y"]
+    assert [value["lead_id"] for _, value in broker.on("in")] == ["salesforce-opportunity-0065g00000OppYYAAA"]
 
 
 def test_a_chunked_body_without_a_length_is_cut_off_at_the_limit(gateway, broker):
@@ -431,12 +500,12 @@ def test_a_mapping_that_cannot_be_used_is_named_in_one_line(tmp_path, text, erro
 
 def test_salesforce_notifications_of_one_state_give_one_event_id(gateway, broker):
     """Two notifications queued before the deal closed, both sent after it: each carries the closed deal."""
-    won = opportunity("006Z", "Closed Won", "2026-01-01T09:00:00.000Z", "2026-01-05T09:00:00.000Z", amount=10.0,
-                      closed=True, won=True)  # fmt: skip
-    assert gateway.post("/webhooks/salesforce", salesforce_message([("04l1", won), ("04l2", won)]),
-                        SALESFORCE_HEADERS)[0] == 200  # fmt: skip
+    won = opportunity("0065g00000OppZZAAA", "Closed Won", "2026-01-01T09:00:00.000Z", "2026-01-05T09:00:00.000Z",
+                      amount=10.0, closed=True, won=True)  # fmt: skip
+    message = salesforce_message([("04l5g00000N00001AA", won), ("04l5g00000N00002AA", won)])
+    assert gateway.post("/webhooks/salesforce", message, SALESFORCE_HEADERS)[0] == 200
     ids = [value["event_id"] for _, value in broker.on("in")]
-    assert ids == [expected_id("salesforce:006Z:2026-01-05T09:00:00.000Z:deal.won")] * 2
+    assert ids == [expected_id("salesforce:0065g00000OppZZAAA:2026-01-05T09:00:00.000Z:deal.won")] * 2
 
 
 ODD_VALUES = (None, True, 0, -1, 1e308, "", "x" * 300, "2026-13-45 99:99:99", [], [1], {}, {"id": None})

@@ -15,14 +15,15 @@ from urllib.parse import parse_qs, urlparse
 import orjson
 import pytest
 from kafka import TopicPartition
-from prometheus_client import CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry
 
-from crm_pulse.broker import free_port
 from crm_pulse.channels import Channel
 from crm_pulse.config import Settings
 from crm_pulse.directory import DirectoryFile
 from crm_pulse.notify import Notifier, NotifyMetrics, Offsets, SentSet
-from crm_pulse.snooze import LinkRefused, Snoozes, check_link, serve, snooze_link
+from crm_pulse.gateway import Gateway
+from crm_pulse.snooze import LinkRefused, Snoozes, check_link, snooze_link, snooze_record
+from tests.gateway_server import Served, app_server
 
 DIRECTORY = """
 [reps.rep-7]
@@ -64,6 +65,21 @@ class Producer:
     def read(self, topic: str) -> list:
         return [SimpleNamespace(key=k, value=v) for t, k, v in self.records if t == topic]
 
+    def follow(self, topic: str):
+        """Like notify's TopicReader: each call gives the topic's records written since the last."""
+        seen = 0
+
+        def new() -> list:
+            nonlocal seen
+            records = self.read(topic)
+            seen, fresh = len(records), records[seen:]
+            return fresh
+
+        return new
+
+    async def send_async(self, topic, key, value):  # the gateway's send: acknowledged at once
+        self.send(topic, key, value)
+
 
 def alert_record(offset: int, alert_id: str, lead: str, published: str, kind: str = "lead.stalled"):
     value = {
@@ -98,7 +114,7 @@ def setup(tmp_path):
         email, teams = Recorder("email", True), Recorder("teams", False)
         registry = CollectorRegistry()
         sent = SentSet("t-notify-sent", producer, producer.read("t-notify-sent"))
-        held_snoozes = Snoozes("t-notify-snoozes", producer, producer.read("t-notify-snoozes")) if snoozes else None
+        held_snoozes = Snoozes(producer.follow("t-notify-snoozes")) if snoozes else None
         notifier = Notifier(settings, [email, teams], DirectoryFile(tmp_path / "reps.toml"), producer, sent,
                             NotifyMetrics(registry), 1, 0, held_snoozes, clock)  # fmt: skip
         return SimpleNamespace(notifier=notifier, email=email, teams=teams, producer=producer, registry=registry,
@@ -226,20 +242,29 @@ def expected_signature(lead: str, rep: str, expires: int) -> str:
 
 
 def test_snooze_links_are_signed_and_checked():
-    link = snooze_link("https://notify.example.com/", SECRET, "L 1", "rep-7", 1767787200)
+    link = snooze_link("https://crm-pulse.example.com/", SECRET, "L 1", "rep-7", 1767787200)
     parsed = urlparse(link)
-    assert (parsed.scheme, parsed.netloc, parsed.path) == ("https", "notify.example.com", "/snooze")
+    assert (parsed.scheme, parsed.netloc, parsed.path) == ("https", "crm-pulse.example.com", "/snooze")
     assert parse_qs(parsed.query) == {"lead": ["L 1"], "rep": ["rep-7"], "expires": ["1767787200"],
                                       "signature": [expected_signature("L 1", "rep-7", 1767787200)]}  # fmt: skip
     assert check_link(SECRET, parsed.query, utc("2026-01-07T11:59:59Z")) == ("L 1", "rep-7")
-    with pytest.raises(LinkRefused, match="expired at 2026-01-07T12:00:00"):
-        check_link(SECRET, parsed.query, utc("2026-01-07T12:00:00Z"))
-    with pytest.raises(LinkRefused, match="signature is not valid"):
-        check_link(SECRET, parsed.query.replace("L+1", "L+2"), utc("2026-01-07T00:00:00Z"))
-    with pytest.raises(LinkRefused, match="signature is not valid"):
-        check_link(b"another-secret", parsed.query, utc("2026-01-07T00:00:00Z"))
-    with pytest.raises(LinkRefused, match="incomplete"):
-        check_link(SECRET, "lead=L1&rep=rep-7", utc("2026-01-07T00:00:00Z"))
+    refusals = [
+        (parsed.query, "2026-01-07T12:00:00Z", SECRET),
+        (parsed.query.replace("L+1", "L+2"), "2026-01-07T00:00:00Z", SECRET),
+        (parsed.query, "2026-01-07T00:00:00Z", b"another-secret"),
+        ("lead=L1&rep=rep-7", "2026-01-07T00:00:00Z", SECRET),
+    ]
+    refused = []
+    for query, now, secret in refusals:
+        with pytest.raises(LinkRefused) as raised:
+            check_link(secret, query, utc(now))
+        refused.append((raised.value.status, raised.value.outcome, str(raised.value)))
+    assert refused == [
+        (410, "expired", "the link expired at 2026-01-07T12:00:00+00:00; use the one in a newer alert"),
+        (403, "bad_signature", "the link's signature is not valid"),
+        (403, "bad_signature", "the link's signature is not valid"),
+        (400, "incomplete", "the link is incomplete: it needs lead, rep, expires and signature"),
+    ]
 
 
 def fetch(url: str, method: str = "GET") -> tuple[int, str]:
@@ -251,51 +276,90 @@ def fetch(url: str, method: str = "GET") -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def test_a_snooze_link_suppresses_the_leads_alerts_until_the_snooze_ends(setup):
+def link_metric(outcome: str) -> float:
+    return REGISTRY.get_sample_value("crm_gateway_snooze_links_total", {"outcome": outcome}) or 0.0
+
+
+def test_a_snooze_link_served_by_the_gateway_suppresses_the_leads_alerts_until_the_snooze_ends(setup):
+    """The notifier signs the link; the gateway serves it and publishes the snooze; the notifier, following the
+    snoozes topic, holds the lead's next alerts back. Only the topic connects the two."""
     clock = Clock("2026-01-06T10:00:00Z")
-    port = free_port()
-    run = setup(clock, snoozes=True, notify_link_secret="link-secret", notify_metrics_port=port,
-                notify_link_base_url=f"http://127.0.0.1:{port}", notify_snooze_seconds=86400)  # fmt: skip
-    server = serve(run.settings, run.registry, run.snoozes, clock)
-    try:
+    producer = Producer()
+    gateway_settings = Settings(broker="kafka://127.0.0.1:1", app_id="t", notify_link_secret="link-secret",
+                                notify_link_base_url="http://unused", notify_snooze_seconds=86400)  # fmt: skip
+    gateway = Gateway(gateway_settings, producer.send_async, None, now=clock)
+    with Served(app_server(gateway.app())) as served:
+        run = setup(clock, producer, snoozes=True, notify_link_secret="link-secret", notify_snooze_seconds=86400,
+                    notify_link_base_url=f"http://127.0.0.1:{served.port}")  # fmt: skip
         # The message carries a link for its lead, valid for 7 days.
         assert run.notifier.handle(alert_record(0, "a1", "L1", "2026-01-06T10:00:00Z")) == "posted"
         link = run.email.messages[0].snooze
         assert run.teams.messages[0].snooze == link
         expires = int(utc("2026-01-13T10:00:00Z").timestamp())
-        assert parse_qs(urlparse(link).query)["signature"] == [expected_signature("L1", "rep-7", expires)]
+        assert link == (f"http://127.0.0.1:{served.port}/snooze?lead=L1&rep=rep-7&expires={expires}"
+                        f"&signature={expected_signature('L1', 'rep-7', expires)}")  # fmt: skip
 
-        # Opening it asks to confirm and changes nothing; a forged one is refused.
+        # Opening it asks to confirm and changes nothing; a forged one is refused with one line.
         status, body = fetch(link)
         assert status == 200 and "Snooze lead L1 until 2026-01-07 10:00 UTC" in body
-        forged = link.replace("rep-7", "rep-8")
-        assert fetch(forged, "POST") == (403, "<!doctype html><title>Link refused</title><p>the link's signature is not valid</p>\n")
-        assert [t for t, _, _ in run.producer.records if t == "t-notify-snoozes"] == []
+        bad_signatures = link_metric("bad_signature")
+        assert fetch(link.replace("rep-7", "rep-8"), "POST") == (403, "the link's signature is not valid\n")
+        assert link_metric("bad_signature") == bad_signatures + 1
+        assert producer.read("t-notify-snoozes") == []
         assert run.notifier.handle(alert_record(1, "a2", "L1", "2026-01-06T10:05:00Z")) == "posted"
 
-        # Confirmed: written to the compacted topic, and L1's alerts suppressed for a day; L2's still posted.
+        # Confirmed: published to the compacted topic, and L1's alerts suppressed for a day; L2's still posted.
         status, body = fetch(link, "POST")
         assert status == 200 and "No alerts about lead L1 until 2026-01-07 10:00 UTC" in body
-        [(_, key, value)] = [r for r in run.producer.records if r[0] == "t-notify-snoozes"]
-        assert (key, orjson.loads(value)) == (b"L1", {"lead_id": "L1", "rep_id": "rep-7",
-                                                      "until": "2026-01-07T10:00:00+00:00"})  # fmt: skip
+        [record] = producer.read("t-notify-snoozes")
+        assert (record.key, orjson.loads(record.value)) == (b"L1", {"lead_id": "L1", "rep_id": "rep-7",
+                                                                    "until": "2026-01-07T10:00:00+00:00"})  # fmt: skip
         assert run.notifier.handle(alert_record(2, "a3", "L1", "2026-01-06T11:00:00Z")) == "snoozed"
         assert run.notifier.handle(alert_record(3, "a4", "L2", "2026-01-06T11:00:00Z")) == "posted"
         assert (count(run.registry, "email", "snoozed"), count(run.registry, "teams", "snoozed")) == (1, 1)
         # A notifier started later reads the snooze back; once it ends, L1's alerts go out again.
-        restarted = Snoozes("t-notify-snoozes", run.producer, run.producer.read("t-notify-snoozes"))
+        restarted = Snoozes(producer.follow("t-notify-snoozes"))
         assert restarted.snoozed("L1", utc("2026-01-07T09:59:59Z")) is True
         assert restarted.snoozed("L1", utc("2026-01-07T10:00:00Z")) is False
         clock.set("2026-01-07T10:00:00Z")
         assert run.notifier.handle(alert_record(4, "a5", "L1", "2026-01-07T10:00:00Z")) == "posted"
-        # Expired: refused, nothing written.
+        # Expired: refused with its own status, nothing written.
         clock.set("2026-01-13T10:00:00Z")
-        assert fetch(link, "POST") == (403, "<!doctype html><title>Link refused</title><p>the link expired at "
-                                            "2026-01-13T10:00:00+00:00; use the one in a newer alert</p>\n")  # fmt: skip
-        assert len([r for r in run.producer.records if r[0] == "t-notify-snoozes"]) == 1
-        # The same server still serves the metrics.
-        status, body = fetch(f"http://127.0.0.1:{port}/metrics")
-        assert status == 200 and 'crm_notifications_total{channel="email",outcome="snoozed"} 1.0' in body
-    finally:
-        server.shutdown()
-        server.server_close()
+        assert fetch(link, "POST") == (410, "the link expired at 2026-01-13T10:00:00+00:00; use the one in a newer "
+                                            "alert\n")  # fmt: skip
+        assert fetch(link.split("&signature=")[0], "POST") == (400, "the link is incomplete: it needs lead, rep, "
+                                                                     "expires and signature\n")  # fmt: skip
+        assert len(producer.read("t-notify-snoozes")) == 1
+
+
+def test_a_held_alert_whose_lead_is_snoozed_by_its_release_is_not_posted(setup):
+    """An alert held for the rep's morning is dropped if its lead is snoozed by then."""
+    clock = Clock("2026-01-06T20:00:00Z")  # 21:00 in Berlin
+    producer = Producer()
+    run = setup(clock, producer, snoozes=True, notify_quiet_hours=True, notify_link_secret="link-secret",
+                notify_link_base_url="https://crm-pulse.example.com")  # fmt: skip
+    assert run.notifier.handle(alert_record(0, "a1", "L1", "2026-01-06T20:00:00Z")) == "held"
+    producer.send("t-notify-snoozes", *snooze_record("L1", "rep-7", utc("2026-01-08T00:00:00Z")))
+    clock.set("2026-01-07T08:00:00Z")
+    assert [(item.alert.alert_id, outcome) for item, outcome in run.notifier.release()] == [("a1", "snoozed")]
+    assert run.email.sent == [] and count(run.registry, "email", "snoozed") == 1
+
+
+def test_the_gateway_answers_503_when_the_broker_does_not_save_the_snooze():
+    async def down(topic, key, value):
+        raise ConnectionError("broker down")
+
+    settings = Settings(broker="kafka://127.0.0.1:1", app_id="t", notify_link_secret="link-secret",
+                        notify_link_base_url="http://unused")  # fmt: skip
+    clock = Clock("2026-01-06T10:00:00Z")
+    with Served(app_server(Gateway(settings, down, None, now=clock).app())) as served:
+        link = snooze_link(f"http://127.0.0.1:{served.port}", SECRET, "L1", "rep-7", int(clock().timestamp()) + 60)
+        assert fetch(link, "POST") == (503, "the snooze could not be saved now; open the link again in a minute\n")
+
+
+def test_without_a_link_secret_the_gateway_serves_no_snooze_links():
+    async def never(topic, key, value):
+        raise AssertionError("nothing to publish")
+
+    with Served(app_server(Gateway(Settings(broker="kafka://127.0.0.1:1"), never, None).app())) as served:
+        assert fetch(f"http://127.0.0.1:{served.port}/snooze?lead=L1", "POST")[0] == 404

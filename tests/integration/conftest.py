@@ -136,6 +136,36 @@ class Worker:
         return self.wait_for(lambda m: bool(end_offsets(m)) and not unsettled(m), what, timeout,
                              explain=lambda m: f"not committed to their end (committed, end): {unsettled(m)}")  # fmt: skip
 
+    def wait_until_group_settled(self, what: str, timeout: float) -> None:
+        """Until the app's consumer group, every worker of it, has committed every topic it reads up to its end,
+        as the broker tells: a worker's own metrics know the end offsets only of partitions it has fetched
+        from, so one just given partitions with a backlog looks settled before it has read them."""
+        deadline = time.monotonic() + timeout
+        while lag := group_lag(self):
+            assert self.process.poll() is None, f"worker exited: {self.log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}; (committed, end): {lag}"
+            time.sleep(0.3)
+
+    def read_all(self, role: str, timeout: float = 60.0) -> list:
+        """Every record of the alerts or DLQ topic up to its end offsets, and on Tansu, whose end offsets can
+        stop short of a partition's last batch, until a poll finds nothing more."""
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        partitions = [TopicPartition(self.topic(role), p) for p in range(self.partitions)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning()
+        ends = consumer.end_offsets(partitions)
+        records = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                assert time.monotonic() < deadline, f"read {len(records)} records of {role}, not to its end {ends}"
+                polled = [record for batch in consumer.poll(timeout_ms=1000).values() for record in batch]
+                records.extend(polled)
+                if not polled and all(consumer.position(tp) >= end for tp, end in ends.items()):
+                    return records
+        finally:
+            consumer.close()
+
     def read(self, role: str, count: int, timeout: float = 60.0) -> list:
         """The first `count` records of the alerts or DLQ topic, read with assign() (no group join)."""
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, consumer_timeout_ms=500)
@@ -151,14 +181,21 @@ class Worker:
         return records
 
 
-def landed(worker: "Worker", role: str) -> int:
-    """How many records the worker's input, alerts or DLQ topic holds: the sum of its end offsets."""
-    consumer = KafkaConsumer(bootstrap_servers=worker.bootstrap)
+def group_lag(worker: Worker) -> dict[str, tuple]:
+    """{"topic/partition": (committed, end)} of each partition with records the app's group has not committed
+    to its end: the input topic and the app's internal topics (changelogs are only read to restore tables)."""
+    app_id = worker.env["CRM_PULSE_APP_ID"]
+    # Never subscribes, so it joins no group: `group_id` only names the group whose commits it asks for.
+    consumer = KafkaConsumer(bootstrap_servers=worker.bootstrap, group_id=app_id, enable_auto_commit=False)
     try:
-        ends = consumer.end_offsets([TopicPartition(worker.topic(role), p) for p in range(worker.partitions)])
+        topics = [t for t in consumer.topics() if t == worker.topic("input")
+                  or (t.startswith(f"{app_id}-") and not t.endswith("-changelog") and "__assignor" not in t)]  # fmt: skip
+        ends = consumer.end_offsets([TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t)])
+        committed = {tp: consumer.committed(tp) for tp, end in ends.items() if end}
     finally:
         consumer.close()
-    return sum(ends.values())
+    return {f"{tp.topic}/{tp.partition}": (offset, ends[tp])
+            for tp, offset in committed.items() if (offset or 0) < ends[tp]}  # fmt: skip
 
 
 def end_offsets(metrics: dict) -> dict:

@@ -19,13 +19,14 @@ from types import SimpleNamespace
 
 import orjson
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 
 from crm_pulse.broker import free_port, wait_for_port
 from crm_pulse.kafka import KafkaBroker
 from crm_pulse.streams.kpis import DAY_MS
 
 from . import test_reliability as reliability
-from .conftest import BROKER_KIND, Worker, landed
+from .conftest import BROKER_KIND, Worker
 
 pytestmark = pytest.mark.integration
 
@@ -224,16 +225,21 @@ def kpis(worker: Worker) -> dict:
 
 
 def alert_ids(worker: Worker) -> dict[str, set[bytes]]:
-    records = worker.read("alerts", 1, timeout=10)
-    while True:  # read() returns what one poll brought: read again until nothing more comes
-        more = worker.read("alerts", len(records), timeout=5)
-        if len(more) == len(records):
-            break
-        records = more
+    records = worker.read_all("alerts")
     grouped: dict[str, set[bytes]] = {}
     for record in records:
         grouped.setdefault(orjson.loads(record.value)["alert_id"], set()).add(record.value)
     return grouped
+
+
+def landed(worker: Worker, role: str) -> int:
+    """How many records the worker's input, alerts or DLQ topic holds: the sum of its end offsets."""
+    consumer = KafkaConsumer(bootstrap_servers=worker.bootstrap)
+    try:
+        ends = consumer.end_offsets([TopicPartition(worker.topic(role), p) for p in range(worker.partitions)])
+    finally:
+        consumer.close()
+    return sum(ends.values())
 
 
 @pytest.mark.parametrize("mode", ["refuse", "blackhole"])

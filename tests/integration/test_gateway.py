@@ -18,8 +18,8 @@ from crm_pulse.config import Settings
 from crm_pulse.gateway import load_stage_map, serve
 from tests.gateway_payloads import (
     EVENTS_SECRET, HUBSPOT_SECRET, PIPEDRIVE_PASSWORD, PIPEDRIVE_USER, SALESFORCE_HEADERS, SALESFORCE_ORG_18, basic,
-    dumps, events_headers, hubspot_event, hubspot_v3_headers, opportunity, pipedrive_v1_current, pipedrive_v1_deal,
-    pipedrive_v2, salesforce_message,
+    dumps, events_headers, hubspot_event, hubspot_v1_headers, hubspot_v3_headers, opportunity, pipedrive_v1_current,
+    pipedrive_v1_deal, pipedrive_v2, salesforce_message,
 )  # fmt: skip
 from tests.gateway_server import Served
 from tests.integration.conftest import BROKER_KIND, on_tansu_only
@@ -48,9 +48,11 @@ def m(name, **labels):
 
 
 def hubspot_post(gateway: Served, events: list[dict]) -> int:
+    """Signed as HubSpot signs its webhooks: the v1 signature (X-HubSpot-Signature-Version: v1) and the v3 one."""
     body = dumps(events)
     uri = f"http://127.0.0.1:{gateway.port}/webhooks/hubspot"
-    return gateway.post("/webhooks/hubspot", body, hubspot_v3_headers(uri, body, int(time.time() * 1000)))[0]
+    headers = {**hubspot_v1_headers(body), **hubspot_v3_headers(uri, body, int(time.time() * 1000))}
+    return gateway.post("/webhooks/hubspot", body, headers)[0]
 
 
 def pd_time(ms: int) -> str:
@@ -119,9 +121,10 @@ def test_each_crm_moves_deals_into_the_workers_kpis(start_worker, broker):
         # Salesforce, one message of three notifications: new 3 h, qualified 22 h, lost.
         created = sf_iso(T0 + 5 * HOUR)
         message = salesforce_message([
-            ("04lS1", opportunity("006S1", "Prospecting", created, created)),
-            ("04lS2", opportunity("006S1", "Qualification", created, sf_iso(T0 + 8 * HOUR))),
-            ("04lS3", opportunity("006S1", "Closed Lost", created, sf_iso(T0 + 30 * HOUR), closed=True)),
+            ("04l5g00000N000S1AA", opportunity("0065g00000OppS1AAA", "Prospecting", created, created)),
+            ("04l5g00000N000S2AA", opportunity("0065g00000OppS1AAA", "Qualification", created, sf_iso(T0 + 8 * HOUR))),
+            ("04l5g00000N000S3AA", opportunity("0065g00000OppS1AAA", "Closed Lost", created, sf_iso(T0 + 30 * HOUR),
+                                               closed=True)),
         ])  # fmt: skip
         status, body, _ = gateway.post("/webhooks/salesforce", message, SALESFORCE_HEADERS)
         assert status == 200 and b"<Ack>true</Ack>" in body
@@ -217,8 +220,9 @@ def test_a_thousand_hostile_requests_are_refused_and_publish_nothing(broker):
             lambda: ("/webhooks/pipedrive", good_pipedrive, basic(password=f"guess-{rng.random()}"), 401),
             lambda: ("/webhooks/pipedrive", good_pipedrive, basic(user="admin"), 401),
             lambda: ("/webhooks/pipedrive", huge, basic(), 413),
-            lambda: ("/webhooks/salesforce", salesforce_message([("04l", opportunity("006", "Prospecting", sf_iso(T0),
-                     sf_iso(T0)))], org="00D000000000001AAA"), SALESFORCE_HEADERS, 403),
+            lambda: ("/webhooks/salesforce", salesforce_message([("04l5g00000N00000AA", opportunity(
+                     "0065g00000Opp00AAA", "Prospecting", sf_iso(T0), sf_iso(T0)))], org="00D000000000001AAA"),
+                     SALESFORCE_HEADERS, 403),
             lambda: ("/webhooks/events", good_events, events_headers(good_events, now_s, "guess"), 401),
             lambda: ("/webhooks/events", good_events, events_headers(good_events, now_s - 600), 401),
             lambda: ("/webhooks/events", good_events[:-3], events_headers(good_events, now_s), 401),

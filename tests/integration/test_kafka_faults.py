@@ -24,7 +24,8 @@ from crm_pulse.agents.faust_fixes import TopicTrackingProducer
 from crm_pulse.generator import SyntheticCrm
 from crm_pulse.kafka import KafkaBroker
 
-from .conftest import Worker, landed, on_kafka_only
+from .conftest import Worker, on_kafka_only
+from .test_broker_outage import landed
 from .test_reliability import STABLE, by_id, kpis, processed, run_to_end, synthetic_events
 
 pytestmark = [pytest.mark.integration, on_kafka_only]

@@ -29,6 +29,10 @@ from kafka.admin import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from crm_pulse.broker import free_port
+from crm_pulse.config import Settings
+from crm_pulse.gateway import StageMap, serve
+from tests.gateway_server import Served
+from tests.integration.conftest import BROKER_KIND
 from tests.integration.test_alert_consumers import webhook  # noqa: F401  (a fixture)
 from tests.integration.test_kafka_security import _certificate, _key_pem, _pem
 
@@ -402,37 +406,64 @@ def test_alerts_held_overnight_survive_a_kill_and_go_out_once_in_one_message(bro
     assert len(mailbox.messages) == 1
 
 
-def test_a_snooze_link_from_an_email_suppresses_the_leads_alerts_after_a_restart(broker, tmp_path, mailbox):
-    port = free_port()
+def snoozed_count(env: dict) -> float | None:
+    try:
+        return metrics(env).get(("crm_notifications_total", (("channel", "email"), ("outcome", "snoozed"))))
+    except OSError:
+        return None
+
+
+def test_a_snooze_link_followed_on_the_gateway_holds_back_the_leads_next_alert(broker, tmp_path, mailbox):
+    """The notifier e-mails a link; the test follows it on `crm-pulse gateway` (another server, on the same
+    broker); the running notifier learns of the snooze from the topic and holds L1's next alert back, and so does
+    a notifier started afterwards."""
+    # The link names the gateway's port, and the gateway publishes to the notifier's app's snoozes topic: the
+    # gateway's settings are made once the notifier's are, before it starts.
+    gateway = Served(lambda port, stop: serve(gateway_settings.model_copy(update={"gateway_port": port}), StageMap(),
+                                              stop))  # fmt: skip
     env = notifier_env(broker, tmp_path, mailbox, "http://127.0.0.1:1", CRM_PULSE_NOTIFY_CHANNELS='["email"]',
-                       CRM_PULSE_NOTIFY_METRICS_PORT=str(port), CRM_PULSE_NOTIFY_LINK_SECRET="snooze-secret",
-                       CRM_PULSE_NOTIFY_LINK_BASE_URL=f"http://127.0.0.1:{port}/")  # fmt: skip
+                       CRM_PULSE_NOTIFY_LINK_SECRET="snooze-secret",
+                       CRM_PULSE_NOTIFY_LINK_BASE_URL=f"http://127.0.0.1:{gateway.port}/")  # fmt: skip
+    gateway_settings = Settings(broker=broker.url, broker_kind=BROKER_KIND, app_id=env["CRM_PULSE_APP_ID"],
+                                notify_link_secret="snooze-secret", notify_link_base_url="http://unused")  # fmt: skip
     publish(env, A1)
-    process = subprocess.Popen(notify_command("--max-idle", "60"), env=env, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(notify_command(), env=env, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: mailbox.received(), "the first e-mail")
         [link] = [line.removeprefix("Snooze this lead: ") for line in mailbox.messages[0][1].get_content().splitlines()
                   if line.startswith("Snooze this lead: ")]  # fmt: skip
         query = {name: values[0] for name, values in parse_qs(urlparse(link).query).items()}
-        assert link.startswith(f"http://127.0.0.1:{port}/snooze?")
+        assert link.startswith(f"http://127.0.0.1:{gateway.port}/snooze?")
         assert (query["lead"], query["rep"]) == ("L1", "rep-7")
         assert abs(int(query["expires"]) - (time.time() + 7 * 86400)) < 120
         expected = hmac.new(b"snooze-secret", f"L1\nrep-7\n{query['expires']}".encode(), hashlib.sha256).hexdigest()
         assert query["signature"] == expected
-        with urllib.request.urlopen(urllib.request.Request(link, data=b"", method="POST"), timeout=10) as answer:
-            assert answer.status == 200 and "No alerts about lead L1 until" in answer.read().decode()
+        with gateway:
+            status, page, _ = gateway.get(link.removeprefix(f"http://127.0.0.1:{gateway.port}"))
+            assert status == 200 and b"Stop alerts about lead L1?" in page
+            forged = link.replace(query["signature"], "0" * 64)
+            assert Served.answer(urllib.request.Request(forged, data=b""))[:2] == (
+                403, b"the link's signature is not valid\n")
+            status, page, _ = Served.answer(urllib.request.Request(link, data=b""))
+            assert status == 200 and b"No alerts about lead L1 until" in page
+
+        # L1's escalation, published after the snooze, reaches neither Ana nor Bo; L2's alert goes out.
+        publish(env, A2, alert("b2", "lead.stalled", "L2", "rep-7"))
+        wait_until(lambda: len(mailbox.received()) == 2, "L2's e-mail")
+        wait_until(lambda: snoozed_count(env) == 2, "the escalation to Ana and Bo to count as snoozed")
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait(30)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert mailbox.received() == [("ana@example.com", "Lead L1 (account acct-acme) stalled in stage qualified"),
+                                  ("ana@example.com", "Lead L2 stalled in stage qualified")]  # fmt: skip
+    assert "notify stopped: posted=2 failed=0 duplicate=0 invalid=0 snoozed=1" in stderr
     [snooze] = read_all(env, f"{env['CRM_PULSE_APP_ID']}-notify-snoozes")
     until = datetime.fromisoformat(orjson.loads(snooze.value)["until"]).timestamp()
     assert snooze.key == b"L1" and abs(until - (time.time() + 3 * 86400)) < 120
 
-    # Restarted, it reads the snooze back: L1's escalation reaches neither Ana nor Bo; L2's alert goes out.
-    l2 = alert("b2", "lead.stalled", "L2", "rep-7")
-    publish(env, A2, l2)
+    # A notifier started afterwards, the gateway gone, reads the snooze back from the topic.
+    publish(env, alert("b3", "lead.stall_escalated", "L1", "rep-7", detected_at="2026-01-07T00:00:00.000Z"))
     result = subprocess.run(notify_command("--max-idle", "4"), env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert mailbox.received() == [("ana@example.com", "Lead L1 (account acct-acme) stalled in stage qualified"),
-                                  ("ana@example.com", "Lead L2 stalled in stage qualified")]  # fmt: skip
-    assert "notify stopped: posted=1 failed=0 duplicate=0 invalid=0 snoozed=1" in result.stderr
+    assert "notify stopped: posted=0 failed=0 duplicate=0 invalid=0 snoozed=1" in result.stderr
+    assert len(mailbox.messages) == 2

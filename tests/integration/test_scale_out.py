@@ -66,6 +66,7 @@ def test_two_workers_equal_one(start_worker):
     for worker in (first, second):
         worker.wait_for(lambda m: len(partitions(worker)) == 2, what="two partitions each", timeout=120)
         worker.wait_until_settled("both workers caught up", timeout=300)
+    first.wait_until_group_settled("the group caught up", timeout=300)
     time.sleep(2)  # a few stall scans at the final watermark
     two = merged(kpis(first), kpis(second))
     assert two == expected
@@ -85,6 +86,7 @@ def test_when_one_of_two_stops_mid_stream_the_survivor_loses_nothing(start_worke
     leaving.stop()
     survivor.wait_for(lambda m: len(partitions(survivor)) == 4, what="the survivor owning every partition", timeout=120)
     survivor.wait_until_settled("the survivor caught up", timeout=300)
+    survivor.wait_until_group_settled("the group caught up", timeout=300)
     time.sleep(2)  # a few stall scans at the final watermark
     # The leaving worker's series left with it; the survivor alone must now export one worker's.
     assert merged(kpis(survivor)) == expected
@@ -108,6 +110,7 @@ def test_a_worker_joining_mid_stream_loses_nothing(start_worker):
     for worker in (first, second):
         worker.wait_for(lambda m: len(partitions(worker)) == 2, what="two partitions each", timeout=120)
         worker.wait_until_settled("both workers caught up", timeout=300)
+    first.wait_until_group_settled("the group caught up", timeout=300)
     time.sleep(2)  # a few stall scans at the final watermark
     assert merged(kpis(first), kpis(second)) == expected
     assert by_id(alerts(first)) == expected_alerts
