@@ -32,6 +32,13 @@ class Aggregates:
                 apply_sums(state, delta["day"], delta["values"], delta["sign"], self.baseline)
                 prune_sums(state, delta["day"] - self.retention_days)
 
+    def stage_dwell_norms(self, stage: str, now_ms: int, min_samples: int) -> tuple[float | None, float | None]:
+        """(p50, p90) dwell seconds over the last 30 days, or Nones with fewer than `min_samples` observations."""
+        stats = dwell_stats(self.histograms.get(f"dwell:{stage}") or {}, now_ms, 30)
+        if stats.count < min_samples:
+            return None, None
+        return stats.quantile_seconds(0.5), stats.quantile_seconds(0.9)
+
     def stage_p90(self, stage: str, now_ms: int) -> tuple[float | None, int]:
         """(p90 dwell seconds, observations) over the last 30 days, from this worker's copy of the table."""
         stats = dwell_stats(self.histograms.get(f"dwell:{stage}") or {}, now_ms, 30)

@@ -18,6 +18,7 @@ from crm_pulse.streams.clock import Clock
 if TYPE_CHECKING:
     from crm_pulse.agents.aggregates import Aggregates
     from crm_pulse.agents.customers import Customers
+    from crm_pulse.agents.deals import Deals
     from crm_pulse.agents.gauges import Gauges
     from crm_pulse.agents.ingest import Ingest
     from crm_pulse.agents.leads import Leads
@@ -89,6 +90,7 @@ class Pipeline:
 
     aggregates: Aggregates
     customers: Customers
+    deals: Deals
     ingest: Ingest
     leads: Leads
     signals: Signals
@@ -119,6 +121,8 @@ class Pipeline:
         self.sums_deltas_topic = self.internal_topic("kpi-sum-deltas")
         self.churn_deltas_topic = self.internal_topic("churn-deltas")
         self.actor_activity_topic = self.internal_topic("actor-activity")
+        # Closed deals' outcomes, keyed by pipeline, for stage conversion and P(win | stage) (agents/deals.py).
+        self.outcome_deltas_topic = self.internal_topic("deal-outcome-deltas")
         # Stall levels the timer raised, keyed by lead: the lead agent folds them into the lead's state.
         self.stall_levels_topic = self.internal_topic("stall-levels")
         # Daily buckets are kept for the longest window (and the one before it, for growth rates) plus grace.

@@ -10,6 +10,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from crm_pulse.agents.app import Pipeline
 from crm_pulse.schemas.events import EVENT_TYPES
 from crm_pulse.schemas.validate import REASONS
+from crm_pulse.streams.deals import DEAL_ALERT_TYPES
 from crm_pulse.streams.leads import ALERT_TYPES
 
 EVENTS_RECEIVED = Counter("crm_events_received_total", "Messages read from the input topic, valid or not.")
@@ -34,7 +35,7 @@ for _reason in REASONS:
 for _type in EVENT_TYPES:
     EVENTS_PROCESSED.labels(_type)
     EVENTS_DUPLICATE.labels(_type)
-for _type in ALERT_TYPES:
+for _type in ALERT_TYPES + DEAL_ALERT_TYPES:
     ALERTS_EMITTED.labels(_type)
 
 
@@ -42,4 +43,5 @@ def serve_metrics(pipeline: Pipeline, registry: CollectorRegistry = REGISTRY) ->
     """Add the pipeline's gauges and Faust's sensors to `registry`, served at /metrics: once per registry,
     which takes each metric name once (the counters above are in the default one)."""
     registry.register(pipeline.gauges)
+    registry.register(pipeline.deals)
     setup_prometheus_sensors(pipeline.app, pattern="/metrics", registry=registry, name_prefix="crm_pulse_faust")

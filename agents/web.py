@@ -9,12 +9,17 @@ from __future__ import annotations
 from faust import web
 
 from crm_pulse.agents.app import Pipeline
+from crm_pulse.agents.deals import Deals
 from crm_pulse.agents.gauges import Gauges, kpi_snapshot, period_table
 from crm_pulse.agents.leads import Leads
 from crm_pulse.schemas.events import ms_to_iso
+from crm_pulse.streams.commonalities import commonalities
+from crm_pulse.streams.forecast import conversion_ratios, win_probabilities
+from crm_pulse.streams.kpis import day_of
+from crm_pulse.streams.periods import parse_period, period_days, period_of
 
 
-def install(pipeline: Pipeline, gauges: Gauges, leads: Leads) -> None:
+def install(pipeline: Pipeline, gauges: Gauges, leads: Leads, deals: Deals) -> None:
     app, clock = pipeline.app, pipeline.clock
 
     def _envelope(body: dict) -> dict:
@@ -70,3 +75,48 @@ def install(pipeline: Pipeline, gauges: Gauges, leads: Leads) -> None:
             })  # fmt: skip
         found.sort(key=lambda item: item["idle_since"])
         return self.json(_envelope({"stalled": found}))
+
+    @app.page("/deals/forecast")
+    async def forecast(self: web.View, request: web.Request) -> web.Response:
+        """Stage conversion and P(win | stage) per pipeline, the weighted pipeline of this worker's open deals,
+        and `?month=YYYY-MM` (default: the previous month) forecast at its start against what was won in it."""
+        now = clock.now_ms()
+        if now is None:
+            return self.json(_envelope({"error": "no event read yet"}), status=503)
+        zone = pipeline.settings.business_zone
+        today = day_of(now, zone)
+        month = request.query.get("month") or period_of("month", period_days("month", period_of("month", today))[0] - 1)
+        try:
+            parse_period("month", month)
+        except ValueError as exc:
+            return self.json({"error": str(exc)}, status=400)
+        accuracy = deals.forecast(month)
+        stages = {}
+        for key in sorted(deals.outcomes.keys()):
+            counts = deals.counts(key, today)
+            stages[key] = {"win_probability": win_probabilities(counts), "conversion": conversion_ratios(counts),
+                           "closed_reached": {stage: cell[0] for stage, cell in counts.items()}}  # fmt: skip
+        weighted = [{"close_month": m, "pipeline": p, "team_id": t, "rep_id": r, "weighted_value": v}
+                    for (m, p, t, r), v in sorted(deals.weighted(now).items(), key=lambda kv: tuple(map(str, kv[0])))]  # fmt: skip
+        return self.json(_envelope({"history_days": deals.window_days, "stages": stages, "weighted_pipeline": weighted,
+                                    "forecast": {"month": month, **accuracy}}))  # fmt: skip
+
+    @app.page("/deals/health")
+    async def deal_health(self: web.View, request: web.Request) -> web.Response:
+        """Deal health of this worker's open deals, worst first; `?rep=`, `?band=`, `?lead=` filter."""
+        wanted = {key: request.query.get(key) for key in ("rep", "band", "lead")}
+        found = [item for item in deals.deal_health()
+                 if all(value is None or item[field] == value
+                        for field, value in (("rep_id", wanted["rep"]), ("band", wanted["band"]), ("lead_id", wanted["lead"])))]  # fmt: skip
+        found.sort(key=lambda item: (item["health"], item["lead_id"]))
+        return self.json(_envelope({"deals": found}))
+
+    @app.page("/commonalities")
+    async def lead_commonalities(self: web.View, request: web.Request) -> web.Response:
+        """Stall, loss and win rates of this worker's leads by source, campaign, score band, stage and rep,
+        ranked by the Wilson lower bound; `?min=<n>` leaves out segments with fewer than n cases."""
+        try:
+            min_count = int(request.query.get("min", "1"))
+        except ValueError:
+            return self.json({"error": "?min= takes a whole number of cases, e.g. min=5"}, status=400)
+        return self.json(_envelope(commonalities(leads.leads.values(), leads.policy, min_count)))

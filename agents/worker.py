@@ -6,7 +6,7 @@ import gc
 
 import faust
 
-from crm_pulse.agents import aggregates, changelog_seals, customers, ingest, leads, signals, web
+from crm_pulse.agents import aggregates, changelog_seals, customers, deals, ingest, leads, signals, web
 from crm_pulse.agents.app import Pipeline
 from crm_pulse.agents.faust_fixes import check_versions
 from crm_pulse.agents.gauges import Gauges
@@ -23,9 +23,10 @@ def build_app(settings: Settings) -> Pipeline:
     pipeline.customers = customers.install(pipeline)
     pipeline.ingest = ingest.install(pipeline)
     pipeline.leads = leads.install(pipeline, pipeline.aggregates)
+    pipeline.deals = deals.install(pipeline, pipeline.leads)
     pipeline.signals = signals.install(pipeline)
     pipeline.gauges = Gauges(pipeline.clock, pipeline.aggregates, pipeline.customers, pipeline.leads)
-    web.install(pipeline, pipeline.gauges, pipeline.leads)
+    web.install(pipeline, pipeline.gauges, pipeline.leads, pipeline.deals)
     return pipeline
 
 

@@ -8,12 +8,13 @@ import logging
 import sys
 from typing import TextIO
 
+import orjson
 from kafka import KafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from crm_pulse.broker import BrokerUnusable, client_security, log_in, principal
 from crm_pulse.config import Settings
-from crm_pulse.schemas.records import Alert
+from crm_pulse.schemas.records import Alert, DealAlert
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,45 @@ def parse_alert(raw: bytes | None) -> Alert:
     raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors))
 
 
-def format_alert(alert: Alert) -> str:
+def _version(raw: bytes | None) -> object:
+    try:
+        doc = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError:
+        return None
+    return doc.get("schema_version") if isinstance(doc, dict) else None
+
+
+def parse_any_alert(raw: bytes | None) -> Alert | DealAlert:
+    """A stall alert (version 1) or a deal alert (version 2), or ValueError with the reason."""
+    version = _version(raw)
+    if isinstance(version, int) and version not in (1, 2):
+        raise ValueError(f"unsupported schema_version {version!r}; this consumer reads versions 1 and 2")
+    if version != 2:
+        return parse_alert(raw)
+    try:
+        return DealAlert.model_validate_json(raw, extra="ignore")
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+    raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors))
+
+
+def format_deal_alert(alert: DealAlert) -> str:
+    if alert.type == "deal.close_date_slipped":
+        details = f"close={alert.close_date} was={alert.previous_close_date} pushes={alert.push_count}"
+    elif alert.type == "deal.past_due":
+        details = f"close={alert.close_date}"
+    elif alert.type == "deal.stage_regressed":
+        details = f"from={alert.from_stage} to={alert.to_stage}"
+    elif alert.type == "deal.amount_decreased":
+        details = f"amount={alert.amount:g} was={alert.previous_amount:g} cut={alert.decrease_ratio:.0%}"
+    else:
+        details = f"health={alert.health:g} band={alert.health_band} was={alert.previous_health_band}"
+    return f"{alert.detected_at} {alert.type} rep={alert.rep_id} lead={alert.lead_id} stage={alert.stage} {details}"
+
+
+def format_alert(alert: Alert | DealAlert) -> str:
+    if isinstance(alert, DealAlert):
+        return format_deal_alert(alert)
     return (
         f"{alert.detected_at} {alert.type} rep={alert.rep_id} lead={alert.lead_id} stage={alert.stage} "
         f"idle={alert.idle_seconds / DAY_SECONDS:.1f}d threshold={alert.threshold_seconds / DAY_SECONDS:.1f}d "
@@ -82,7 +121,7 @@ def tail(settings: Settings, from_beginning: bool, follow: bool, out: TextIO) ->
         while follow or any(consumer.position(tp) < end[tp] for tp in partitions):
             for record in itertools.chain.from_iterable(consumer.poll(timeout_ms=500).values()):
                 try:
-                    print(format_alert(parse_alert(record.value)), file=out, flush=True)
+                    print(format_alert(parse_any_alert(record.value)), file=out, flush=True)
                 except ValueError as exc:
                     print(f"invalid record {where(record)}: {exc}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from crm_pulse.streams.deals import DealPolicy
 from crm_pulse.streams.leads import StallPolicy
 
 EPOCH = date(1970, 1, 1)
@@ -67,6 +68,14 @@ class Settings(BaseSettings):
     stall_scan_seconds: float = Field(30, gt=0)
     closed_stages: frozenset[str] = frozenset({"won", "lost"})
     deal_stages: frozenset[str] = frozenset({"proposal", "negotiation"})
+    # Deal inspection (docs/deals.md): each pipeline's open stages in order ("default" for leads without a
+    # configured pipeline), the share of its amount a deal must lose for an alert, and how long after its
+    # close date an open deal is past due.
+    deal_stage_order: dict[str, list[str]] = {"default": ["new", "qualified", "proposal", "negotiation"]}
+    deal_amount_decrease_share: float = Field(0.2, gt=0, le=1)
+    deal_past_due_grace_seconds: float = Field(86400, ge=0)
+    # The trailing window of closed deals that stage conversion and P(win | stage) are learned from.
+    deal_history_days: int = Field(180, ge=1)
     baseline_start: date | None = Field(None, description="First day of the baseline period (e.g. before the CRM)")
     baseline_end: date | None = Field(None, description="Last day of the baseline period")
     # The IANA zone whose calendar days the daily buckets, rolling windows and calendar periods count.
@@ -215,6 +224,15 @@ class Settings(BaseSettings):
         )
 
     @cached_property
+    def deal_policy(self) -> DealPolicy:
+        return DealPolicy(
+            stage_order={pipeline: tuple(stages) for pipeline, stages in self.deal_stage_order.items()},
+            decrease_share=self.deal_amount_decrease_share,
+            past_due_grace_ms=int(self.deal_past_due_grace_seconds * 1000),
+            closed_stages=self.closed_stages,
+        )
+
+    @cached_property
     def business_zone(self) -> ZoneInfo | None:
         """None for UTC: its day numbers are a plain division (`streams.kpis.day_of`)."""
         return None if self.business_timezone == "UTC" else ZoneInfo(self.business_timezone)
@@ -237,6 +255,7 @@ JSON_SHAPES = {
     "stall_stage_days": 'a JSON object of stage → days, e.g. {"new": 2, "qualified": 5}',
     "closed_stages": 'a JSON array of stage names, e.g. ["won", "lost"]',
     "deal_stages": 'a JSON array of stage names, e.g. ["proposal", "negotiation"]',
+    "deal_stage_order": 'a JSON object of pipeline → its open stages in order, e.g. {"default": ["new", "qualified"]}',
     "notify_channels": 'a JSON array of channels among slack, email, teams, webhook, e.g. ["slack", "email"]',
 }
 

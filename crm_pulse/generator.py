@@ -31,6 +31,9 @@ class SyntheticCrm:
     def __init__(self, start_ms: int, seed: int = 7, reps: int = 8, leads_per_day: float = 24.0,
                  stall_share: float = 0.15, initial_customers: int = 60):  # fmt: skip
         self.rng = random.Random(seed)
+        # Deal updates draw from their own generator and ids, so the rest of the traffic stays as it was per seed.
+        self.deal_rng = random.Random(seed + 1)
+        self._deal_seq = itertools.count(10**12)
         self.reps = [f"rep-{i:02d}" for i in range(1, reps + 1)]
         self.teams = {rep: f"team-{'ab'[i % 2]}" for i, rep in enumerate(self.reps)}
         self.leads_per_day = leads_per_day
@@ -46,9 +49,16 @@ class SyntheticCrm:
     def _event_id(self) -> str:
         return f"evt-{next(self._ids):08d}"
 
-    def _push(self, at: int, event: dict) -> None:
+    def _push(self, at: int, event: dict, seq: int | None = None) -> None:
         event["occurred_at"] = at
-        heapq.heappush(self._queue, _Scheduled(at, next(self._ids), event))
+        heapq.heappush(self._queue, _Scheduled(at, next(self._ids) if seq is None else seq, event))
+
+    def _deal_update(self, lead: dict, at: int, amount: float, close_ms: int) -> None:
+        event = self._lead_event(lead, "deal.updated", {"amount": round(amount, 2), "currency": "USD",
+                                                        "close_date": close_ms})  # fmt: skip
+        event["event_id"] = f"{lead['id']}:u{lead.setdefault('updates', 0)}"
+        lead["updates"] += 1
+        self._push(at, event, next(self._deal_seq))
 
     def _lead_event(self, lead: dict, kind: str, payload: dict) -> dict:
         return {"event_id": self._event_id(), "type": kind, "lead_id": lead["id"], "rep_id": lead["rep"],
@@ -66,6 +76,10 @@ class SyntheticCrm:
                 self._push(at + rng.randint(1, 12 * HOUR_MS), self._signal("campaign.touch",
                            {"campaign": campaign, "kind": kind}))  # fmt: skip
         stalls_in = rng.randrange(len(STAGES)) if rng.random() < self.stall_share else None
+        # The deal's amount and expected close date; at some stage changes the date slips or the amount shrinks.
+        deal = self.deal_rng
+        amount, close_ms = deal.uniform(1_000, 30_000), at + deal.randint(3, 8) * DAY_MS
+        self._deal_update(lead, at + 60_000, amount, close_ms)
         t = at
         for i, stage in enumerate(STAGES):
             dwell = int(rng.uniform(0.3, 1.8) * DAY_MS)
@@ -78,6 +92,10 @@ class SyntheticCrm:
             t += dwell
             if i + 1 < len(STAGES):
                 self._push(t, self._lead_event(lead, "lead.stage_changed", {"from": stage, "to": STAGES[i + 1]}))
+                if deal.random() < 0.3:
+                    close_ms += deal.randint(1, 5) * DAY_MS
+                    amount *= deal.uniform(0.6, 0.95) if deal.random() < 0.3 else 1
+                    self._deal_update(lead, t + 60_000, amount, close_ms)
             if stage == "proposal":
                 quote = {"quote_id": f"q-{lead['id']}", "amount": round(rng.uniform(500, 25_000), 2)}
                 self._push(t - dwell // 2, self._lead_event(lead, "quote.sent", quote))

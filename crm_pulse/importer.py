@@ -40,7 +40,8 @@ from crm_pulse.schemas.events import EVENT_TYPES, ms_to_iso
 from crm_pulse.schemas.validate import InvalidEvent, parse_event
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-PARSERS = {"str": str, "int": int, "float": float}
+# "date" cells are read with the mapping's [dates] formats and zone when the event is built (`build_event`).
+PARSERS = {"str": str, "int": int, "float": float, "date": str}
 PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 
 # Reasons a row is rejected (a [[reject]] rule adds its own).
@@ -374,6 +375,13 @@ def build_event(rule: Rule, row: dict[str, str], mapping: Mapping) -> tuple[dict
     event_id = PLACEHOLDER.sub(lambda m: row[m.group(1)], rule.event_id)
     envelope = {name: source.value(row) for name, source in rule.envelope.items()}
     payload = {name: source.value(row) for name, source in rule.payload.items()}
+    for name, source in rule.payload.items():
+        if source.type == "date" and payload[name] is not None:
+            try:
+                payload[name] = ms_to_iso(parse_date(payload[name], mapping.date_formats, mapping.timezone)[0])
+            except ValueError:
+                raise RowRejected(BAD_DATE, f"{source.column} {payload[name][:64]!r} matches none of "
+                                  f"{', '.join(mapping.date_formats)}") from None  # fmt: skip
     doc = {"schema_version": 1, "event_id": event_id, "type": rule.type, "occurred_at": ms_to_iso(ms)}
     doc |= {k: v for k, v in envelope.items() if v is not None}
     doc["payload"] = {k: v for k, v in payload.items() if v is not None}

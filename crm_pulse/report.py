@@ -37,7 +37,7 @@ class ReportFailed(Exception):
 
 
 def new_fold(settings: Settings) -> Fold:
-    return Fold(settings.stall_policy, settings.business_zone, settings.baseline_days)
+    return Fold(settings.stall_policy, settings.business_zone, settings.baseline_days, settings.deal_policy)
 
 
 def fold_files(settings: Settings, files: list[tuple[Path, Path]]) -> Fold:

@@ -67,11 +67,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+Currency = Annotated[str, Field(pattern="^[A-Z]{3}$")]
+
+
 class LeadCreated(_Model):
     source: Id
     campaign: Id | None = None
     score: int | None = Field(default=None, ge=0, le=100)
     stage: Id = "new"
+    # Additive v1: a lead created as an open deal may carry its amount and expected close date.
+    amount: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    close_date: EventTime | None = None
 
 
 class LeadStageChanged(_Model):
@@ -88,6 +94,16 @@ class LeadActivity(_Model):
 class DealWon(_Model):
     amount: float = Field(ge=0, allow_inf_nan=False)
     currency: Annotated[str, Field(pattern="^[A-Z]{3}$")] = "USD"
+
+
+class DealUpdated(_Model):
+    """The open deal's current amount and expected close date: a snapshot, not a change, so a lost or
+    duplicated update never leaves the deal half-updated."""
+
+    amount: float = Field(ge=0, allow_inf_nan=False)
+    currency: Currency = "USD"
+    close_date: EventTime
+    forecast_category: Literal["pipeline", "best_case", "commit", "closed", "omitted"] | None = None
 
 
 class DealLost(_Model):
@@ -217,6 +233,11 @@ class DealWonEvent(_LeadEvent):
     payload: DealWon
 
 
+class DealUpdatedEvent(_LeadEvent):
+    type: Literal["deal.updated"]
+    payload: DealUpdated
+
+
 class DealLostEvent(_LeadEvent):
     type: Literal["deal.lost"]
     payload: DealLost
@@ -312,6 +333,7 @@ EVENT_CLASSES = (
     CampaignTouchEvent,
     MarketingSpendEvent,
     UserActivityEvent,
+    DealUpdatedEvent,
 )
 EVENT_TYPES: tuple[str, ...] = tuple(cls.model_fields["type"].annotation.__args__[0] for cls in EVENT_CLASSES)
 CrmEvent = Annotated[Union[EVENT_CLASSES], Field(discriminator="type")]

@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 
 from crm_pulse.schemas.events import EVENT_ADAPTER
-from crm_pulse.schemas.records import Alert, DeadLetter, NotificationDeadLetter
+from crm_pulse.schemas.records import Alert, DeadLetter, DealAlert, NotificationDeadLetter
 
 SCHEMA_DIR = Path(__file__).with_name("jsonschema")
 
@@ -16,6 +16,7 @@ def schemas() -> dict[str, dict]:
     return {
         "crm-event.v1.schema.json": EVENT_ADAPTER.json_schema(by_alias=True) | {"title": "CRM event v1"},
         "crm-alert.v1.schema.json": Alert.model_json_schema() | {"title": "crm-alerts record v1"},
+        "crm-alert.v2.schema.json": DealAlert.model_json_schema() | {"title": "crm-alerts record v2 (deal alerts)"},
         "crm-dead-letter.v1.schema.json": DeadLetter.model_json_schema() | {"title": "crm-events-dlq record v1"},
         "crm-notification-dead-letter.v1.schema.json": NotificationDeadLetter.model_json_schema()
         | {"title": "<app id>-notify-dlq record v1"},

@@ -37,6 +37,34 @@ class Alert(_Record):
     deal_value: float | None = Field(None, description="The amount of the lead's latest quote (quote.sent).")
 
 
+class DealAlert(_Record):
+    """A deal inspection alert (docs/deals.md), version 2 of the `crm-alerts` record: stall alerts stay version 1,
+    so a v1 consumer skips these as a version it does not read. Keyed by `rep_id`, like the stall alerts."""
+
+    schema_version: Literal[2] = 2
+    alert_id: str = Field(description="Deterministic: uuid5 of the type, the lead and the occurrence.")
+    type: Literal["deal.close_date_slipped", "deal.past_due", "deal.stage_regressed", "deal.amount_decreased",
+                  "deal.health_dropped"]  # fmt: skip
+    lead_id: str
+    rep_id: str = Field(description='The owning rep, or "unassigned".')
+    team_id: str | None
+    pipeline: str | None
+    account_id: str | None
+    stage: str | None = Field(description="The deal's stage at detected_at.")
+    detected_at: str = Field(description="ISO-8601 UTC event time of the occurrence.")
+    amount: float | None = Field(description="The deal's amount (for slipped, decreased, past due: at the occurrence).")
+    close_date: str | None = Field(description="ISO-8601 UTC expected close date (as amount).")
+    previous_close_date: str | None = Field(description="close_date_slipped: the close date before the push.")
+    push_count: int | None = Field(description="close_date_slipped: the pushes so far, this one included.")
+    previous_amount: float | None = Field(description="amount_decreased: the amount before.")
+    decrease_ratio: float | None = Field(description="amount_decreased: (previous - amount) / previous.")
+    from_stage: str | None = Field(description="stage_regressed: the stage it left.")
+    to_stage: str | None = Field(description="stage_regressed: the earlier stage it entered.")
+    health: float | None = Field(description="health_dropped: the deal's health score, 0-100.")
+    health_band: str | None = Field(description="health_dropped: the band it dropped to.")
+    previous_health_band: str | None = Field(description="health_dropped: the band it dropped from.")
+
+
 class SourcePosition(_Record):
     topic: str
     partition: int

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 LEAD_TYPES = frozenset(
-    {"lead.created", "lead.stage_changed", "lead.activity", "deal.won", "deal.lost", "quote.sent", "quote.accepted"}
+    {"lead.created", "lead.stage_changed", "lead.activity", "deal.won", "deal.lost", "deal.updated", "quote.sent",
+     "quote.accepted"}
 )
 STATUS_TYPES = frozenset({"customer.subscribed", "customer.renewed", "customer.cancelled"})
 CUSTOMER_TYPES = STATUS_TYPES | {

@@ -7,8 +7,10 @@ from collections import defaultdict
 from datetime import tzinfo
 
 from crm_pulse.streams.catalogue import apply_sums, split_facts
+from crm_pulse.streams.deals import DealPolicy, apply_deal_event
 from crm_pulse.streams.entities import apply_actor_activity, apply_customer_event
 from crm_pulse.streams.families import FAMILY_OF_TYPE, OVERALL
+from crm_pulse.streams.forecast import apply_outcome, closed_outcome, outcome_deltas
 from crm_pulse.streams.kpis import apply_dwell, apply_spell, day_of
 from crm_pulse.streams.leads import StallPolicy, apply_lead_event, new_lead
 
@@ -17,8 +19,12 @@ class Fold:
     """The aggregates of a whole event history. Unlike the worker's, nothing is pruned: the daily buckets
     reach back to the first event and the churn spells stay exact for every period."""
 
-    def __init__(self, policy: StallPolicy, zone: tzinfo | None = None, baseline: tuple[int, int] | None = None):
+    def __init__(self, policy: StallPolicy, zone: tzinfo | None = None, baseline: tuple[int, int] | None = None,
+                 deal_policy: DealPolicy | None = None):  # fmt: skip
         self.policy, self.zone, self.baseline = policy, zone, baseline
+        self.deal_policy = deal_policy or DealPolicy()
+        # Closed deals' outcomes per pipeline (streams/forecast.py), as the deals agent keeps them.
+        self.outcomes: defaultdict[str, dict] = defaultdict(dict)
         self.entities: dict[tuple[str, str], dict] = {}
         self.seen: set[tuple[str, str, str]] = set()
         self.kpi_sums: defaultdict[str, dict] = defaultdict(dict)
@@ -44,7 +50,11 @@ class Fold:
         entity = self.entities.setdefault((family, key), new_lead() if family == "lead" else {})
         fact_deltas = []
         if family == "lead":
+            before = closed_outcome(entity, self.deal_policy, self.zone)
             fact_deltas, _alerts = apply_lead_event(entity, event, key, self.policy, self.threshold)
+            apply_deal_event(entity, event)
+            for pipeline, delta in outcome_deltas(before, closed_outcome(entity, self.deal_policy, self.zone)):
+                apply_outcome(self.outcomes[pipeline], delta)
             if event["type"] == "lead.activity" and event.get("rep_id"):
                 rep = self.entities.setdefault(("rep", event["rep_id"]), {})
                 self.facts(apply_actor_activity(rep, at, "active_reps"))

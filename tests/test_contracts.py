@@ -34,6 +34,10 @@ EVENTS = [
     {"event_id": "e5", "type": "deal.lost", "occurred_at": 1772348400000, "lead_id": "L2", "payload": {"reason": "price"}},
     {"event_id": "e6", "type": "customer.subscribed", "occurred_at": 1772348400000, "customer_id": "C1", "payload": {}},
     {"event_id": "e7", "type": "customer.renewed", "occurred_at": 1772348400000, "customer_id": "C1", "payload": {}},
+    {"event_id": "e9", "type": "deal.updated", "occurred_at": 1772348400000, "lead_id": "L1", "rep_id": "r1",
+     "payload": {"amount": 5000, "currency": "EUR", "close_date": "2026-04-30T00:00:00Z", "forecast_category": "commit"}},
+    {"event_id": "e10", "type": "lead.created", "occurred_at": 1772348400000, "lead_id": "L3",
+     "payload": {"source": "web", "stage": "proposal", "amount": 900.0, "close_date": 1777507200000}},
     {"event_id": "e8", "type": "customer.cancelled", "occurred_at": 1772348400000, "customer_id": "C1",
      "payload": {"reason": "budget"}},
 ]  # fmt: skip
@@ -53,6 +57,9 @@ def test_schema_and_validator_agree_on_valid_events(event):
         {**EVENTS[1], "payload": {"from": "new"}},
         {k: v for k, v in EVENTS[3].items() if k != "lead_id"},
         {**EVENTS[5], "surprise": True},
+        {**EVENTS[8], "payload": {"amount": 5000}},  # a deal.updated snapshot needs its close date
+        {**EVENTS[8], "payload": {**EVENTS[8]["payload"], "forecast_category": "maybe"}},
+        {**EVENTS[9], "payload": {**EVENTS[9]["payload"], "amount": -1.0}},
     ],
 )
 def test_schema_and_validator_agree_on_invalid_events(event):

@@ -86,7 +86,8 @@ def test_won_row_becomes_lead_created_and_deal_won(maven):
     envelope = {"schema_version": 1, "lead_id": "1C1I7A6R", "rep_id": MOSES, "account_id": "Cancity"}
     assert events == [
         {**envelope, "event_id": "1C1I7A6R:created", "type": "lead.created",
-         "payload": {"source": "maven-export", "stage": "engaging"}},
+         "payload": {"source": "maven-export", "stage": "engaging", "amount": 1054.0,
+                     "close_date": "2017-03-01T00:00:00.000Z"}},
         {**envelope, "event_id": "1C1I7A6R:won", "type": "deal.won", "payload": {"amount": 1054.0}},
     ]  # fmt: skip
 
@@ -95,7 +96,9 @@ def test_lost_row_becomes_lead_created_and_deal_lost(maven):
     events, rejects = run(maven, "ZX1,Anna Snelling,GTX Basic,Acme,Lost,02-01-17,15-02-17,0,Q1 2017,Q1 2017")
     assert rejects == []
     assert [(e["type"], e["event_id"], to_epoch_ms(e["occurred_at"]), e["payload"]) for e in events] == [
-        ("lead.created", "ZX1:created", 1_483_315_200_000, {"source": "maven-export", "stage": "engaging"}),
+        # 2017-02-15 is 17226 - 14 days after the epoch: 1_487_116_800_000 ms, as the deal.lost's time.
+        ("lead.created", "ZX1:created", 1_483_315_200_000,
+         {"source": "maven-export", "stage": "engaging", "amount": 0.0, "close_date": "2017-02-15T00:00:00.000Z"}),
         ("deal.lost", "ZX1:lost", 1_487_116_800_000, {"reason": "lost"}),
     ]
     assert {e["rep_id"] for e in events} == {"rep-d4c1bce57c"}
@@ -130,7 +133,7 @@ def test_unmappable_rows_are_rejected_whole_with_line_and_reason(maven):
         (5, PROSPECTING_REASON, "deal_stage='Prospecting'"),
         (6, "unparseable date", "close_date '31-02-17' matches none of %d-%m-%y"),
         (7, "unparseable value", "close_value 'lots' is not float"),
-        (8, "invalid event", "won: invalid_field: payload.amount: Input should be greater than or equal to 0"),
+        (8, "invalid event", "engaged: invalid_field: payload.amount: Input should be greater than or equal to 0"),
         (9, "no matching rule", "deal_stage='Qualified'"),
         (10, "missing date", "engage_date is empty; engaged needs it as its event time"),
         (11, "malformed row", "3 fields, the header has 10"),

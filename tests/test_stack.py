@@ -25,7 +25,7 @@ PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 RULE_FILES = (DEPLOY / "prometheus" / "rules" / "recording.yml", DEPLOY / "prometheus" / "rules" / "alerts.yml")
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 DASHBOARDS = DEPLOY / "grafana" / "dashboards"
-DASHBOARD_NAMES = {"pipeline", "sales", "marketing", "customer", "operations"}
+DASHBOARD_NAMES = {"pipeline", "sales", "marketing", "customer", "operations", "deals"}
 DATASOURCE_UID = "prometheus"
 WINDOWS = ("7d", "30d", "all")
 # Grafana's interpolation of the dashboards' variables; `$window` takes each of WINDOWS in turn.
@@ -371,6 +371,8 @@ def test_alert_rules_fire_on_the_conditions_they_describe(tmp_path):
             {"series": f'crm_win_rate_ratio{{window="30d", {w1}}}', "values": f"0.5x{eight_days} 0.3x4"},
             {"series": f'crm_win_rate_ratio{{window="7d", {w1}}}', "values": f"0.1x{eight_days + 4}"},
             {"series": f'crm_churn_ratio{{window="30d", {w1}}}', "values": f"0.04x{eight_days} 0.08x4"},
+            {"series": f'crm_pipeline_weighted_value{{close_month="2026-04", pipeline="default", team="t1", rep="r1", '
+                       f'{w1}}}', "values": f"1000x{eight_days} 600x4"},
         ],
         "promql_expr_test": [
             {"expr": "crm:win_rate_ratio:30d", "eval_time": "8d2h",
@@ -385,6 +387,12 @@ def test_alert_rules_fire_on_the_conditions_they_describe(tmp_path):
                     "summary": "30-day win rate dropped to 30%",
                     "description": "The 30-day win rate is below 80% of its value 7 days ago."})]},
             {"eval_time": "8d3h", "alertname": "CrmWinRateLow", "exp_alerts": []},
+            {"eval_time": "7d23h", "alertname": "CrmWeightedPipelineDrop", "exp_alerts": []},
+            {"eval_time": "8d3h", "alertname": "CrmWeightedPipelineDrop", "exp_alerts": [_alert(
+                "warning", {
+                    "summary": "The weighted pipeline fell to 600",
+                    "description": "The weighted pipeline (amount × P(win | stage) of open deals) is below 70% of its "
+                                   "value 7 days ago."})]},
             {"eval_time": "7d23h", "alertname": "CrmChurnSpike", "exp_alerts": []},
             {"eval_time": "8d3h", "alertname": "CrmChurnSpike", "exp_alerts": [_alert(
                 "warning", {"summary": "30-day churn is 8%",
@@ -481,15 +489,40 @@ def test_alert_rules_fire_on_the_conditions_they_describe(tmp_path):
                                    "for 15 minutes."}, topic="crm-events")]},
         ],
     }  # fmt: skip
+    deals = {  # 4 of 10 open deals critical; 2 close dates slipping a minute
+        "interval": "1m",
+        "input_series": [
+            {"series": f'crm_deal_health_deals{{pipeline="default", band="critical", {w1}}}', "values": "4x120"},
+            {"series": f'crm_deal_health_deals{{pipeline="default", band="healthy", {w1}}}', "values": "6x120"},
+            {"series": f'crm_alerts_emitted_total{{type="deal.close_date_slipped", {w1}}}', "values": "0+2x120"},
+        ],
+        "promql_expr_test": [{"expr": "crm:deal_health_deals:by_band", "eval_time": "10m", "exp_samples": [
+            {"labels": 'crm:deal_health_deals:by_band{band="critical"}', "value": 4},
+            {"labels": 'crm:deal_health_deals:by_band{band="healthy"}', "value": 6}]}],
+        "alert_rule_test": [
+            {"eval_time": "50m", "alertname": "CrmDealsCriticalShareHigh", "exp_alerts": []},
+            {"eval_time": "70m", "alertname": "CrmDealsCriticalShareHigh", "exp_alerts": [_alert(
+                "warning", {
+                    "summary": "40% of open deals are in critical health",
+                    "description": "More than 30% of the open deals have had a deal health below 40 for 1 hour "
+                                   "(docs/deals.md)."})]},
+            {"eval_time": "20m", "alertname": "CrmCloseDatesSlipping", "exp_alerts": []},
+            {"eval_time": "100m", "alertname": "CrmCloseDatesSlipping", "exp_alerts": [_alert(
+                "warning", {
+                    "summary": "120 close dates slipped in the last hour",
+                    "description": "More than 50 deal.close_date_slipped alerts an hour for 30 minutes: the deal-level "
+                                   "alerts are on the crm-alerts topic."})]},
+        ],
+    }  # fmt: skip
     # The 8-day KPI case is evaluated hourly (its alerts wait 1 h), the others every minute.
-    for name, interval, group in (("kpis", "1h", [kpis]), ("ops", "1m", [stalls, worker_down, dead_letters, lag])):
+    for name, interval, group in (("kpis", "1h", [kpis]), ("ops", "1m", [stalls, worker_down, dead_letters, lag, deals])):
         path = tmp_path / f"{name}_test.yml"
         path.write_text(yaml.safe_dump({"rule_files": [str(f) for f in RULE_FILES], "evaluation_interval": interval,
                                         "tests": group}, sort_keys=False))  # fmt: skip
         result = run(promtool, "test", "rules", str(path))
         assert result.returncode == 0, result.stdout + result.stderr
         assert "SUCCESS" in result.stdout
-    cases = (kpis, stalls, worker_down, dead_letters, lag)
+    cases = (kpis, stalls, worker_down, dead_letters, lag, deals)
     tested = {test["alertname"] for case in cases for test in case["alert_rule_test"]}
     assert tested == set(alert_rules()), "every alert rule has a unit test"
 

@@ -19,6 +19,7 @@ EXAMPLES = {
     "lead.activity": ({"lead_id": "L1"}, {"kind": "call", "direction": "inbound"}, "L1"),
     "deal.won": ({"lead_id": "L1"}, {"amount": 1200.5}, "L1"),
     "deal.lost": ({"lead_id": "L1"}, {"reason": "price"}, "L1"),
+    "deal.updated": ({"lead_id": "L1"}, {"amount": 800, "close_date": NEW_YEAR_MS + 89 * 86_400_000}, "L1"),
     "customer.subscribed": ({"customer_id": "C1"}, {}, "C1"),
     "customer.renewed": ({"customer_id": "C1"}, {"amount": 99}, "C1"),
     "customer.cancelled": ({"customer_id": "C1"}, {"reason": "budget"}, "C1"),

@@ -485,8 +485,61 @@ def operations() -> Dashboard:
     return d
 
 
+def deals() -> Dashboard:
+    d = Dashboard("crm-pulse-deals", "crm-pulse / Deal inspection",
+                  "Weighted pipeline by close month, rep and team; stage conversion and P(win | stage) from closed "
+                  "deals; deal health by band; deal alerts (slips, past due, regressions, shrinking amounts). "
+                  "Formulas: docs/deals.md.", [label_variable("rep", "Rep", "crm_pipeline_weighted_value")])  # fmt: skip
+    weighted = f"crm_pipeline_weighted_value{{{REP}}}"
+    deal_alerts = 'crm_alerts_emitted_total{type=~"deal[.].+"}'
+    d.row("Forecast: Σ amount × P(win | stage) of open deals")
+    d.add(stat("Weighted pipeline", [q(f"sum({weighted})")], decimals=0,
+               description="Open deals with an amount and close date, weighted by their stage's win probability "
+                           "(selected reps)."))  # fmt: skip
+    d.add(stat("Open deals scored", [q("sum(crm_deal_health_deals)")], decimals=0,
+               description="Open leads and deals with a deal health score: every open one."))  # fmt: skip
+    d.add(stat("Critical deals", [q('sum(crm_deal_health_deals{band="critical"}) / sum(crm_deal_health_deals)')],
+               "percentunit", decimals=1, thresholds=steps("green", 0.2, "orange", 0.3, "red"),
+               description="Deals with health below 40 / open deals. Above 30% for 1 h raises "
+                           "CrmDealsCriticalShareHigh."))  # fmt: skip
+    d.add(stat("Deal alerts in the time range", [q(f"sum(increase({deal_alerts}[$__range]))")], decimals=0))
+    d.add(bars("Weighted pipeline by close month", [q(f"sum by (close_month) ({weighted})", "{{close_month}}")],
+               decimals=0), w=8)  # fmt: skip
+    d.add(bars("Weighted pipeline by rep", [q(f"sort_desc(sum by (rep) ({weighted}))", "{{rep}}")], decimals=0), w=8)
+    d.add(bars("Weighted pipeline by team", [q(f"sum by (team) ({weighted})", "{{team}}")], decimals=0), w=8)
+    d.add(timeseries("Weighted pipeline by pipeline", [q(f"sum by (pipeline) ({weighted})", "{{pipeline}}")],
+                     stack=True), w=12)  # fmt: skip
+    d.add(timeseries("Month forecast (made at the month's start) and won", [
+        q("sum by (window) (crm_forecast_weighted_value)", "forecast {{window}}"),
+        q("sum by (window) (crm_forecast_won_value)", "won {{window}}"),
+    ], decimals=0), w=8)
+    d.add(stat("Last month's forecast accuracy", [q("crm:forecast_accuracy_ratio:month_previous")], "percentunit",
+               decimals=1, description="1 − |won − forecast| / won, for the previous month."), w=4)  # fmt: skip
+    d.row("Conversion: deals closed in the trailing window (CRM_PULSE_DEAL_HISTORY_DAYS)")
+    d.add(bars("P(win | stage)", [q("crm:deal_win_probability_ratio:by_stage", "{{pipeline}} {{stage}}")],
+               "percentunit", minimum=0, maximum=1,
+               description="Won / reached among closed deals that reached the stage."), w=8)  # fmt: skip
+    d.add(bars("Stage conversion", [q("max by (pipeline, stage) (crm_deal_stage_conversion_ratio)",
+                                      "{{pipeline}} {{stage}}")], "percentunit", minimum=0, maximum=1,
+               description="Closed deals that went on to a later stage or were won / reached."), w=8)  # fmt: skip
+    d.add(bars("Closed deals behind them", [q("max by (pipeline, stage) (crm_deal_closed_reached)",
+                                              "{{pipeline}} {{stage}}")], decimals=0), w=8)  # fmt: skip
+    d.row("Deal health and deal alerts")
+    d.add(timeseries("Open deals by health band", [q("crm:deal_health_deals:by_band", "{{band}}")], stack=True,
+                     description="healthy ≥ 70, at_risk ≥ 40, critical below (docs/deals.md#deal-health)."),
+          w=12)  # fmt: skip
+    d.add(bars("Health bands by pipeline", [q("sum by (pipeline, band) (crm_deal_health_deals)",
+                                              "{{pipeline}} {{band}}")], decimals=0), w=12)  # fmt: skip
+    d.add(timeseries("Deal alerts published", [q(f"sum by (type) (rate({deal_alerts}[{RATE}]))", "{{type}}")], "ops"),
+          w=12)  # fmt: skip
+    d.add(bars("Deal alerts in the time range, by type",
+               [q(f"sort_desc(sum by (type) (increase({deal_alerts}[$__range])))", "{{type}}")], decimals=0),
+          w=12)  # fmt: skip
+    return d
+
+
 DASHBOARDS = {"pipeline": pipeline, "sales": sales, "marketing": marketing, "customer": customer,
-              "operations": operations}  # fmt: skip
+              "operations": operations, "deals": deals}  # fmt: skip
 
 
 def render() -> dict[str, str]:

@@ -65,18 +65,27 @@ def test_tail_prints_each_alert_and_reports_invalid_records_on_stderr(start_work
     worker = start_worker(CRM_PULSE_STALL_STAGE_DAYS='{"new": 2}', CRM_PULSE_GRACE_SECONDS="3600")
     stall(worker)
     stalled = orjson.loads(worker.read("alerts", 1)[0].value)
-    produce(worker, b"{not json", orjson.dumps({**stalled, "schema_version": 2}))  # offsets 1 and 2
+    regressed = {"schema_version": 2, "alert_id": "a1", "type": "deal.stage_regressed", "lead_id": "L1",
+                 "rep_id": "rep-7", "team_id": None, "pipeline": None, "account_id": None, "stage": "new",
+                 "detected_at": "2026-01-04T00:00:00.000Z", "amount": None, "close_date": None,
+                 "previous_close_date": None, "push_count": None, "previous_amount": None, "decrease_ratio": None,
+                 "from_stage": "qualified", "to_stage": "new", "health": None, "health_band": None,
+                 "previous_health_band": None}  # fmt: skip
+    # offsets 1 to 3: not JSON, a version tail does not read, a deal alert (version 2)
+    produce(worker, b"{not json", orjson.dumps({**stalled, "schema_version": 3}), orjson.dumps(regressed))
     escalate(worker)
-    worker.read("alerts", 4)
+    worker.read("alerts", 5)
 
     result = crm_pulse(worker, "alerts", "tail", "--from-beginning", "--no-follow")
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [STALLED, ESCALATED]
+    assert result.stdout.splitlines() == [
+        STALLED, "2026-01-04T00:00:00.000Z deal.stage_regressed rep=rep-7 lead=L1 stage=new from=qualified to=new",
+        ESCALATED]  # fmt: skip
     topic = worker.topic("alerts")
     assert [line for line in result.stderr.splitlines() if line.startswith("invalid record")] == [
         f"invalid record {topic}/0@1: value: Invalid JSON: key must be a string at line 1 column 2",
-        f"invalid record {topic}/0@2: unsupported schema_version 2; this consumer reads version 1",
+        f"invalid record {topic}/0@2: unsupported schema_version 3; this consumer reads versions 1 and 2",
     ]
 
 
