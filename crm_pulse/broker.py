@@ -263,19 +263,9 @@ def ensure_topics(settings: Settings, timeout: float | None = None, writes: tupl
         existing = set(admin.list_topics())
         wanted = [settings.input_topic, settings.alerts_topic, settings.dlq_topic]
         for name in wanted:
-            if name in existing:
-                continue
-            config = {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)} if name == settings.dlq_topic else {}
-            try:
-                admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor, topic_configs=config)])
-                log.info("created topic %s with %d partitions", name, settings.partitions)
-            except TopicAlreadyExistsError:
-                pass
-            except AuthorizationError as exc:
-                raise BrokerUnusable(
-                    f"{principal(settings)} may not create topic {name} on {settings.broker} "
-                    f"({type(exc).__name__}): create it beforehand, or grant CREATE"
-                ) from exc
+            if name not in existing:
+                config = {"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)} if name == settings.dlq_topic else {}
+                create_topic(admin, settings, name, config)
         for topic in admin.describe_topics(list(writes)) if writes else ():
             allowed = topic["authorized_operations"]
             # Rights unreported and no refusal: a broker without ACLs (Tansu).
@@ -290,6 +280,20 @@ def ensure_topics(settings: Settings, timeout: float | None = None, writes: tupl
         admin.close()
 
 
+def create_topic(admin, settings: Settings, name: str, config: dict[str, str]) -> None:
+    """Create one topic with the app's partitions; one that appeared meanwhile is fine, a refusal is one line."""
+    try:
+        admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor, topic_configs=config)])
+        log.info("created topic %s with %d partitions", name, settings.partitions)
+    except TopicAlreadyExistsError:
+        pass
+    except AuthorizationError as exc:
+        raise BrokerUnusable(
+            f"{principal(settings)} may not create topic {name} on {settings.broker} "
+            f"({type(exc).__name__}): create it beforehand, or grant CREATE"
+        ) from exc
+
+
 def create_missing(settings: Settings, wanted: dict[str, dict[str, str]]) -> None:
     """Create the topics of `wanted` (name → topic configs) that do not exist yet."""
     admin = connect_admin(settings)
@@ -297,17 +301,7 @@ def create_missing(settings: Settings, wanted: dict[str, dict[str, str]]) -> Non
         existing = set(admin.list_topics())
         for name, config in wanted.items():
             if name not in existing:
-                try:
-                    admin.create_topics([NewTopic(name, settings.partitions, settings.replication_factor,
-                                                  topic_configs=config)])  # fmt: skip
-                    log.info("created topic %s", name)
-                except TopicAlreadyExistsError:
-                    pass
-                except AuthorizationError as exc:
-                    raise BrokerUnusable(
-                        f"{principal(settings)} may not create topic {name} on {settings.broker} "
-                        f"({type(exc).__name__}): create it beforehand, or grant CREATE"
-                    ) from exc
+                create_topic(admin, settings, name, config)
     finally:
         admin.close()
 
