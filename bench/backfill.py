@@ -82,14 +82,16 @@ async def phase_backfill(bench: Bench, config) -> dict:
 
     sort_dir = Path(tempfile.mkdtemp(prefix="backfill-sort-", dir=bench.workdir))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRM_PULSE_")}
+    # Run in the exports' folder, where the importer writes each file's rejects list; `source` first on the path.
     env.update(CRM_PULSE_BROKER=bench.broker.url, CRM_PULSE_APP_ID=app.app_id, CRM_PULSE_INPUT_TOPIC=app.input_topic,
-               CRM_PULSE_PARTITIONS=str(config.partitions), TMPDIR=str(sort_dir))  # fmt: skip
+               CRM_PULSE_PARTITIONS=str(config.partitions), TMPDIR=str(sort_dir),
+               PYTHONPATH=str(bench.worker_source))  # fmt: skip
     command = [sys.executable, "-m", "crm_pulse.cli", "import", *map(str, paths), "--mapping", str(MAPPING)]
     bench.reporter.step(f"importing {config.backfill_events:,} events from {len(paths)} files")
     log_path = bench.workdir / f"{app.app_id}-import.log"
     started = time.monotonic()
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, cwd=bench.worker_source, stdout=log, stderr=log)
+        process = subprocess.Popen(command, env=env, cwd=exports, stdout=log, stderr=log)
         peak_sort_disk = 0
         # wait4 gives the importer's own peak RSS; the sort's runs are sampled while it works.
         while True:

@@ -245,7 +245,8 @@ def headline(phases: dict) -> dict:
     if gateway := phases.get("gateway", {}).get("result"):
         figures.update({f"gateway_{key}": gateway[key] for key in ("requests_per_s", "events_per_s", "ack_p50_ms",
                                                                     "ack_p99_ms", "to_plain_producer_ratio")})  # fmt: skip
-        figures.update({f"gateway_fixed_rate_{key}": gateway["fixed_rate"][key] for key in ("ack_p50_ms", "ack_p99_ms")})
+        steady = gateway["fixed_rate"]
+        figures.update({f"gateway_fixed_rate_{key}": steady[key] for key in ("ack_p50_ms", "ack_p99_ms")})
         # Acknowledged with a 2xx yet not on the input topic: must be 0.
         figures["gateway_events_lost"] = max(0, gateway["events_acknowledged"] - gateway["events_on_topic"])
     if backfill := phases.get("backfill", {}).get("result"):
