@@ -11,6 +11,7 @@ import logging
 
 import aiokafka
 import faust
+from faust.transport.consumer import ensure_TPset
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
@@ -50,6 +51,9 @@ class KeepQueuesOnResume(FlowControlEvent):
 
 
 class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
+    #: How long a fetch waits when every active partition still awaits its seek.
+    SOUGHT_WAIT_SECONDS = 0.05
+
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
         # Tansu: Faust fixes it at 1.5 s, which Tansu holds every fetch for (see Settings.fetch_max_wait_ms);
@@ -58,27 +62,58 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
             consumer._fetch_max_wait_ms = self.app.fetch_max_wait_ms
         return consumer
 
+    async def getmany(self, active_partitions, timeout):
+        """Faust's, fetching only stream partitions sought since they were last paused, from a copy of
+        the active set (a Faust matter, on either broker). Faust resumes the stream partitions after a
+        rebalance before it seeks them to their committed offsets, and drops what it fetched of a
+        partition it no longer counts active: a message read in between moved the fetch position past
+        messages dropped before it, which the seek then left behind (every agent here takes what lies
+        below the highest offset it applied for a re-read, so such a hole is lost for good). Faust also
+        passes its live set, which the consumer thread may find empty, and aiokafka takes an empty set
+        for every partition."""
+        if active_partitions is not None:
+            active_partitions = set(active_partitions) - self.consumer.unsought
+            if not active_partitions:
+                await asyncio.sleep(min(timeout, self.SOUGHT_WAIT_SECONDS))
+                return {}
+        return await super().getmany(active_partitions, timeout)
+
     async def seek_to_committed(self):
-        """aiokafka's, with every stream partition that has no committed offset (or 0), and from which this
-        process has delivered nothing yet, sought back to its beginning, where the reset policy (Faust's
-        default, earliest) started it (a Faust and aiokafka matter, on either broker). During recovery the fetcher already reads stream partitions and Faust
+        """aiokafka's, with every stream partition that has no committed offset (or 0) sought back to its
+        beginning, where the reset policy (Faust's default, earliest) started it (a Faust and aiokafka
+        matter, on either broker). During recovery the fetcher already reads stream partitions and Faust
         drops what it brings, trusting this seek to go back; aiokafka seeks only to a committed offset
         > 0, so a partition never committed stayed past everything fetched meanwhile: a worker killed
         before its first commit came back on Apache Kafka, restored its tables, and never read its input
-        (aio-libs/aiokafka#1003 reports the committed offset 0 case)."""
+        (aio-libs/aiokafka#1003 reports the committed offset 0 case). What it had read already is read
+        again, and dropped as a re-read by `ingest`."""
         committed = await super().seek_to_committed()
-        changelogs, delivered = self.app.tables.changelog_topics, self.consumer._read_offset
-        # Only partitions this process has delivered nothing from: one it reads already goes on where it was.
-        never_read = [tp for tp, offset in committed.items()
-                      if not offset and tp.topic not in changelogs and delivered.get(tp) is None]  # fmt: skip
-        if never_read:
-            await self.seek_to_beginning(*never_read)
+        changelogs = self.app.tables.changelog_topics
+        never_committed = [tp for tp, offset in committed.items() if not offset and tp.topic not in changelogs]
+        if never_committed:
+            await self.seek_to_beginning(*never_committed)
         return committed
 
 
 class Consumer(aiokafka_driver.Consumer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Stream partitions paused (a rebalance starts with that) and not sought since: not fetched from.
+        self.unsought: set = set()
+
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def pause_partitions(self, tps) -> None:
+        tps = ensure_TPset(tps)
+        super().pause_partitions(tps)
+        changelogs = self.app.tables.changelog_topics
+        self.unsought.update(tp for tp in tps if tp.topic not in changelogs)
+
+    async def seek_to_committed(self):
+        committed = await super().seek_to_committed()
+        self.unsought.difference_update(committed)
+        return committed
 
     def _new_offset(self, tp):
         """Faust's (a Faust matter, on either broker), with a gap in what was read merged into the acked

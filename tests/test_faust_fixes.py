@@ -47,7 +47,7 @@ def test_aiokafka_seeks_only_to_a_committed_offset_above_0():
     assert consumer._fetcher.sought == {TopicPartition("t", 2): 7}
 
 
-def test_the_worker_seeks_partitions_never_committed_nor_read_to_their_beginning(app, monkeypatch):
+def test_the_worker_seeks_partitions_never_committed_to_their_beginning(app, monkeypatch):
     thread = app.consumer._thread
     changelog = next(iter(app.tables.values())).changelog_topic.get_topic_name()
     never, zero, committed_7, read_on = (TopicPartition("input", p) for p in range(4))
@@ -62,10 +62,104 @@ def test_the_worker_seeks_partitions_never_committed_nor_read_to_their_beginning
 
     monkeypatch.setattr(faust_fixes.aiokafka_driver.AIOKafkaConsumerThread, "seek_to_committed", upstream)
     monkeypatch.setattr(thread, "seek_to_beginning", seek_to_beginning)
-    monkeypatch.setitem(app.consumer._read_offset, read_on, 41)  # this process delivered up to 41: it goes on
+    monkeypatch.setitem(app.consumer._read_offset, read_on, 41)  # delivered up to 41: read again, dropped by ingest
     assert asyncio.run(thread.seek_to_committed()) == committed
     # The changelog is Faust's recovery's to position, not this seek's.
-    assert sorted(sought_to_beginning) == [never, zero]
+    assert sorted(sought_to_beginning) == [never, zero, read_on]
+
+
+def test_faust_resumes_stream_partitions_before_it_seeks_them():
+    """What ConsumerThread.getmany corrects: between these two steps the fetcher delivers stream messages from
+    wherever the fetch position was, and Faust's own getmany drops fetched messages of a partition it does
+    not count active (pinned below)."""
+    calls = []
+    stream, changelog = faust.types.TP("input", 0), faust.types.TP("changelog", 0)
+
+    async def perform_seek():
+        calls.append("perform_seek")
+
+    async def nothing(*args, **kwargs):
+        pass
+
+    async def wait(coro, timeout=None):
+        await coro
+
+    consumer = SimpleNamespace(
+        assignment=lambda: {stream, changelog}, perform_seek=perform_seek,
+        resume_partitions=lambda tps: calls.append(("resume_partitions", sorted(tps))),
+        resume_flow=lambda: calls.append("resume_flow"),
+    )  # fmt: skip
+    app = SimpleNamespace(
+        consumer=consumer, consumer_generation_id=0, on_rebalance_complete=SimpleNamespace(send=nothing),
+        conf=SimpleNamespace(broker_request_timeout=1),
+        flow_control=SimpleNamespace(resume=lambda: calls.append("flow_control.resume")),
+        _fetcher=SimpleNamespace(maybe_start=nothing), on_rebalance_end=lambda: None,
+    )  # fmt: skip
+    recovery = SimpleNamespace(
+        app=app, log=SimpleNamespace(dev=print, info=print), _is_changelog_tp=lambda tp: tp == changelog,
+        _wait=wait, completed=asyncio.Event(), tables=SimpleNamespace(on_actives_ready=print, on_standbys_ready=print),
+    )  # fmt: skip
+    asyncio.run(faust.tables.recovery.Recovery._resume_streams(recovery, generation_id=0))
+    assert calls[:2] == [("resume_partitions", [stream]), "perform_seek"]
+
+
+class Record(SimpleNamespace):
+    pass
+
+
+def test_fausts_getmany_drops_what_it_fetched_of_a_partition_not_active(app, monkeypatch):
+    consumer = app.consumer
+    active, paused = faust.types.TP("input", 0), faust.types.TP("input", 1)
+    records = {active: [Record(offset=5)], paused: [Record(offset=341)]}
+
+    async def wait_next_records(timeout):
+        return records, {active}
+
+    monkeypatch.setattr(consumer, "_wait_next_records", wait_next_records)
+    monkeypatch.setattr(consumer, "_to_message", lambda tp, record: (tp, record.offset))
+    monkeypatch.setattr(consumer, "highwater", lambda tp: 0)
+    monkeypatch.setattr(consumer, "flow_active", True)
+
+    async def delivered():
+        return [message async for _, message in consumer.getmany(timeout=0)]
+
+    assert asyncio.run(delivered()) == [(active, 5)]
+
+
+def test_the_worker_fetches_a_paused_stream_partition_only_once_it_is_sought(app, monkeypatch):
+    consumer, thread = app.consumer, app.consumer._thread
+    changelog = faust.types.TP(next(iter(app.tables.values())).changelog_topic.get_topic_name(), 0)
+    kept, taken = faust.types.TP("input", 0), faust.types.TP("input", 1)
+    fetched_from = []
+
+    async def upstream_getmany(self, active_partitions, timeout):
+        fetched_from.append(sorted(active_partitions))
+        return {}
+
+    async def upstream_seek_to_committed(self):
+        return {TopicPartition("input", 0): 12}
+
+    monkeypatch.setattr(faust_fixes.aiokafka_driver.AIOKafkaConsumerThread, "getmany", upstream_getmany)
+    monkeypatch.setattr(faust_fixes.aiokafka_driver.AIOKafkaConsumerThread, "seek_to_committed",
+                        upstream_seek_to_committed)  # fmt: skip
+    monkeypatch.setattr(consumer, "unsought", set())
+    live = {kept, taken, changelog}
+
+    async def rebalance():
+        consumer.pause_partitions([kept, taken, changelog])
+        await thread.getmany(live, timeout=0.01)  # only the changelog: the streams wait for their seek
+        await consumer.seek_to_committed()  # seeks the kept partition
+        live.clear()
+        await thread.getmany(live, timeout=0.01)  # an empty set is no partition, not every partition
+        await thread.getmany({kept, taken}, timeout=0.01)
+
+    try:
+        asyncio.run(rebalance())
+    finally:
+        consumer._paused_partitions.clear()
+        consumer._get_active_partitions().clear()
+    assert fetched_from == [[changelog], [kept]]
+    assert consumer.unsought == {taken}
 
 
 class SlowChannel:

@@ -242,10 +242,6 @@ def landed(worker: Worker, role: str) -> int:
     return sum(ends.values())
 
 
-# On Apache Kafka the worker loses its group in the outage, and the rebalance as it rejoins can open the
-# input hole of docs/reliability.md "Known gap": in a session-12 suite run, 15 of the 857 events sent after
-# the outage never reached `ingest`. Skipped there until that hole is closed (issue 16).
-@pytest.mark.skipif(BROKER_KIND == "kafka", reason="the rebalance hole on Apache Kafka is open: issue 16")
 @pytest.mark.parametrize("mode", ["refuse", "blackhole"])
 def test_worker_rides_out_a_30s_broker_outage(start_worker, tmp_path, mode):
     began = time.monotonic()

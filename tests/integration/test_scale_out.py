@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from tests.integration.conftest import BROKER_KIND
 from tests.integration.test_reliability import (
     STABLE,
     alerts,
@@ -50,10 +49,6 @@ def one_worker(start_worker, events: list[dict]) -> tuple[dict, dict]:
     return merged(run_to_end(reference, len(events))), by_id(alerts(reference))
 
 
-# On Apache Kafka two workers that start together ended with KPIs unlike one worker's (a rep's average deal
-# size 12,312 against 11,682) in 1 of 4 runs in session 10: the input-partition hole of docs/reliability.md
-# "Known gap" (a partition never committed, read during recovery). Skipped there until it is closed (issue 16).
-@pytest.mark.skipif(BROKER_KIND == "kafka", reason="still loses events on Apache Kafka under load: issue 16")
 def test_two_workers_equal_one(start_worker):
     events = synthetic_events(days=20, seed=5)
     expected, expected_alerts = one_worker(start_worker, events)
