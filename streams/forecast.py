@@ -91,6 +91,19 @@ def conversion_ratios(counts: dict[str, list[int]], min_samples: int = 1) -> dic
     return {stage: advanced / reached for stage, (reached, _, advanced) in counts.items() if reached >= max(min_samples, 1)}
 
 
+def stage_figures(counts: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """A pipeline's P(win | stage), stage conversion and the closed deals behind them, as /deals/forecast and
+    `crm-pulse report` give them."""
+    return {"win_probability": win_probabilities(counts), "conversion": conversion_ratios(counts),
+            "closed_reached": {stage: cell[0] for stage, cell in counts.items()}}  # fmt: skip
+
+
+def weighted_rows(totals: dict[tuple, float]) -> list[dict]:
+    """`weighted_pipeline`'s totals as rows, by close month, pipeline, team and rep (a missing team or rep first)."""
+    return [{"close_month": m, "pipeline": p, "team_id": t, "rep_id": r, "weighted_value": v}
+            for (m, p, t, r), v in sorted(totals.items(), key=lambda kv: tuple(map(str, kv[0])))]  # fmt: skip
+
+
 def month_of(ms: int, zone: tzinfo | None = None) -> str:
     return period_of("month", day_of(ms, zone))
 
