@@ -91,14 +91,22 @@ def test_conversion_weighted_pipeline_and_forecast_on_metrics_and_query(start_wo
     assert body["weighted_pipeline"] == [
         {"close_month": "2026-02", "pipeline": "default", "team_id": "t1", "rep_id": "rep-7", "weighted_value": 1000.0}]
     # Made on 1 February with January's history (P(qualified) = 1, P(new) = 1/2): 1,000 + 1,000; won: 1,200.
-    assert body["forecast"] == {"month": "2026-02", "forecast": 2000.0, "won": 1200.0, "accuracy_ratio": pytest.approx(1 / 3)}
+    february = {"forecast": 2000.0, "won": 1200.0, "accuracy_ratio": pytest.approx(1 / 3)}
+    # One team and one rep here (the breakdown's own numbers are tests/test_forecast.py's).
+    assert body["forecast"] == {"month": "2026-02", **february, "by_team": [{"team_id": "t1", **february}],
+                                "by_rep": [{"team_id": "t1", "rep_id": "rep-7", **february}]}  # fmt: skip
     assert worker.get_json("/deals/forecast?month=2026-13")[0] == 400
     # On /metrics: February's (the current month's) forecast and won so far; January's: nothing forecast, W's 500 won.
     assert {(labels, name): v for (name, labels), v in metrics.items() if name.startswith("crm_forecast_")} == {
         ((("window", "month_current"),), "crm_forecast_weighted_value"): 2000.0,
         ((("window", "month_current"),), "crm_forecast_won_value"): 1200.0,
         ((("window", "month_previous"),), "crm_forecast_weighted_value"): 0.0,
-        ((("window", "month_previous"),), "crm_forecast_won_value"): 500.0}
+        ((("window", "month_previous"),), "crm_forecast_won_value"): 500.0,
+        # By team and rep: only those with a deal forecast or won in the month.
+        ((("rep", "rep-7"), ("team", "t1"), ("window", "month_current")), "crm_forecast_rep_weighted_value"): 2000.0,
+        ((("rep", "rep-7"), ("team", "t1"), ("window", "month_current")), "crm_forecast_rep_won_value"): 1200.0,
+        ((("rep", "rep-7"), ("team", "t1"), ("window", "month_previous")), "crm_forecast_rep_weighted_value"): 0.0,
+        ((("rep", "rep-7"), ("team", "t1"), ("window", "month_previous")), "crm_forecast_rep_won_value"): 500.0}
     # P's health at the watermark (12 February − 1 h), 37 days in "new" (norm: its 2-day stall threshold, too
     # few exits to learn from): recency 0, dwell 0, no push (20), no regression (10), amount at its highest (15).
     assert {labels: v for (name, labels), v in metrics.items() if name == "crm_deal_health_deals"} == {
