@@ -134,7 +134,8 @@ class Leads:
             apply_stall_record(lead, record)
 
     def fold_raised_deal_alerts(self, lead_id: str, lead: dict) -> None:
-        """Into the lead the agent is about to write: never into the timer's copies, which would drop them."""
+        """The deal alerts and the quiet band the timer raised, into the lead the agent is about to write: never into
+        the timer's copies, which would drop them."""
         if (raised := self.raised_deal_alerts.pop(lead_id, None)) is not None:
             fold_deal_alerted(lead, raised)
         fold_quiet_band(lead, self.raised_bands.pop(lead_id, None))

@@ -58,7 +58,8 @@ def check_link_template(template: str | None) -> None:
     except (KeyError, IndexError, ValueError) as exc:
         fields = ", ".join(f"{{{name}}}" for name in LINK_FIELDS)
         raise SettingsInvalid(
-            f"CRM_PULSE_CRM_RECORD_URL={template!r} has an unknown placeholder {exc}; use the alert's fields: {fields}"
+            f"CRM_PULSE_CRM_RECORD_URL={template!r} has an unknown placeholder {exc}; "
+            f"use the fields every alert has (stall and deal): {fields}"
         ) from None
 
 

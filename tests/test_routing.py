@@ -226,5 +226,5 @@ def test_a_link_template_with_an_unknown_placeholder_names_the_ones_it_may_use()
         check_link_template("https://crm.example.com/leads/{lead}")
     assert str(error.value).startswith(
         "CRM_PULSE_CRM_RECORD_URL='https://crm.example.com/leads/{lead}' has an unknown placeholder 'lead'; "
-        "use the alert's fields: {schema_version}, {alert_id}, {type}, {lead_id}, {rep_id}"
+        "use the fields every alert has (stall and deal): {schema_version}, {alert_id}, {type}, {lead_id}, {rep_id}"
     )
