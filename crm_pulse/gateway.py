@@ -384,8 +384,10 @@ class Pipedrive:
         lead_id, rep_id = f"pipedrive-deal-{current['id']}", self.rep(current)
         if action == "create":
             pipeline, stage = self.stages.stage("pipedrive", current["stage_id"])
-            return [lead_event("lead.created", delivery, "pipedrive", lead_id, pipedrive_time(current["add_time"]),
-                               {"source": "pipedrive", "stage": stage}, pipeline=pipeline, rep_id=rep_id)]  # fmt: skip
+            at = pipedrive_time(current["add_time"])
+            created = [lead_event("lead.created", delivery, "pipedrive", lead_id, at,
+                                  {"source": "pipedrive", "stage": stage}, pipeline=pipeline, rep_id=rep_id)]  # fmt: skip
+            return created + self.snapshot(current, delivery, lead_id, at, pipeline, rep_id)
         at, events = pipedrive_time(current["update_time"]), []
         if "stage_id" in previous and previous["stage_id"] != current["stage_id"]:
             _, before = self.stages.stage("pipedrive", previous["stage_id"])
@@ -401,14 +403,20 @@ class Pipedrive:
         # v1's `previous` is the whole deal, v2's only the changed fields: a field changed if it is there and differs.
         changed = any(name in previous and previous[name] != current.get(name)
                       for name in ("value", "currency", "expected_close_date"))  # fmt: skip
-        # A deal without an expected close date has no snapshot to give; a closed one's amount is its deal.won's.
-        if changed and current.get("status", "open") == "open" and current.get("expected_close_date"):
+        if changed:
             pipeline, _ = self.stages.stage("pipedrive", current["stage_id"])
-            events.append(deal_updated("pipedrive", delivery, lead_id, at, float(current.get("value") or 0),
-                                       current.get("currency") or self.stages.currency,
-                                       day_start(current["expected_close_date"]), None, pipeline=pipeline,
-                                       rep_id=rep_id))  # fmt: skip
+            events += self.snapshot(current, delivery, lead_id, at, pipeline, rep_id)
         return events
+
+    def snapshot(self, current: dict, delivery: str, lead_id: str, at: str, pipeline: str | None,
+                 rep_id: str | None) -> list[dict]:  # fmt: skip
+        """The deal's deal.updated: none without an expected close date (nothing to snapshot), nor once closed (a
+        won deal's amount is its deal.won's)."""
+        if current.get("status", "open") != "open" or not current.get("expected_close_date"):
+            return []
+        return [deal_updated("pipedrive", delivery, lead_id, at, float(current.get("value") or 0),
+                             current.get("currency") or self.stages.currency, day_start(current["expected_close_date"]),
+                             None, pipeline=pipeline, rep_id=rep_id)]  # fmt: skip
 
     @staticmethod
     def rep(current: dict) -> str | None:

@@ -417,9 +417,21 @@ def test_pipedrive_value_currency_and_expected_close_date_changes_give_deal_upda
                             {"title": "A"}, "2026-01-02T11:00:00Z")  # fmt: skip
     v2_no_date = pipedrive_v2("8f7a0c2e-0b1d-4c53-9a57-2f6f1f3e0a05", "change", "deal",
                               {**data, "expected_close_date": None}, {"value": 4000}, "2026-01-02T12:00:00Z")  # fmt: skip
-    for doc in (v1_cut, v2_pushed, v2_title, v2_no_date):
+    # Created with a value and an expected close date: its first snapshot with its creation.
+    v2_created = pipedrive_v2("8f7a0c2e-0b1d-4c53-9a57-2f6f1f3e0a06", "create", "deal",
+                              {**data, "id": 35, "stage_id": 1, "value": 250}, None, "2026-01-01T00:00:00Z")  # fmt: skip
+    for doc in (v1_cut, v2_pushed, v2_title, v2_no_date, v2_created):
         assert gateway.post("/webhooks/pipedrive", dumps(doc), basic())[0] == 200
-    assert [value for _, value in broker.on("in")] == [
+    assert [value for _, value in broker.on("in")][-2:] == [
+        {"event_id": expected_id("pipedrive:8f7a0c2e-0b1d-4c53-9a57-2f6f1f3e0a06:lead.created"), "type": "lead.created",
+         "occurred_at": "2026-01-01T00:00:00Z", "lead_id": "pipedrive-deal-35", "pipeline": "1",
+         "rep_id": "pipedrive-user-9002", "payload": {"source": "pipedrive", "stage": "new"}},
+        {"event_id": expected_id("pipedrive:8f7a0c2e-0b1d-4c53-9a57-2f6f1f3e0a06:deal.updated"), "type": "deal.updated",
+         "occurred_at": "2026-01-01T00:00:00Z", "lead_id": "pipedrive-deal-35", "pipeline": "1",
+         "rep_id": "pipedrive-user-9002",
+         "payload": {"amount": 250.0, "currency": "EUR", "close_date": "2026-04-30T00:00:00Z"}},
+    ]  # fmt: skip
+    assert [value for _, value in broker.on("in")][:-2] == [
         {"event_id": expected_id(f"pipedrive:v1:deal:33:{1_767_229_200_000_123}:deal.updated"), "type": "deal.updated",
          "occurred_at": "2026-01-01T01:00:00Z", "lead_id": "pipedrive-deal-33", "pipeline": "1",
          "rep_id": "pipedrive-user-9001",
