@@ -10,8 +10,8 @@ from crm_pulse.agents.app import Pipeline
 from crm_pulse.agents.batches import unapplied_deltas
 from crm_pulse.agents.leads import Leads
 from crm_pulse.streams.forecast import (
-    Probability, apply_outcome, conversion_ratios, month_forecast, prune_outcomes, stage_counts, weighted_pipeline,
-    win_probabilities,
+    Probability, accuracy, apply_outcome, conversion_ratios, forecast_by, month_forecast_parts, prune_outcomes,
+    stage_counts, weighted_pipeline, win_probabilities,
 )  # fmt: skip
 from crm_pulse.streams.health import BANDS, band, components, health
 from crm_pulse.streams.kpis import day_of
@@ -56,18 +56,25 @@ class Deals(Collector):
 
         return probability
 
-    def forecast(self, month: str) -> dict:
-        """`month`'s forecast made at its start, against what was won in it, over this worker's leads."""
+    def forecast_parts(self, month: str) -> dict[tuple, list[float]]:
+        """`month`'s forecast made at its start and what was won in it, per (team, rep), over this worker's leads."""
         probability = self.probability_through(period_days("month", month)[0] - 1)
-        return month_forecast(self.leads.leads.values(), month, lambda _: probability, self.leads.deal_policy, self.zone)
+        return month_forecast_parts(self.leads.leads.values(), month, lambda _: probability, self.leads.deal_policy,
+                                    self.zone)  # fmt: skip
 
-    def month_forecasts(self, today: int) -> list[tuple[str, dict]]:
-        """[(window, forecast)] of the current month (won so far) and the previous one."""
+    def forecast(self, month: str) -> dict:
+        """`month`'s forecast against what was won in it: in all, by team and by rep."""
+        parts = self.forecast_parts(month)
+        total = accuracy(sum(part[0] for part in parts.values()), sum(part[1] for part in parts.values()))
+        return {**total, "by_team": forecast_by(parts, "team"), "by_rep": forecast_by(parts, "rep")}
+
+    def month_forecasts(self, today: int) -> list[tuple[str, dict[tuple, list[float]]]]:
+        """[(window, forecast parts)] of the current month (won so far) and the previous one."""
         current = period_of("month", today)
         months = (("month_current", current), ("month_previous", period_of("month", period_days("month", current)[0] - 1)))
         key = (months, self.leads.version, self.version)
         if self.forecast_cache is None or self.forecast_cache[0] != key:
-            self.forecast_cache = (key, [(window, self.forecast(month)) for window, month in months])
+            self.forecast_cache = (key, [(window, self.forecast_parts(month)) for window, month in months])
         return self.forecast_cache[1]
 
     def weighted(self, now_ms: int) -> dict[tuple, float]:
@@ -91,12 +98,20 @@ class Deals(Collector):
                                      "deals then open and due in it.", labels=["window"])  # fmt: skip
         forecast_won = GaugeMetricFamily("crm_forecast_won_value", "Amount of the deals won in the month (so far).",
                                          labels=["window"])  # fmt: skip
+        owner = ["window", "team", "rep"]
+        rep_forecast = GaugeMetricFamily("crm_forecast_rep_weighted_value",
+                                         "crm_forecast_weighted_value by the deals' team and rep.", labels=owner)  # fmt: skip
+        rep_won = GaugeMetricFamily("crm_forecast_rep_won_value", "crm_forecast_won_value by the deals' team and rep.",
+                                    labels=owner)  # fmt: skip
         now = self.clock.now_ms()
         if now is not None:
             today = day_of(now, self.zone)
-            for window, result in self.month_forecasts(today):
-                forecast.add_metric([window], result["forecast"])
-                forecast_won.add_metric([window], result["won"])
+            for window, parts in self.month_forecasts(today):
+                forecast.add_metric([window], sum(part[0] for part in parts.values()))
+                forecast_won.add_metric([window], sum(part[1] for part in parts.values()))
+                for (team, rep), (value, won) in sorted(parts.items(), key=lambda kv: tuple(map(str, kv[0]))):
+                    rep_forecast.add_metric([window, team or "none", rep or "unassigned"], value)
+                    rep_won.add_metric([window, team or "none", rep or "unassigned"], won)
             for pipeline in sorted(self.outcomes.keys()):
                 counts = self.counts(pipeline, today)
                 for stage, p in win_probabilities(counts).items():
@@ -115,7 +130,7 @@ class Deals(Collector):
         for pipeline in sorted({p for p, _ in counts}):
             for name, _ in BANDS:  # every band, 0 included, so a band emptying shows as 0
                 health_deals.add_metric([pipeline, name], counts.get((pipeline, name), 0))
-        return [win, conversion, closed, weighted, forecast, forecast_won, health_deals]
+        return [win, conversion, closed, weighted, forecast, forecast_won, rep_forecast, rep_won, health_deals]
 
     def deal_health(self) -> list[dict]:
         """Health of each open lead (deal) this worker owns, at the stall checks' "now"."""

@@ -14,7 +14,7 @@ from crm_pulse.agents.gauges import Gauges, kpi_snapshot, period_table
 from crm_pulse.agents.leads import Leads
 from crm_pulse.schemas.events import ms_to_iso
 from crm_pulse.streams.commonalities import commonalities
-from crm_pulse.streams.forecast import conversion_ratios, win_probabilities
+from crm_pulse.streams.forecast import stage_figures, weighted_rows
 from crm_pulse.streams.kpis import day_of
 from crm_pulse.streams.periods import parse_period, period_days, period_of
 
@@ -91,14 +91,9 @@ def install(pipeline: Pipeline, gauges: Gauges, leads: Leads, deals: Deals) -> N
         except ValueError as exc:
             return self.json({"error": str(exc)}, status=400)
         accuracy = deals.forecast(month)
-        stages = {}
-        for key in sorted(deals.outcomes.keys()):
-            counts = deals.counts(key, today)
-            stages[key] = {"win_probability": win_probabilities(counts), "conversion": conversion_ratios(counts),
-                           "closed_reached": {stage: cell[0] for stage, cell in counts.items()}}  # fmt: skip
-        weighted = [{"close_month": m, "pipeline": p, "team_id": t, "rep_id": r, "weighted_value": v}
-                    for (m, p, t, r), v in sorted(deals.weighted(now).items(), key=lambda kv: tuple(map(str, kv[0])))]  # fmt: skip
-        return self.json(_envelope({"history_days": deals.window_days, "stages": stages, "weighted_pipeline": weighted,
+        stages = {key: stage_figures(deals.counts(key, today)) for key in sorted(deals.outcomes.keys())}
+        return self.json(_envelope({"history_days": deals.window_days, "stages": stages,
+                                    "weighted_pipeline": weighted_rows(deals.weighted(now)),
                                     "forecast": {"month": month, **accuracy}}))  # fmt: skip
 
     @app.page("/deals/health")

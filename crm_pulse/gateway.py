@@ -41,7 +41,12 @@ REPLAY_WINDOW_MS = 5 * 60 * 1000
 EVENT_ID_NAMESPACE = uuid.UUID("5b0c6d38-4a55-4f0e-9d1e-0c7d3a1e6b21")
 EVENTS_SIGNATURE_HEADER = "X-CRM-Pulse-Signature"
 UNKNOWN_STAGE = "unknown"  # `from` of a change whose previous stage the CRM does not send (the worker reads `to`)
-REMEMBERED_AMOUNTS = 100_000
+REMEMBERED_DEALS = 100_000  # deals whose last fields a gateway keeps in memory, each vendor's
+# The contract's forecast categories from HubSpot's (internal values) and Salesforce's ForecastCategoryName.
+HUBSPOT_FORECAST = {"PIPELINE": "pipeline", "BEST_CASE": "best_case", "COMMIT": "commit", "CLOSED": "closed",
+                    "OMIT": "omitted"}  # fmt: skip
+SALESFORCE_FORECAST = {"Pipeline": "pipeline", "Best Case": "best_case", "Commit": "commit", "Closed": "closed",
+                       "Omitted": "omitted"}  # fmt: skip
 SALESFORCE_OUTBOUND = "http://soap.sforce.com/2005/09/outbound"
 SALESFORCE_ACK = (
     b'<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
@@ -219,6 +224,27 @@ def lead_event(kind: str, delivery: str, source: str, lead_id: str, at: object, 
             "payload": payload, **{k: v for k, v in envelope.items() if v is not None}}  # fmt: skip
 
 
+def remember(store: dict, key: str, value) -> None:
+    """Bounded: the oldest entry goes first, so a gateway that has seen every deal keeps the latest ones."""
+    store.pop(key, None)
+    store[key] = value
+    if len(store) > REMEMBERED_DEALS:
+        del store[next(iter(store))]
+
+
+def day_start(date: str) -> str:
+    """A close date the CRM gives as a day ("2026-03-31") as the contract's time: its start, in UTC."""
+    return f"{date}T00:00:00Z" if len(date) == 10 else date
+
+
+def deal_updated(source: str, delivery: str, lead_id: str, at: object, amount: float, currency: str, close_date: object,
+                 forecast_category: str | None, **envelope) -> dict:  # fmt: skip
+    payload = {"amount": amount, "currency": currency, "close_date": close_date}
+    if forecast_category is not None:
+        payload["forecast_category"] = forecast_category
+    return lead_event("deal.updated", delivery, source, lead_id, at, payload, **envelope)
+
+
 def closing_or_change(source: str, delivery: str, lead_id: str, at: object, stage: str, amount: float,
                       currency: str, lost_reason: str | None, **envelope) -> dict:  # fmt: skip
     """A move into `stage`: deal.won, deal.lost, or a lead.stage_changed whose previous stage the CRM does not say."""
@@ -237,20 +263,36 @@ HUBSPOT_OBJECT_TYPES = {"0-1": "contact", "0-3": "deal"}
 
 
 class HubSpot:
-    """HubSpot webhooks (a JSON array of up to 100 events): deal.creation, deal.propertyChange on dealstage and
-    amount, contact.creation, or their generic `object.*` forms. HubSpot sends only a property's new value: a stage change's `from` is unknown, and a
-    won deal's amount is the last `amount` change this gateway saw for it (0 if none)."""
+    """HubSpot webhooks (a JSON array of up to 100 events): deal.creation, deal.propertyChange on dealstage,
+    amount, closedate and hs_forecast_category, contact.creation, or their generic `object.*` forms. HubSpot
+    sends only a property's new value: a stage change's `from` is unknown, and the deal's other fields are the
+    last changes this gateway saw for it (a won deal's amount 0 if none)."""
 
     def __init__(self, stages: StageMap):
-        self.stages, self.amounts = stages, {}
+        # By deal: {"amount": float, "close_date": epoch ms or ISO, "forecast_category": contract name or None}.
+        self.stages, self.deals = stages, {}
 
-    def remember_amount(self, deal: str, value: object) -> None:
-        try:
-            self.amounts[deal] = float(value)
-        except (TypeError, ValueError):
-            return
-        if len(self.amounts) > REMEMBERED_AMOUNTS:
-            del self.amounts[next(iter(self.amounts))]
+    def deal_change(self, deal: str, delivery: str, at: object, name: str, value: object) -> list[dict]:
+        """Remember the changed field; a deal.updated with the deal's fields once its amount and close date are
+        known (the contract's snapshot needs both, and an amount guessed as 0 would read as a cut). A cleared
+        field ("") is forgotten."""
+        fields = dict(self.deals.get(deal, {}))
+        if name == "amount":
+            try:
+                fields["amount"] = float(value)
+            except (TypeError, ValueError):
+                fields.pop("amount", None)
+        elif name == "closedate":
+            text = str(value or "")
+            # HubSpot sends date properties as epoch milliseconds; anything else goes to the contract as it came.
+            fields["close_date"] = int(text) if is_timestamp(text) else (text or None)
+        else:
+            fields["forecast_category"] = HUBSPOT_FORECAST.get(str(value).upper())
+        remember(self.deals, deal, fields)
+        if fields.get("close_date") is None or fields.get("amount") is None:
+            return []
+        return [deal_updated("hubspot", delivery, deal, at, fields["amount"], self.stages.currency,
+                             fields["close_date"], fields.get("forecast_category"))]  # fmt: skip
 
     def one(self, item: dict) -> list[dict]:
         kind, object_id = item.get("subscriptionType"), item.get("objectId")
@@ -264,11 +306,11 @@ class HubSpot:
         deal = f"hubspot-deal-{object_id}"
         if kind == "deal.creation":
             return [lead_event("lead.created", delivery, "hubspot", deal, at, {"source": "hubspot"})]
-        if kind == "deal.propertyChange" and item.get("propertyName") == "amount":
-            self.remember_amount(deal, item.get("propertyValue"))
+        if kind == "deal.propertyChange" and item.get("propertyName") in ("amount", "closedate", "hs_forecast_category"):
+            return self.deal_change(deal, delivery, at, item["propertyName"], item.get("propertyValue"))
         if kind == "deal.propertyChange" and item.get("propertyName") == "dealstage":
             pipeline, stage = self.stages.stage("hubspot", item.get("propertyValue"))
-            return [closing_or_change("hubspot", delivery, deal, at, stage, self.amounts.get(deal, 0.0),
+            return [closing_or_change("hubspot", delivery, deal, at, stage, self.deals.get(deal, {}).get("amount", 0.0),
                                       self.stages.currency, str(item.get("propertyValue")), pipeline=pipeline)]  # fmt: skip
         return []
 
@@ -342,8 +384,10 @@ class Pipedrive:
         lead_id, rep_id = f"pipedrive-deal-{current['id']}", self.rep(current)
         if action == "create":
             pipeline, stage = self.stages.stage("pipedrive", current["stage_id"])
-            return [lead_event("lead.created", delivery, "pipedrive", lead_id, pipedrive_time(current["add_time"]),
-                               {"source": "pipedrive", "stage": stage}, pipeline=pipeline, rep_id=rep_id)]  # fmt: skip
+            at = pipedrive_time(current["add_time"])
+            created = [lead_event("lead.created", delivery, "pipedrive", lead_id, at,
+                                  {"source": "pipedrive", "stage": stage}, pipeline=pipeline, rep_id=rep_id)]  # fmt: skip
+            return created + self.snapshot(current, delivery, lead_id, at, pipeline, rep_id)
         at, events = pipedrive_time(current["update_time"]), []
         if "stage_id" in previous and previous["stage_id"] != current["stage_id"]:
             _, before = self.stages.stage("pipedrive", previous["stage_id"])
@@ -356,7 +400,23 @@ class Pipedrive:
             events.append(closing_or_change("pipedrive", delivery, lead_id, at, current["status"],
                                             float(current.get("value") or 0), currency, current.get("lost_reason"),
                                             pipeline=pipeline, rep_id=rep_id))  # fmt: skip
+        # v1's `previous` is the whole deal, v2's only the changed fields: a field changed if it is there and differs.
+        changed = any(name in previous and previous[name] != current.get(name)
+                      for name in ("value", "currency", "expected_close_date"))  # fmt: skip
+        if changed:
+            pipeline, _ = self.stages.stage("pipedrive", current["stage_id"])
+            events += self.snapshot(current, delivery, lead_id, at, pipeline, rep_id)
         return events
+
+    def snapshot(self, current: dict, delivery: str, lead_id: str, at: str, pipeline: str | None,
+                 rep_id: str | None) -> list[dict]:  # fmt: skip
+        """The deal's deal.updated: none without an expected close date (nothing to snapshot), nor once closed (a
+        won deal's amount is its deal.won's)."""
+        if current.get("status", "open") != "open" or not current.get("expected_close_date"):
+            return []
+        return [deal_updated("pipedrive", delivery, lead_id, at, float(current.get("value") or 0),
+                             current.get("currency") or self.stages.currency, day_start(current["expected_close_date"]),
+                             None, pipeline=pipeline, rep_id=rep_id)]  # fmt: skip
 
     @staticmethod
     def rep(current: dict) -> str | None:
@@ -369,6 +429,20 @@ class Salesforce:
 
     def __init__(self, stages: StageMap, organization_id: str):
         self.stages, self.organization_id = stages, organization_id
+        # By opportunity, the last StageName and (Amount, CloseDate, ForecastCategoryName) seen, each with the
+        # delivery that first carried it: a notification carries the whole record, not what changed, so an edit of
+        # the amount alone is no stage change. That same delivery again (a retry after a 503) gives its events again.
+        self.stage_names: dict[str, tuple[str, str]] = {}
+        self.snapshots: dict[str, tuple[tuple, str]] = {}
+
+    @staticmethod
+    def seen_before(store: dict, key: str, value, delivery: str) -> bool:
+        """Whether another delivery carried `value` last; remembers `value` with `delivery` if it is new."""
+        last = store.get(key)
+        if last is not None and last[0] == value:
+            return last[1] != delivery
+        remember(store, key, (value, delivery))
+        return False
 
     def translate(self, body: bytes) -> Translated:
         if b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper():
@@ -407,11 +481,20 @@ class Salesforce:
             return [closing_or_change("salesforce", delivery, lead_id, at, stage, amount, self.stages.currency,
                                       fields.get("StageName"), **envelope)]  # fmt: skip
         _, stage = self.stages.stage("salesforce", fields["StageName"])
+        events = []
         if fields.get("CreatedDate") and fields.get("CreatedDate") == fields.get("LastModifiedDate"):
-            return [lead_event("lead.created", delivery, "salesforce", lead_id, at,
-                               {"source": "salesforce", "stage": stage}, **envelope)]  # fmt: skip
-        return [lead_event("lead.stage_changed", delivery, "salesforce", lead_id, at,
-                           {"from": UNKNOWN_STAGE, "to": stage}, **envelope)]  # fmt: skip
+            events.append(lead_event("lead.created", delivery, "salesforce", lead_id, at,
+                                     {"source": "salesforce", "stage": stage}, **envelope))  # fmt: skip
+        elif not self.seen_before(self.stage_names, fields["Id"], fields["StageName"], delivery):
+            events.append(lead_event("lead.stage_changed", delivery, "salesforce", lead_id, at,
+                                     {"from": UNKNOWN_STAGE, "to": stage}, **envelope))  # fmt: skip
+        snapshot = (amount, fields.get("CloseDate") or None, fields.get("ForecastCategoryName") or None)
+        if snapshot[1] is not None and not self.seen_before(self.snapshots, fields["Id"], snapshot, delivery):
+            events.append(deal_updated("salesforce", delivery, lead_id, at, amount, self.stages.currency,
+                                       day_start(snapshot[1]), SALESFORCE_FORECAST.get(snapshot[2] or ""), **envelope))  # fmt: skip
+        if events and events[0]["type"] == "lead.created":  # the stage it was created in is the one to compare with
+            self.seen_before(self.stage_names, fields["Id"], fields["StageName"], delivery)
+        return events
 
 
 def contract_events(body: bytes) -> Translated:
@@ -438,6 +521,7 @@ class Gateway:
 
     def __post_init__(self):
         self.hubspot, self.pipedrive = HubSpot(self.stages), Pipedrive(self.stages)
+        self.salesforce = Salesforce(self.stages, self.settings.salesforce_organization_id or "")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.gateway_max_body_bytes)
@@ -479,7 +563,7 @@ class Gateway:
         if source == "pipedrive" and s.pipedrive_username and s.pipedrive_password:
             return self.pipedrive.translate
         if source == "salesforce" and s.salesforce_organization_id:
-            return Salesforce(self.stages, s.salesforce_organization_id).translate
+            return self.salesforce.translate
         if source == "events" and s.events_signing_secret:
             return contract_events
         raise Refused(404, "not_configured", f"the {source} webhook is not configured (docs/ingestion.md)")

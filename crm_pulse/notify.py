@@ -20,7 +20,7 @@ from kafka.errors import CommitFailedError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from crm_pulse.alerts import DAY_SECONDS, kafka_consumer, parse_alert, where
+from crm_pulse.alerts import DAY_SECONDS, kafka_consumer, parse_any_alert, where
 from crm_pulse.broker import bind_error, client_security, create_missing
 from crm_pulse.channels import (
     MAX_DELAY_SECONDS, SNOOZE, Channel, Message, configure_channels, deliver_with_retries,
@@ -29,7 +29,7 @@ from crm_pulse.config import Settings, SettingsInvalid
 from crm_pulse.directory import Directory, DirectoryFile
 from crm_pulse.schedule import Timing, release_time
 from crm_pulse.snooze import Snoozes, snooze_link
-from crm_pulse.schemas.records import Alert, NotificationDeadLetter
+from crm_pulse.schemas.records import Alert, DealAlert, NotificationDeadLetter
 from crm_pulse.streams.leads import ESCALATED
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,13 @@ HEADLINES = {
     "lead.stall_escalated": "{lead} still stalled in stage {stage} (escalated)",
     "lead.stall_cleared": "{lead} is moving again after stalling in stage {stage}",
 }
+# A link template may use only the fields every alert has, stall (v1) or deal (v2), so it fills in for both.
+LINK_FIELDS = tuple(name for name in Alert.model_fields if name in DealAlert.model_fields)
 # Alert to delivery spans a post (ms) up to the retries of a failing channel and a restart (minutes).
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
 
-def record_link(template: str | None, alert: Alert) -> str | None:
+def record_link(template: str | None, alert: Alert | DealAlert) -> str | None:
     """The CRM record's URL: CRM_PULSE_CRM_RECORD_URL with the alert's fields, e.g. {lead_id}, filled in."""
     return template.format_map(alert.model_dump()) if template else None
 
@@ -52,18 +54,61 @@ def check_link_template(template: str | None) -> None:
     if template is None:
         return
     try:
-        template.format_map(dict.fromkeys(Alert.model_fields, ""))
+        template.format_map(dict.fromkeys(LINK_FIELDS, ""))
     except (KeyError, IndexError, ValueError) as exc:
-        fields = ", ".join(f"{{{name}}}" for name in Alert.model_fields)
+        fields = ", ".join(f"{{{name}}}" for name in LINK_FIELDS)
         raise SettingsInvalid(
-            f"CRM_PULSE_CRM_RECORD_URL={template!r} has an unknown placeholder {exc}; use the alert's fields: {fields}"
+            f"CRM_PULSE_CRM_RECORD_URL={template!r} has an unknown placeholder {exc}; "
+            f"use the fields every alert has (stall and deal): {fields}"
         ) from None
 
 
-def compose(alert: Alert, directory: Directory | None, link_template: str | None, snooze: str | None = None) -> Message:
+def _day(timestamp: str | None) -> str | None:
+    """A close date as the date alone when it is a UTC midnight (as CRMs send dates), else in full."""
+    return timestamp[:10] if timestamp and timestamp.endswith("T00:00:00.000Z") else timestamp
+
+
+def deal_headline(alert: DealAlert, deal: str) -> str:
+    """What happened to the deal, with the numbers the alert carries."""
+    if alert.type == "deal.close_date_slipped":
+        pushes = "1 push" if alert.push_count == 1 else f"{alert.push_count} pushes"
+        return f"{deal}: close date pushed from {_day(alert.previous_close_date)} to {_day(alert.close_date)} ({pushes})"
+    if alert.type == "deal.past_due":
+        return f"{deal} is past its close date {_day(alert.close_date)} and still open"
+    if alert.type == "deal.stage_regressed":
+        return f"{deal} moved back from stage {alert.from_stage} to {alert.to_stage}"
+    if alert.type == "deal.amount_decreased":
+        return (f"{deal}: amount cut by {alert.decrease_ratio:.0%} from {alert.previous_amount:,.2f} "
+                f"to {alert.amount:,.2f}")  # fmt: skip
+    return f"{deal}: health dropped from {alert.previous_health_band} to {alert.health_band} (score {alert.health:.1f})"
+
+
+def compose_deal(alert: DealAlert, owner: str, team: str | None, link: str | None, snooze: str | None) -> Message:
+    """A deal alert: what happened in the headline; the deal's stage, amount and close date, and who owns it."""
+    deal = f"Deal {alert.lead_id}" + (f" (account {alert.account_id})" if alert.account_id else "")
+    facts = [f"stage {alert.stage}"] if alert.stage else []
+    if alert.amount is not None and alert.type != "deal.amount_decreased":
+        facts.append(f"amount {alert.amount:,.2f}")
+    if alert.close_date and alert.type not in ("deal.close_date_slipped", "deal.past_due"):
+        facts.append(f"close date {_day(alert.close_date)}")
+    facts.append(f"rep {owner}")
+    if team:
+        facts.append(f"team {team}")
+    return Message(
+        headline=deal_headline(alert, deal), facts=", ".join(facts),
+        details=f"{alert.type} · detected {alert.detected_at} · alert {alert.alert_id}", link=link, snooze=snooze,
+    )  # fmt: skip
+
+
+def compose(alert: Alert | DealAlert, directory: Directory | None, link_template: str | None,
+            snooze: str | None = None) -> Message:  # fmt: skip
     """What a rep can act on: the lead and its account, the stage, idle time against the threshold and the rule
     that set it, the deal value, who owns it, a link to the record, and one that snoozes the lead."""
     reps = directory.reps if directory else {}
+    if isinstance(alert, DealAlert):
+        owner = reps[alert.rep_id].display_name if alert.rep_id in reps else alert.rep_id
+        team = alert.team_id if alert.rep_id not in reps else None
+        return compose_deal(alert, owner, team, record_link(link_template, alert), snooze)
     owner = reps[alert.rep_id].display_name if alert.rep_id in reps else alert.rep_id
     lead = f"Lead {alert.lead_id}" + (f" (account {alert.account_id})" if alert.account_id else "")
     facts = [f"idle {alert.idle_seconds / DAY_SECONDS:.1f}d", f"threshold {alert.threshold_seconds / DAY_SECONDS:.1f}d",
@@ -83,8 +128,8 @@ def compose(alert: Alert, directory: Directory | None, link_template: str | None
     )
 
 
-def compose_group(alerts: list[Alert], directory: Directory | None, link_template: str | None,
-                  snooze: Callable[[Alert], str | None]) -> Message:  # fmt: skip
+def compose_group(alerts: list[Alert | DealAlert], directory: Directory | None, link_template: str | None,
+                  snooze: Callable[[Alert | DealAlert], str | None]) -> Message:  # fmt: skip
     """One alert's message, or for several of one rep's alerts one message with a line (and links) for each."""
     messages = [compose(alert, directory, link_template, snooze(alert)) for alert in alerts]
     if len(messages) == 1:
@@ -110,7 +155,7 @@ class Delivery:
         return f"{alert_id}|{self.channel.name}|{self.recipient}"
 
 
-def route(alert: Alert, directory: Directory | None, channels: list[Channel]) -> list[Delivery]:
+def route(alert: Alert | DealAlert, directory: Directory | None, channels: list[Channel]) -> list[Delivery]:
     """The rep, and their manager if the alert is an escalation; the team channel if the lead has no rep in the
     directory. Per-recipient channels reach those of them with an address there; the others post once."""
     reps = directory.reps if directory else {}
@@ -238,7 +283,7 @@ class Held:
     """An alert whose deliveries to its rep (and their manager) wait for the rep's release time."""
 
     record: object
-    alert: Alert
+    alert: Alert | DealAlert
     published: dict
     deliveries: list[Delivery]
     outcomes: set[str] = field(default_factory=set)  # of each message made so far: posted or failed
@@ -267,7 +312,7 @@ class Notifier:
         posted (every delivery made now or before, at least one now), duplicate (all made before), failed (one
         dead-lettered), snoozed (its lead is), invalid, or held (`release` gives the outcome later)."""
         try:
-            alert = parse_alert(record.value)
+            alert = parse_any_alert(record.value)
         except ValueError as exc:
             log.warning("skipping invalid record %s: %s", where(record), exc)
             return "invalid"
@@ -357,7 +402,7 @@ class Notifier:
         log.info("alert %s not posted: lead %s is snoozed", item.alert.alert_id, item.alert.lead_id)
         return True
 
-    def snooze_link(self, alert: Alert) -> str | None:
+    def snooze_link(self, alert: Alert | DealAlert) -> str | None:
         settings = self.settings
         if settings.notify_link_secret is None or settings.notify_link_base_url is None:
             return None

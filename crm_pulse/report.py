@@ -24,6 +24,9 @@ from crm_pulse.schemas.events import ms_to_iso
 from crm_pulse.schemas.validate import InvalidEvent, parse_event
 from crm_pulse.streams.clock import Clock
 from crm_pulse.streams.fold import Fold
+from crm_pulse.streams.forecast import (
+    open_deal, stage_counts, stage_figures, weighted_pipeline, weighted_rows, win_probabilities,
+)  # fmt: skip
 from crm_pulse.streams.kpis import day_of
 from crm_pulse.streams.periods import PERIODS, period_of
 
@@ -102,19 +105,34 @@ def gauges_of(fold: Fold) -> Gauges:
     return Gauges(clock, aggregates, SimpleNamespace(customer_base=fold.customer_base), leads=None)
 
 
+def deal_figures(fold: Fold, history_days: int) -> dict:
+    """As the worker's /deals/forecast has them, at the latest event: P(win | stage), stage conversion and the
+    closed deals behind them over the `history_days` days up to it, per pipeline; and the weighted pipeline of
+    the deals open then, with those probabilities."""
+    today = day_of(fold.latest_ms, fold.zone)
+    counts = {pipeline: stage_counts(state, today, history_days) for pipeline, state in sorted(fold.outcomes.items())}
+    probabilities = {pipeline: win_probabilities(c) for pipeline, c in counts.items()}
+    deals = [(*deal, lead["team"], lead["rep"]) for (family, _), lead in fold.entities.items()
+             if family == "lead" and (deal := open_deal(lead, fold.deal_policy)) is not None]  # fmt: skip
+    weighted = weighted_pipeline(deals, lambda pipeline, stage: probabilities.get(pipeline, {}).get(stage), fold.zone)
+    return {"history_days": history_days, "stages": {pipeline: stage_figures(c) for pipeline, c in counts.items() if c},
+            "weighted_pipeline": weighted_rows(weighted)}  # fmt: skip
+
+
 def report(settings: Settings, fold: Fold, period: str | None, first: str | None) -> dict:
     """The report as /kpis answers it: the rolling windows, or with `period` every period from `first` (default:
-    the first event's) to the latest event's."""
+    the first event's) to the latest event's; and the deal figures at the latest event."""
     if fold.latest_ms is None:
         raise ReportFailed("no events to report on")
     gauges = gauges_of(fold)
     head = {"time_zone": settings.business_timezone, "now": ms_to_iso(fold.latest_ms)}
+    deals = {"deals": deal_figures(fold, settings.deal_history_days)}
     if period is None:
-        return {**head, "kpis": kpi_snapshot(gauges.kpi_families())}
+        return {**head, "kpis": kpi_snapshot(gauges.kpi_families()), **deals}
     if first is None:
         first = period_of(period, day_of(fold.earliest_ms, fold.zone))
     try:
-        return {**head, "period": period, "periods": period_table(gauges, period, first)}
+        return {**head, "period": period, "periods": period_table(gauges, period, first), **deals}
     except ValueError as exc:
         raise ReportFailed(f"--from {first}: {exc}") from None
 
@@ -127,11 +145,29 @@ def rows(body: dict) -> list[tuple[str, str, dict, float]]:
             for snapshot in snapshots for metric, samples in snapshot.items() for sample in samples]  # fmt: skip
 
 
+# The deal figures under the names of the worker's gauges (docs/deals.md).
+STAGE_METRICS = (("win_probability", "crm_deal_win_probability_ratio"), ("conversion", "crm_deal_stage_conversion_ratio"),
+                 ("closed_reached", "crm_deal_closed_reached"))  # fmt: skip
+
+
+def deal_rows(deals: dict) -> list[tuple[str, str, dict, float]]:
+    """(window, metric, labels, value) of the deal figures: the stage figures' window is the trailing history
+    (`180d`), the weighted pipeline's `open` (the deals open at the latest event)."""
+    window = f"{deals['history_days']}d"
+    found = [(window, metric, {"pipeline": pipeline, "stage": stage}, value)
+             for pipeline, figures in deals["stages"].items() for key, metric in STAGE_METRICS
+             for stage, value in figures[key].items()]  # fmt: skip
+    found += [("open", "crm_pipeline_weighted_value", {"close_month": row["close_month"], "pipeline": row["pipeline"],
+               "team": row["team_id"] or "none", "rep": row["rep_id"] or "unassigned"}, row["weighted_value"])
+              for row in deals["weighted_pipeline"]]  # fmt: skip
+    return found
+
+
 def as_csv(body: dict) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["window", "metric", "labels", "value"])
-    for window, metric, labels, value in rows(body):
+    for window, metric, labels, value in rows(body) + deal_rows(body["deals"]):
         writer.writerow([window, metric, ";".join(f"{k}={v}" for k, v in labels.items()), value])
     return out.getvalue()
 
@@ -159,6 +195,28 @@ def as_table(body: dict) -> Table:
     return table
 
 
+def deal_tables(body: dict) -> list[Table]:
+    """Per pipeline and stage: P(win | stage), conversion and the closed deals behind them; then the weighted
+    pipeline by close month and pipeline (its teams and reps summed, as the table shows overall series)."""
+    deals = body["deals"]
+    stages = Table(title=f"Deals closed in the {deals['history_days']} days to {body['now']}")
+    for column in ("pipeline", "stage", "P(win | stage)", "conversion", "closed"):
+        stages.add_column(column, justify="left" if column in ("pipeline", "stage") else "right")
+    for pipeline, figures in deals["stages"].items():
+        for stage, reached in figures["closed_reached"].items():
+            stages.add_row(pipeline, stage, shown(figures["win_probability"][stage]), shown(figures["conversion"][stage]),
+                           shown(reached))  # fmt: skip
+    months: dict[tuple[str, str], float] = {}
+    for row in deals["weighted_pipeline"]:
+        months[(row["close_month"], row["pipeline"])] = months.get((row["close_month"], row["pipeline"]), 0) + row["weighted_value"]
+    weighted = Table(title="Weighted pipeline of the open deals: Σ amount × P(win | stage)")
+    for column in ("close month", "pipeline", "weighted value"):
+        weighted.add_column(column, justify="right" if column == "weighted value" else "left")
+    for (month, pipeline), value in sorted(months.items()):
+        weighted.add_row(month, pipeline, shown(value))
+    return [stages, weighted]
+
+
 def cli_report(settings: Settings, files: list[Path], mappings: list[Path], topic: bool, period: str | None,
                first: str | None, fmt: str, out: Path | None) -> int:  # fmt: skip
     """The `crm-pulse report` command: its exit status."""
@@ -180,10 +238,10 @@ def cli_report(settings: Settings, files: list[Path], mappings: list[Path], topi
             fold = fold_topic(settings)
         body = report(settings, fold, period, first)
         if fmt == "table" and out is None:
-            Console().print(as_table(body))
+            Console().print(as_table(body), *deal_tables(body))
         elif fmt == "table":
             with open(out, "w") as f:
-                Console(file=f, width=200).print(as_table(body))
+                Console(file=f, width=200).print(as_table(body), *deal_tables(body))
         else:
             text = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n" if fmt == "json" else as_csv(body)
             if out is None:

@@ -91,6 +91,19 @@ def conversion_ratios(counts: dict[str, list[int]], min_samples: int = 1) -> dic
     return {stage: advanced / reached for stage, (reached, _, advanced) in counts.items() if reached >= max(min_samples, 1)}
 
 
+def stage_figures(counts: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """A pipeline's P(win | stage), stage conversion and the closed deals behind them, as /deals/forecast and
+    `crm-pulse report` give them."""
+    return {"win_probability": win_probabilities(counts), "conversion": conversion_ratios(counts),
+            "closed_reached": {stage: cell[0] for stage, cell in counts.items()}}  # fmt: skip
+
+
+def weighted_rows(totals: dict[tuple, float]) -> list[dict]:
+    """`weighted_pipeline`'s totals as rows, by close month, pipeline, team and rep (a missing team or rep first)."""
+    return [{"close_month": m, "pipeline": p, "team_id": t, "rep_id": r, "weighted_value": v}
+            for (m, p, t, r), v in sorted(totals.items(), key=lambda kv: tuple(map(str, kv[0])))]  # fmt: skip
+
+
 def month_of(ms: int, zone: tzinfo | None = None) -> str:
     return period_of("month", day_of(ms, zone))
 
@@ -125,20 +138,47 @@ def weighted_pipeline(deals: Iterable[tuple], probability: Probability, zone: tz
     return dict(totals)
 
 
+def accuracy(forecast: float, won: float) -> dict[str, float | None]:
+    """The forecast against what was won: 1 − |won − forecast| / won (None when nothing was won)."""
+    return {"forecast": forecast, "won": won, "accuracy_ratio": 1 - abs(won - forecast) / won if won else None}
+
+
+def month_forecast_parts(leads: Iterable[dict], month: str, probabilities_at: Callable[[int], Probability],
+                         policy: DealPolicy, zone: tzinfo | None = None) -> dict[tuple, list[float]]:  # fmt: skip
+    """`month_forecast`'s [forecast, won] per (team, rep) of the deals: their latest team and rep, so a deal that
+    changed hands counts wholly for its latest owner, forecast and won alike."""
+    first, last = period_days("month", month)
+    start = day_start_ms(first, zone)
+    probability = probabilities_at(start)
+    parts: defaultdict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for lead in leads:
+        owner = (lead["team"], lead["rep"])
+        deal = open_deal(lead, policy, at=start - 1)
+        if deal is not None and month_of(deal[3], zone) == month and (p := probability(deal[0], deal[1])) is not None:
+            parts[owner][0] += deal[2] * p
+        history = stage_history(lead)
+        if history and history[-1][2] == WON and first <= day_of(history[-1][0], zone) <= last:
+            parts[owner][1] += lead.get("won_amount") or 0
+    return dict(parts)
+
+
 def month_forecast(leads: Iterable[dict], month: str, probabilities_at: Callable[[int], Probability],
                    policy: DealPolicy, zone: tzinfo | None = None) -> dict[str, float]:  # fmt: skip
     """The forecast made at the start of `month` against what was won in it: `forecast` = Σ amount × P(win |
     stage) over the deals open at the month's first instant whose close date then was in the month, with the
     probabilities learned up to that instant; `won` = Σ won amount of deals won in the month (event time)."""
-    first, last = period_days("month", month)
-    start = day_start_ms(first, zone)
-    probability = probabilities_at(start)
-    forecast = won = 0.0
-    for lead in leads:
-        deal = open_deal(lead, policy, at=start - 1)
-        if deal is not None and month_of(deal[3], zone) == month and (p := probability(deal[0], deal[1])) is not None:
-            forecast += deal[2] * p
-        history = stage_history(lead)
-        if history and history[-1][2] == WON and first <= day_of(history[-1][0], zone) <= last:
-            won += lead.get("won_amount") or 0
-    return {"forecast": forecast, "won": won, "accuracy_ratio": 1 - abs(won - forecast) / won if won else None}
+    parts = month_forecast_parts(leads, month, probabilities_at, policy, zone).values()
+    return accuracy(sum(part[0] for part in parts), sum(part[1] for part in parts))
+
+
+def forecast_by(parts: dict[tuple, list[float]], by: str) -> list[dict]:
+    """The parts summed by "team" or by "rep" (team and rep: a rep is counted within each team their deals
+    are in), each with its accuracy; `team_id`/`rep_id` None for deals without one."""
+    totals: defaultdict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for (team, rep), (forecast, won) in parts.items():
+        key = (team,) if by == "team" else (team, rep)
+        totals[key][0] += forecast
+        totals[key][1] += won
+    names = ("team_id",) if by == "team" else ("team_id", "rep_id")
+    return [{**dict(zip(names, key)), **accuracy(*values)}
+            for key, values in sorted(totals.items(), key=lambda kv: tuple(map(str, kv[0])))]  # fmt: skip

@@ -93,3 +93,50 @@ def health_alerts(lead: dict, lead_id: str, policy: DealPolicy, now_ms: int, nor
     alert_id = str(uuid.uuid5(ALERT_NAMESPACE, f"{HEALTH_DROPPED}|{lead_id}|{cause}"))
     details = {"health": score, "health_band": now_band, "previous_health_band": before}
     return [deal_alert(HEALTH_DROPPED, alert_id, lead, lead_id, now_ms, details)]
+
+
+def _worse(now_band: str, before: str) -> bool:
+    names = [name for name, _ in BANDS]
+    return names.index(now_band) > names.index(before)
+
+
+def quiet_inputs(lead: dict, policy: DealPolicy) -> dict | None:
+    """`health_inputs` with what the timer's check also reads: the band of record and the latest event time seen
+    on the deal (.get: leads stored before)."""
+    inputs = health_inputs(lead, policy)
+    return None if inputs is None else inputs | {"band": lead.get("health_band"), "seen_until": lead.get("seen_until")}
+
+
+def quiet_drop(inputs: dict, now_ms: int, norms: Norms) -> str | None:
+    """The band a deal has fallen to at `now_ms` with no event since `seen_until`, if worse than its band of
+    record: recency and dwell fall as time passes, while the other components change only at its events."""
+    if inputs["band"] is None or inputs["seen_until"] is None or now_ms <= inputs["seen_until"]:
+        return None
+    now_band = band(health(inputs, now_ms, norms))
+    return now_band if _worse(now_band, inputs["band"]) else None
+
+
+def quiet_health_alerts(lead: dict, lead_id: str, policy: DealPolicy, now_ms: int, norms: Norms) -> list[dict]:
+    """`deal.health_dropped` for a deal whose band fell since its latest event, found by the timer; records the
+    band. Between two events of a deal its score only falls, and only a drop is recorded here, so each band is
+    reached once per quiet spell: the occurrence is the spell (`seen_until`) and the band, raised once."""
+    inputs = quiet_inputs(lead, policy)
+    if inputs is None or (dropped := quiet_drop(inputs, now_ms, norms)) is None:
+        return []
+    return health_alerts(lead, lead_id, policy, now_ms, norms, f"quiet|{inputs['seen_until']}|{dropped}")
+
+
+def quiet_band_record(lead: dict) -> dict:
+    """What the timer saves on the lead after a quiet drop (via the agent, which alone writes the table)."""
+    return {"health_band": lead["health_band"], "seen_until": lead["seen_until"]}
+
+
+def fold_quiet_band(lead: dict, record: dict | None) -> bool:
+    """A band the timer recorded, into the lead; True if it changed it. Dropped when an event of the deal came
+    after the timer looked (`seen_until` moved: that event's band stands) or the band is no worse."""
+    if record is None or lead.get("seen_until") != record["seen_until"] or lead.get("health_band") is None:
+        return False
+    if not _worse(record["health_band"], lead["health_band"]):
+        return False
+    lead["health_band"] = record["health_band"]
+    return True

@@ -110,10 +110,14 @@ def salesforce_message(notifications: list[tuple[str, dict]], org: str = SALESFO
 
 
 def opportunity(opp: str, stage: str, created: str, modified: str, amount: float = 0, closed: bool = False,
-                won: bool = False) -> dict:  # fmt: skip
-    return {"Id": opp, "AccountId": "0015g00000XyZ12AAB", "Amount": amount, "CloseDate": modified[:10],
-            "CreatedDate": created, "IsClosed": str(closed).lower(), "IsWon": str(won).lower(),
-            "LastModifiedDate": modified, "OwnerId": "0055g00000Rep01AAA", "StageName": stage}  # fmt: skip
+                won: bool = False, close_date: str | None = None, forecast: str | None = None) -> dict:  # fmt: skip
+    """The Opportunity fields an Outbound Message sends: those its action selects, `CloseDate` (a date) and
+    `ForecastCategoryName` only when given."""
+    fields = {"Id": opp, "AccountId": "0015g00000XyZ12AAB", "Amount": amount, "CloseDate": close_date,
+              "CreatedDate": created, "ForecastCategoryName": forecast, "IsClosed": str(closed).lower(),
+              "IsWon": str(won).lower(), "LastModifiedDate": modified, "OwnerId": "0055g00000Rep01AAA",
+              "StageName": stage}  # fmt: skip
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 SALESFORCE_HEADERS = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'}

@@ -151,9 +151,9 @@ def test_worker_help_and_the_configuration_page_list_every_setting():
     ({"CRM_PULSE_SLACK_BOT_TOKEN": "xoxb-1", "CRM_PULSE_REP_DIRECTORY": "/nonexistent/reps.toml"},
      "/nonexistent/reps.toml: cannot be read (No such file or directory)"),
     ({"CRM_PULSE_WEBHOOK_URL": "https://hooks.example.com/1", "CRM_PULSE_CRM_RECORD_URL": "https://crm/{id}"},
-     "CRM_PULSE_CRM_RECORD_URL='https://crm/{id}' has an unknown placeholder 'id'; use the alert's fields: "
-     "{schema_version}, {alert_id}, {type}, {lead_id}, {rep_id}, {team_id}, {pipeline}, {stage}, {idle_since}, "
-     "{idle_seconds}, {threshold_seconds}, {rule}, {detected_at}, {account_id}, {deal_value}"),
+     "CRM_PULSE_CRM_RECORD_URL='https://crm/{id}' has an unknown placeholder 'id'; use the fields every alert has "
+     "(stall and deal): {schema_version}, {alert_id}, {type}, {lead_id}, {rep_id}, {team_id}, {pipeline}, {stage}, "
+     "{detected_at}, {account_id}"),
 ])  # fmt: skip
 def test_alerts_notify_missing_a_channels_setting_is_one_line_and_exit_1(env, expected):
     code, stderr, _ = crm_pulse("alerts", "notify", CRM_PULSE_BROKER=refused_address(), **env)

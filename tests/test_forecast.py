@@ -13,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 from crm_pulse.streams.deals import DealPolicy
 from crm_pulse.streams.fold import Fold
 from crm_pulse.streams.forecast import (
-    conversion_ratios, month_forecast, month_of, open_deal, stage_counts, weighted_pipeline, win_probabilities,
+    conversion_ratios, forecast_by, month_forecast, month_forecast_parts, month_of, open_deal, stage_counts,
+    weighted_pipeline, win_probabilities,
 )  # fmt: skip
 from crm_pulse.streams.kpis import DAY_MS, day_of
 from crm_pulse.streams.leads import StallPolicy
@@ -125,6 +126,52 @@ def test_month_forecast_made_at_the_months_start_against_what_was_won():
     fold = folded([*events, omitted])
     leads = [lead for (family, _), lead in fold.entities.items() if family == "lead"]
     assert month_forecast(leads, "2026-04", probabilities_at(fold), POLICY)["forecast"] == 5_000.0
+
+
+def test_month_forecast_by_team_and_rep():
+    t1r1, t1r2 = {"team_id": "t1", "rep_id": "r1"}, {"team_id": "t1", "rep_id": "r2"}
+    events = [
+        # March: P(win | new, qualified, proposal) = 1/2, as above.
+        *history("A", MAR_1, ["new", "qualified", "proposal"], "won", 50.0, **t1r1),
+        *history("B", MAR_1, ["new", "qualified", "proposal"], "lost", **t1r2),
+        # E (t1, r1): proposal, 10,000 due 15 April (5,000); won for 9,000. F (t1, r2): qualified, 4,000 due 30 April
+        # (2,000); lost. H (t2, r3): created and won in April for 3,000. K (no team, no rep): new, 1,000 due
+        # 20 April (500), still open.
+        ev("E:c", "lead.created", "E", MAR_1 + 9 * DAY_MS, {"source": "web", "stage": "proposal", "amount": 10_000.0,
+                                                           "close_date": APR_1 + 14 * DAY_MS}, **t1r1),
+        ev("E:won", "deal.won", "E", APR_1 + 13 * DAY_MS, {"amount": 9_000.0}),
+        ev("F:c", "lead.created", "F", MAR_1 + 4 * DAY_MS, {"source": "web", "stage": "qualified", "amount": 4_000.0,
+                                                           "close_date": APR_1 + 29 * DAY_MS}, **t1r2),
+        ev("F:lost", "deal.lost", "F", APR_1 + 19 * DAY_MS, {"reason": "price"}),
+        ev("H:c", "lead.created", "H", APR_1 + 2 * DAY_MS, {"source": "web", "stage": "new"}, team_id="t2", rep_id="r3"),
+        ev("H:won", "deal.won", "H", APR_1 + 24 * DAY_MS, {"amount": 3_000.0}),
+        ev("K:c", "lead.created", "K", MAR_1 + 5 * DAY_MS, {"source": "web", "stage": "new", "amount": 1_000.0,
+                                                           "close_date": APR_1 + 19 * DAY_MS}),
+    ]  # fmt: skip
+    fold = folded(events)
+    leads = [lead for (family, _), lead in fold.entities.items() if family == "lead"]
+    parts = month_forecast_parts(leads, "2026-04", probabilities_at(fold), POLICY)
+    assert parts == {("t1", "r1"): [5_000.0, 9_000.0], ("t1", "r2"): [2_000.0, 0.0], ("t2", "r3"): [0.0, 3_000.0],
+                     (None, None): [500.0, 0.0]}  # fmt: skip
+    # In all: 7,500 forecast, 12,000 won: 1 − 4,500 / 12,000.
+    assert month_forecast(leads, "2026-04", probabilities_at(fold), POLICY)["accuracy_ratio"] == 0.625
+    assert forecast_by(parts, "team") == [
+        {"team_id": None, "forecast": 500.0, "won": 0.0, "accuracy_ratio": None},
+        {"team_id": "t1", "forecast": 7_000.0, "won": 9_000.0, "accuracy_ratio": pytest.approx(1 - 2_000 / 9_000)},
+        {"team_id": "t2", "forecast": 0.0, "won": 3_000.0, "accuracy_ratio": 0.0},
+    ]  # fmt: skip
+    assert forecast_by(parts, "rep") == [
+        {"team_id": None, "rep_id": None, "forecast": 500.0, "won": 0.0, "accuracy_ratio": None},
+        {"team_id": "t1", "rep_id": "r1", "forecast": 5_000.0, "won": 9_000.0, "accuracy_ratio": pytest.approx(5 / 9)},
+        {"team_id": "t1", "rep_id": "r2", "forecast": 2_000.0, "won": 0.0, "accuracy_ratio": None},
+        {"team_id": "t2", "rep_id": "r3", "forecast": 0.0, "won": 3_000.0, "accuracy_ratio": 0.0},
+    ]  # fmt: skip
+    # E handed to r2 in April: its forecast and its win count for r2, its latest rep.
+    handed = ev("E:a", "lead.activity", "E", APR_1 + 5 * DAY_MS, {"kind": "call", "direction": "outbound"}, **t1r2)
+    fold = folded([*events, handed])
+    leads = [lead for (family, _), lead in fold.entities.items() if family == "lead"]
+    parts = month_forecast_parts(leads, "2026-04", probabilities_at(fold), POLICY)
+    assert (("t1", "r1") in parts, parts[("t1", "r2")]) == (False, [7_000.0, 9_000.0])
 
 
 DEALS = st.lists(

@@ -354,6 +354,140 @@ def test_salesforce_notifications_of_one_message(gateway, broker):
     ]  # fmt: skip
 
 
+MARCH_31, APRIL_30 = 1_774_915_200_000, 1_777_507_200_000  # 2026-03-31 and 2026-04-30, 00:00 UTC, epoch ms
+
+
+def test_hubspot_amount_close_date_and_forecast_category_changes_give_deal_updated_snapshots(gateway, broker):
+    t = 1_767_225_600_000
+    batch = [
+        # No close date known yet: nothing to snapshot, the amount is remembered.
+        hubspot_event(221, "deal.propertyChange", 80, t, "amount", "10000"),
+        hubspot_event(222, "deal.propertyChange", 80, t + 1000, "closedate", str(MARCH_31)),
+        hubspot_event(223, "deal.propertyChange", 80, t + 2000, "hs_forecast_category", "COMMIT"),
+        hubspot_event(224, "object.propertyChange", 80, t + 3000, "closedate", str(APRIL_30), object_type="0-3"),
+        hubspot_event(225, "deal.propertyChange", 80, t + 4000, "amount", "7500.25"),
+        # A close date without any amount seen: nothing yet (0 would read as a cut from the amount it has).
+        hubspot_event(226, "deal.propertyChange", 81, t + 5000, "closedate", str(MARCH_31)),
+        hubspot_event(227, "deal.propertyChange", 80, t + 6000, "dealstage", "closedwon"),
+    ]
+    body = dumps(batch)
+    status, answer, _ = gateway.post("/webhooks/hubspot", body, hubspot_v1_headers(body))
+    assert (status, orjson.loads(answer)) == (200, {"published": 5, "dead_lettered": 0})
+
+    def updated(n: int, deal: int, at: int, amount: float, close: int, category: str | None = None) -> dict:
+        payload = {"amount": amount, "currency": "USD", "close_date": close}
+        return {"event_id": expected_id(f"hubspot:62515:{n}:deal.updated"), "type": "deal.updated", "occurred_at": at,
+                "lead_id": f"hubspot-deal-{deal}",
+                "payload": payload | ({"forecast_category": category} if category else {})}  # fmt: skip
+
+    assert [value for _, value in broker.on("in")] == [
+        updated(222, 80, t + 1000, 10000.0, MARCH_31),
+        updated(223, 80, t + 2000, 10000.0, MARCH_31, "commit"),
+        updated(224, 80, t + 3000, 10000.0, APRIL_30, "commit"),
+        updated(225, 80, t + 4000, 7500.25, APRIL_30, "commit"),
+        {"event_id": expected_id("hubspot:62515:227:deal.won"), "type": "deal.won", "occurred_at": t + 6000,
+         "lead_id": "hubspot-deal-80", "pipeline": "default", "payload": {"amount": 7500.25, "currency": "USD"}},
+    ]  # fmt: skip
+    # Deal 81's amount comes: its first snapshot, then an omitted category; a cleared close date: no snapshot
+    # until one is set again.
+    later = [hubspot_event(228, "deal.propertyChange", 81, t + 7000, "amount", "300"),
+             hubspot_event(229, "deal.propertyChange", 81, t + 8000, "hs_forecast_category", "OMIT"),
+             hubspot_event(230, "deal.propertyChange", 81, t + 9000, "closedate", ""),
+             hubspot_event(231, "deal.propertyChange", 81, t + 10000, "amount", "200")]  # fmt: skip
+    body = dumps(later)
+    status, answer, _ = gateway.post("/webhooks/hubspot", body, hubspot_v1_headers(body))
+    assert (status, orjson.loads(answer)) == (200, {"published": 2, "dead_lettered": 0})
+    assert [value for _, value in broker.on("in")][-2:] == [updated(228, 81, t + 7000, 300.0, MARCH_31),
+                                                            updated(229, 81, t + 8000, 300.0, MARCH_31, "omitted")]
+
+
+def test_pipedrive_value_currency_and_expected_close_date_changes_give_deal_updated(gateway, broker):
+    before = pipedrive_v1_current(33, 3, "open", "2026-01-01 00:00:00", "2026-01-01 00:30:00", 900)
+    v1_cut = pipedrive_v1_deal("updated", 33, 1_767_229_200, {
+        **pipedrive_v1_current(33, 3, "open", "2026-01-01 00:00:00", "2026-01-01 01:00:00", 600),
+        "expected_close_date": "2026-03-31"}, {**before, "expected_close_date": "2026-03-31"})  # fmt: skip
+    # v2: only the changed field in `previous`; the stage too moved in the same change.
+    data = {"id": 34, "value": 4200, "currency": "EUR", "status": "open", "stage_id": 3, "pipeline_id": 1,
+            "owner_id": 9002, "expected_close_date": "2026-04-30", "add_time": "2026-01-01T00:00:00Z",
+            "update_time": "2026-01-02T10:00:00Z"}  # fmt: skip
+    v2_pushed = pipedrive_v2("8f7a0c2e-0b1d-4c53-9a57-2f6f1f3e0a03", "change", "deal", data,
+                             {"expected_close_date": "2026-03-31", "stage_id": 2}, "2026-01-02T10:00:00.123Z")  # fmt: skip
+    # Changes that give no snapshot: the title alone; a value on a deal without a close date.
+    v2_title = pipedrive_v2("8f7a0c2e-0b1d-4c53-9a57-2f6f1f3e0a04", "change", "deal", {**data, "title": "B"},
+                            {"title": "A"}, "2026-01-02T11:00:00Z")  # fmt: skip
+    v2_no_date = pipedrive_v2("8f7a0c2e-0b1d-4c53-9a57-2f6f1f3e0a05", "change", "deal",
+                              {**data, "expected_close_date": None}, {"value": 4000}, "2026-01-02T12:00:00Z")  # fmt: skip
+    # Created with a value and an expected close date: its first snapshot with its creation.
+    v2_created = pipedrive_v2("8f7a0c2e-0b1d-4c53-9a57-2f6f1f3e0a06", "create", "deal",
+                              {**data, "id": 35, "stage_id": 1, "value": 250}, None, "2026-01-01T00:00:00Z")  # fmt: skip
+    for doc in (v1_cut, v2_pushed, v2_title, v2_no_date, v2_created):
+        assert gateway.post("/webhooks/pipedrive", dumps(doc), basic())[0] == 200
+    assert [value for _, value in broker.on("in")][-2:] == [
+        {"event_id": expected_id("pipedrive:8f7a0c2e-0b1d-4c53-9a57-2f6f1f3e0a06:lead.created"), "type": "lead.created",
+         "occurred_at": "2026-01-01T00:00:00Z", "lead_id": "pipedrive-deal-35", "pipeline": "1",
+         "rep_id": "pipedrive-user-9002", "payload": {"source": "pipedrive", "stage": "new"}},
+        {"event_id": expected_id("pipedrive:8f7a0c2e-0b1d-4c53-9a57-2f6f1f3e0a06:deal.updated"), "type": "deal.updated",
+         "occurred_at": "2026-01-01T00:00:00Z", "lead_id": "pipedrive-deal-35", "pipeline": "1",
+         "rep_id": "pipedrive-user-9002",
+         "payload": {"amount": 250.0, "currency": "EUR", "close_date": "2026-04-30T00:00:00Z"}},
+    ]  # fmt: skip
+    assert [value for _, value in broker.on("in")][:-2] == [
+        {"event_id": expected_id(f"pipedrive:v1:deal:33:{1_767_229_200_000_123}:deal.updated"), "type": "deal.updated",
+         "occurred_at": "2026-01-01T01:00:00Z", "lead_id": "pipedrive-deal-33", "pipeline": "1",
+         "rep_id": "pipedrive-user-9001",
+         "payload": {"amount": 600.0, "currency": "EUR", "close_date": "2026-03-31T00:00:00Z"}},
+        {"event_id": expected_id("pipedrive:8f7a0c2e-0b1d-4c53-9a57-2f6f1f3e0a03:lead.stage_changed"),
+         "type": "lead.stage_changed", "occurred_at": "2026-01-02T10:00:00Z", "lead_id": "pipedrive-deal-34",
+         "pipeline": "1", "rep_id": "pipedrive-user-9002", "payload": {"from": "qualified", "to": "proposal"}},
+        {"event_id": expected_id("pipedrive:8f7a0c2e-0b1d-4c53-9a57-2f6f1f3e0a03:deal.updated"), "type": "deal.updated",
+         "occurred_at": "2026-01-02T10:00:00Z", "lead_id": "pipedrive-deal-34", "pipeline": "1",
+         "rep_id": "pipedrive-user-9002",
+         "payload": {"amount": 4200.0, "currency": "EUR", "close_date": "2026-04-30T00:00:00Z"}},
+    ]  # fmt: skip
+
+
+def test_salesforce_amount_close_date_and_forecast_category_give_deal_updated_and_no_false_stage_change(gateway, broker):
+    opp, created = "0065g00000Opp03AAA", "2026-01-01T09:00:00.000Z"
+    new = opportunity(opp, "Qualification", created, created, amount=10000.0, close_date="2026-03-31",
+                      forecast="Pipeline")  # fmt: skip
+    cut = opportunity(opp, "Qualification", created, "2026-01-02T09:00:00.000Z", amount=8000.0,
+                      close_date="2026-03-31", forecast="Pipeline")  # fmt: skip
+    moved = opportunity(opp, "Negotiation/Review", created, "2026-01-03T09:00:00.000Z", amount=8000.0,
+                        close_date="2026-03-31", forecast="Pipeline")  # fmt: skip
+    committed = opportunity(opp, "Negotiation/Review", created, "2026-01-04T09:00:00.000Z", amount=8000.0,
+                            close_date="2026-04-30", forecast="Commit")  # fmt: skip
+    message = salesforce_message([("04l5g00000N0001AAA", new), ("04l5g00000N0002AAA", cut),
+                                  ("04l5g00000N0003AAA", moved), ("04l5g00000N0004AAA", committed)])  # fmt: skip
+    assert gateway.post("/webhooks/salesforce", message, SALESFORCE_HEADERS)[0] == 200
+    envelope = {"lead_id": f"salesforce-opportunity-{opp}", "rep_id": "salesforce-user-0055g00000Rep01AAA",
+                "account_id": "0015g00000XyZ12AAB"}  # fmt: skip
+
+    def event(at: str, kind: str, payload: dict) -> dict:
+        return {"event_id": expected_id(f"salesforce:{opp}:{at}:{kind}"), "type": kind, "occurred_at": at, **envelope,
+                "payload": payload}  # fmt: skip
+
+    def updated(at: str, amount: float, close: str, category: str) -> dict:
+        return event(at, "deal.updated", {"amount": amount, "currency": "USD", "close_date": close,
+                                          "forecast_category": category})  # fmt: skip
+
+    first = [
+        event(created, "lead.created", {"source": "salesforce", "stage": "qualified"}),
+        updated(created, 10000.0, "2026-03-31T00:00:00Z", "pipeline"),
+        updated("2026-01-02T09:00:00.000Z", 8000.0, "2026-03-31T00:00:00Z", "pipeline"),  # the amount alone
+        event("2026-01-03T09:00:00.000Z", "lead.stage_changed", {"from": "unknown", "to": "negotiation"}),
+        updated("2026-01-04T09:00:00.000Z", 8000.0, "2026-04-30T00:00:00Z", "commit"),
+    ]
+    assert [value for _, value in broker.on("in")] == first
+    # Retried (the same notifications, after a 503 say): the same events again, which the worker drops by id. A later
+    # notification of the same record (a field the gateway does not read changed): nothing.
+    assert gateway.post("/webhooks/salesforce", message, SALESFORCE_HEADERS)[0] == 200
+    touched = opportunity(opp, "Negotiation/Review", created, "2026-01-05T09:00:00.000Z", amount=8000.0,
+                          close_date="2026-04-30", forecast="Commit")  # fmt: skip
+    assert gateway.post("/webhooks/salesforce", salesforce_message([("04l5g00000N0005AAA", touched)]),
+                        SALESFORCE_HEADERS)[0] == 200  # fmt: skip
+    assert [value for _, value in broker.on("in")] == first + first
+
+
 # --- point 4: answers ------------------------------------------------------------------------------------
 
 

@@ -92,6 +92,19 @@ def alert_record(offset: int, alert_id: str, lead: str, published: str, kind: st
                            timestamp=int(utc(published).timestamp() * 1000))  # fmt: skip
 
 
+def deal_record(offset: int, alert_id: str, lead: str, published: str, **fields):
+    value = {
+        "schema_version": 2, "alert_id": alert_id, "type": "deal.close_date_slipped", "lead_id": lead,
+        "rep_id": "rep-7", "team_id": None, "pipeline": None, "account_id": None, "stage": "proposal",
+        "detected_at": published, "amount": 8000.0, "close_date": "2026-02-27T00:00:00.000Z",
+        "previous_close_date": "2026-01-30T00:00:00.000Z", "push_count": 3, "previous_amount": None,
+        "decrease_ratio": None, "from_stage": None, "to_stage": None, "health": None, "health_band": None,
+        "previous_health_band": None, **fields,
+    }  # fmt: skip
+    return SimpleNamespace(topic="alerts", partition=0, offset=offset, key=b"rep-7", value=orjson.dumps(value),
+                           timestamp=int(utc(published).timestamp() * 1000))  # fmt: skip
+
+
 class Clock:
     def __init__(self, start: str):
         self.at = utc(start)
@@ -215,6 +228,41 @@ def test_a_digest_goes_out_at_the_start_of_the_next_working_day(setup):
         ("bo@example.com", "Lead L1 still stalled in stage qualified (escalated)",
          "idle 6.0d, threshold 5.0d, rep Ana Lima, manager Bo Chen"),
     ]  # fmt: skip
+
+
+D1_TEXT = ("Deal D1: close date pushed from 2026-01-30 to 2026-02-27 (3 pushes): stage proposal, amount 8,000.00, "
+           "rep Ana Lima")
+
+
+def test_a_deal_alert_is_held_and_grouped_with_the_reps_stall_alerts_and_a_snoozed_deal_is_not_posted(setup):
+    clock = Clock("2026-01-06T20:00:00Z")  # 21:00 in Berlin: after Ana's day
+    producer = Producer()
+    run = setup(clock, producer, snoozes=True, notify_quiet_hours=True, notify_link_secret="link-secret",
+                notify_link_base_url="https://crm-pulse.example.com")  # fmt: skip
+    records = [alert_record(0, "a1", "L1", "2026-01-06T20:00:00Z"), deal_record(1, "d1", "D1", "2026-01-06T20:01:00Z"),
+               deal_record(2, "d2", "D2", "2026-01-06T20:02:00Z", type="deal.past_due")]  # fmt: skip
+    assert [run.notifier.handle(r) for r in records] == ["held", "held", "held"]
+    assert [headline for _, headline, _ in run.teams.sent] == [
+        "Lead L1 stalled in stage qualified", "Deal D1: close date pushed from 2026-01-30 to 2026-02-27 (3 pushes)",
+        "Deal D2 is past its close date 2026-02-27 and still open",
+    ]  # fmt: skip
+    producer.send("t-notify-snoozes", *snooze_record("D2", "rep-7", utc("2026-01-08T00:00:00Z")))
+    clock.set("2026-01-07T08:00:00Z")
+    assert [(item.alert.alert_id, outcome) for item, outcome in run.notifier.release()] == [
+        ("d2", "snoozed"), ("a1", "posted"), ("d1", "posted"),
+    ]  # fmt: skip
+    [(address, headline, facts)] = run.email.sent
+    assert (address, headline) == ("ana@example.com", "2 lead alerts for Ana Lima")
+    [stall_line, deal_line] = facts.split("\n")
+    assert stall_line.startswith(f"{A1_TEXT} · Snooze this lead: https://crm-pulse.example.com/snooze?lead=L1&rep=rep-7&")
+    assert deal_line.startswith(f"{D1_TEXT} · Snooze this lead: https://crm-pulse.example.com/snooze?lead=D1&rep=rep-7&")
+
+
+def test_a_record_of_a_version_notify_does_not_read_is_invalid_and_posted_nowhere(setup):
+    run = setup(Clock("2026-01-06T10:00:00Z"))
+    record = deal_record(0, "d9", "D9", "2026-01-06T10:00:00Z", schema_version=3)
+    assert run.notifier.handle(record) == "invalid"
+    assert run.email.sent == run.teams.sent == []
 
 
 def test_offsets_stop_at_the_first_held_alert():

@@ -103,3 +103,91 @@ def test_a_missing_file_is_one_line_and_exit_2(exports, capsys):
     code, _, err = report(exports[0].replace("leads.csv", "nowhere.csv"), *exports[1:], capsys=capsys)
     assert (code, err.splitlines()) == (2, [f"crm-pulse report: [Errno 2] No such file or directory: "
                                             f"'{Path(exports[0]).with_name('nowhere.csv')}'"])  # fmt: skip
+
+
+STAGES_MAPPING = """
+[dates]
+formats = ["%Y-%m-%d"]
+
+[envelope]
+lead_id = "lead"
+
+[[events]]
+type = "lead.stage_changed"
+occurred_at = "at"
+event_id = "{lead}:{to}"
+payload = { from = "from", to = "to" }
+"""
+UPDATES_MAPPING = """
+[dates]
+formats = ["%Y-%m-%d"]
+
+[envelope]
+lead_id = "lead"
+
+[[events]]
+type = "deal.updated"
+occurred_at = "at"
+event_id = "{lead}:updated"
+payload = { amount = { column = "amount", type = "float" }, close_date = { column = "close", type = "date" } }
+"""
+
+
+@pytest.fixture
+def pipeline_exports(tmp_path) -> list[str]:
+    """Closed in January: A new → qualified → proposal → won; B new → qualified → lost; C new → lost. Open on
+    30 January (the latest event): D in qualified (4,000 due 15 February), E in new (900 due 10 March), F in
+    proposal (500 due 20 February), G in negotiation (700 due 1 February), all of the default pipeline's order
+    new, qualified, proposal, negotiation."""
+    files = {
+        "leads.csv": "id,created,source,owner\nA,2024-01-02,web,rep-a\nB,2024-01-03,web,rep-a\nC,2024-01-04,web,rep-b\n"
+                     "D,2024-01-20,web,rep-a\nE,2024-01-21,web,rep-b\nF,2024-01-22,web,rep-a\nG,2024-01-23,web,rep-b\n",
+        "stages.csv": "lead,at,from,to\nA,2024-01-05,new,qualified\nA,2024-01-10,qualified,proposal\n"
+                      "B,2024-01-06,new,qualified\nD,2024-01-25,new,qualified\nF,2024-01-23,new,qualified\n"
+                      "F,2024-01-28,qualified,proposal\nG,2024-01-30,new,negotiation\n",
+        "deals.csv": "lead,status,closed,amount\nA,won,20/01/2024,1000\nB,lost,15/01/2024,\nC,lost,08/01/2024,\n",
+        "updates.csv": "lead,at,amount,close\nD,2024-01-26,4000,2024-02-15\nE,2024-01-22,900,2024-03-10\n"
+                       "F,2024-01-29,500,2024-02-20\nG,2024-01-29,700,2024-02-01\n",
+        "leads.toml": LEADS_MAPPING, "stages.toml": STAGES_MAPPING, "deals.toml": DEALS_MAPPING,
+        "updates.toml": UPDATES_MAPPING,
+    }  # fmt: skip
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return [arg for name in ("leads", "stages", "deals", "updates")
+            for arg in (str(tmp_path / f"{name}.csv"), "--mapping", str(tmp_path / f"{name}.toml"))]  # fmt: skip
+
+
+def test_deal_figures_from_exports(pipeline_exports, capsys, monkeypatch):
+    code, out, _ = report(*pipeline_exports, "--period", "month", "--format", "json", capsys=capsys)
+    deals = orjson.loads(out)["deals"]
+    # new: reached by A, B, C; A won; A and B went on. qualified: A, B; A won and went on. proposal: A, won.
+    assert (code, deals["history_days"], deals["stages"]) == (0, 180, {"default": {
+        "win_probability": {"new": pytest.approx(1 / 3), "qualified": 0.5, "proposal": 1.0},
+        "conversion": {"new": pytest.approx(2 / 3), "qualified": 0.5, "proposal": 1.0},
+        "closed_reached": {"new": 3, "qualified": 2, "proposal": 1},
+    }})  # fmt: skip
+    # D 4,000 × 1/2 + F 500 × 1 in February (rep-a), E 900 × 1/3 in March (rep-b); G's negotiation has no
+    # closed history, so it is left out.
+    assert deals["weighted_pipeline"] == [
+        {"close_month": "2024-02", "pipeline": "default", "team_id": None, "rep_id": "rep-a", "weighted_value": 2500.0},
+        {"close_month": "2024-03", "pipeline": "default", "team_id": None, "rep_id": "rep-b",
+         "weighted_value": pytest.approx(300.0)},
+    ]  # fmt: skip
+
+    code, out, _ = report(*pipeline_exports, "--format", "csv", capsys=capsys)
+    rows = {(r["window"], r["metric"], r["labels"]): float(r["value"]) for r in csv.DictReader(io.StringIO(out))}
+    assert rows[("180d", "crm_deal_stage_conversion_ratio", "pipeline=default;stage=qualified")] == 0.5
+    assert rows[("open", "crm_pipeline_weighted_value",
+                 "close_month=2024-02;pipeline=default;team=none;rep=rep-a")] == 2500  # fmt: skip
+
+    # A window of 11 days, 20 to 30 January, keeps A alone (closed on the 20th): P(win) 1 at every stage it reached.
+    monkeypatch.setenv("CRM_PULSE_DEAL_HISTORY_DAYS", "11")
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = report(*pipeline_exports, capsys=capsys)
+    lines = [" ".join(line.replace("│", " ").split()) for line in out.splitlines()]
+    assert code == 0 and "Deals closed in the 11 days to 2024-01-30T00:00:00.000Z" in lines
+    assert [line for line in lines if line.startswith(("default ", "2024-"))] == [
+        "default new 1 1 1", "default qualified 1 1 1", "default proposal 1 1 1",
+        # D 4,000 + F 500 in February; E 900 in March: all at P = 1 now.
+        "2024-02 default 4,500", "2024-03 default 900",
+    ]

@@ -14,7 +14,7 @@ from crm_pulse.channels import Email, SignedWebhook, SlackBot, TeamsWebhook
 from crm_pulse.config import SettingsInvalid
 from crm_pulse.directory import Directory, DirectoryFile, DirectoryInvalid, Rep, import_user_export, parse_directory
 from crm_pulse.notify import check_link_template, compose, route
-from crm_pulse.schemas.records import Alert
+from crm_pulse.schemas.records import Alert, DealAlert
 
 TOML = """
 [reps.rep-7]
@@ -166,11 +166,65 @@ def test_the_message_says_what_a_rep_can_act_on():
     )  # fmt: skip
 
 
+def deal_alert(kind: str, rep: str = "rep-7", **fields) -> DealAlert:
+    return DealAlert(**{
+        "alert_id": "d-1", "type": kind, "lead_id": "D1", "rep_id": rep, "team_id": "team-emea", "pipeline": None,
+        "account_id": None, "stage": "proposal", "detected_at": "2026-03-05T00:00:00.000Z", "amount": 10000.0,
+        "close_date": "2026-03-31T00:00:00.000Z", "previous_close_date": None, "push_count": None,
+        "previous_amount": None, "decrease_ratio": None, "from_stage": None, "to_stage": None, "health": None,
+        "health_band": None, "previous_health_band": None, **fields,
+    })  # fmt: skip
+
+
+def test_a_deal_alert_goes_to_the_rep_alone_and_an_unassigned_deal_to_the_team_channel():
+    # No deal alert is an escalation: the manager is not told.
+    assert routes(route(deal_alert("deal.past_due"), DIRECTORY, [EMAIL, SLACK, TEAMS])) == [
+        ("email", "rep:rep-7", "ana@example.com"), ("slack", "rep:rep-7", "U07"), ("teams", "all", None),
+    ]  # fmt: skip
+    assert routes(route(deal_alert("deal.past_due", rep="unassigned"), DIRECTORY, [EMAIL, SLACK])) == [
+        ("slack", "team:team-emea", "C-EMEA")
+    ]
+
+
+def test_a_deal_alerts_message_says_what_happened_to_the_deal():
+    template = "https://crm.example.com/deals/{lead_id}?stage={stage}"
+    slipped = compose(deal_alert("deal.close_date_slipped", account_id="acct-acme", previous_close_date=
+                                 "2026-03-15T00:00:00.000Z", push_count=2), DIRECTORY, template)  # fmt: skip
+    assert (slipped.headline, slipped.facts, slipped.details, slipped.link) == (
+        "Deal D1 (account acct-acme): close date pushed from 2026-03-15 to 2026-03-31 (2 pushes)",
+        "stage proposal, amount 10,000.00, rep Ana Lima",
+        "deal.close_date_slipped · detected 2026-03-05T00:00:00.000Z · alert d-1",
+        "https://crm.example.com/deals/D1?stage=proposal",
+    )  # fmt: skip
+    once = compose(deal_alert("deal.close_date_slipped", previous_close_date="2026-03-15T12:30:00.000Z",
+                              push_count=1), DIRECTORY, None)  # fmt: skip
+    assert once.headline == "Deal D1: close date pushed from 2026-03-15T12:30:00.000Z to 2026-03-31 (1 push)"
+    texts = [compose(alert, DIRECTORY, None).text for alert in (
+        deal_alert("deal.past_due"),
+        deal_alert("deal.stage_regressed", stage="qualified", from_stage="proposal", to_stage="qualified"),
+        deal_alert("deal.amount_decreased", amount=7000.0, previous_amount=10000.0, decrease_ratio=0.3),
+        deal_alert("deal.health_dropped", health=43.9, health_band="at_risk", previous_health_band="healthy"),
+    )]  # fmt: skip
+    assert texts == [
+        "Deal D1 is past its close date 2026-03-31 and still open: stage proposal, amount 10,000.00, rep Ana Lima",
+        "Deal D1 moved back from stage proposal to qualified: stage qualified, amount 10,000.00, close date "
+        "2026-03-31, rep Ana Lima",
+        "Deal D1: amount cut by 30% from 10,000.00 to 7,000.00: stage proposal, close date 2026-03-31, rep Ana Lima",
+        "Deal D1: health dropped from healthy to at_risk (score 43.9): stage proposal, amount 10,000.00, close date "
+        "2026-03-31, rep Ana Lima",
+    ]
+    bare = compose(deal_alert("deal.past_due", rep="unassigned", amount=None, stage=None), None, None)
+    assert bare.text == "Deal D1 is past its close date 2026-03-31 and still open: rep unassigned, team team-emea"
+
+
 def test_a_link_template_with_an_unknown_placeholder_names_the_ones_it_may_use():
     check_link_template("https://crm.example.com/leads/{lead_id}")
+    # A stall alert's own field: a deal alert has none to fill it with.
+    with pytest.raises(SettingsInvalid, match="unknown placeholder 'idle_since'"):
+        check_link_template("https://crm.example.com/leads/{lead_id}?idle={idle_since}")
     with pytest.raises(SettingsInvalid) as error:
         check_link_template("https://crm.example.com/leads/{lead}")
     assert str(error.value).startswith(
         "CRM_PULSE_CRM_RECORD_URL='https://crm.example.com/leads/{lead}' has an unknown placeholder 'lead'; "
-        "use the alert's fields: {schema_version}, {alert_id}, {type}, {lead_id}, {rep_id}"
+        "use the fields every alert has (stall and deal): {schema_version}, {alert_id}, {type}, {lead_id}, {rep_id}"
     )

@@ -91,14 +91,22 @@ def test_conversion_weighted_pipeline_and_forecast_on_metrics_and_query(start_wo
     assert body["weighted_pipeline"] == [
         {"close_month": "2026-02", "pipeline": "default", "team_id": "t1", "rep_id": "rep-7", "weighted_value": 1000.0}]
     # Made on 1 February with January's history (P(qualified) = 1, P(new) = 1/2): 1,000 + 1,000; won: 1,200.
-    assert body["forecast"] == {"month": "2026-02", "forecast": 2000.0, "won": 1200.0, "accuracy_ratio": pytest.approx(1 / 3)}
+    february = {"forecast": 2000.0, "won": 1200.0, "accuracy_ratio": pytest.approx(1 / 3)}
+    # One team and one rep here (the breakdown's own numbers are tests/test_forecast.py's).
+    assert body["forecast"] == {"month": "2026-02", **february, "by_team": [{"team_id": "t1", **february}],
+                                "by_rep": [{"team_id": "t1", "rep_id": "rep-7", **february}]}  # fmt: skip
     assert worker.get_json("/deals/forecast?month=2026-13")[0] == 400
     # On /metrics: February's (the current month's) forecast and won so far; January's: nothing forecast, W's 500 won.
     assert {(labels, name): v for (name, labels), v in metrics.items() if name.startswith("crm_forecast_")} == {
         ((("window", "month_current"),), "crm_forecast_weighted_value"): 2000.0,
         ((("window", "month_current"),), "crm_forecast_won_value"): 1200.0,
         ((("window", "month_previous"),), "crm_forecast_weighted_value"): 0.0,
-        ((("window", "month_previous"),), "crm_forecast_won_value"): 500.0}
+        ((("window", "month_previous"),), "crm_forecast_won_value"): 500.0,
+        # By team and rep: only those with a deal forecast or won in the month.
+        ((("rep", "rep-7"), ("team", "t1"), ("window", "month_current")), "crm_forecast_rep_weighted_value"): 2000.0,
+        ((("rep", "rep-7"), ("team", "t1"), ("window", "month_current")), "crm_forecast_rep_won_value"): 1200.0,
+        ((("rep", "rep-7"), ("team", "t1"), ("window", "month_previous")), "crm_forecast_rep_weighted_value"): 0.0,
+        ((("rep", "rep-7"), ("team", "t1"), ("window", "month_previous")), "crm_forecast_rep_won_value"): 500.0}
     # P's health at the watermark (12 February − 1 h), 37 days in "new" (norm: its 2-day stall threshold, too
     # few exits to learn from): recency 0, dwell 0, no push (20), no regression (10), amount at its highest (15).
     assert {labels: v for (name, labels), v in metrics.items() if name == "crm_deal_health_deals"} == {
@@ -112,3 +120,49 @@ def test_conversion_weighted_pipeline_and_forecast_on_metrics_and_query(start_wo
     assert status == 200 and won == {("source", "web"): (2, 3), ("rep", "rep-7"): (2, 3), ("stage", "qualified"): (2, 2)}
     assert [(r["dimension"], r["value"]) for r in body["won"]][0] == ("stage", "qualified")
     assert worker.get_json("/commonalities?min=x")[0] == 400
+
+
+def test_a_deal_gone_quiet_drops_a_band_by_the_timer_once_per_band(start_worker):
+    # Every stage's norm 10 days (too few exits to learn dwell: p90 10 days, p50 5).
+    worker = start_worker(CRM_PULSE_STALL_DEFAULT_DAYS="10", CRM_PULSE_STALL_STAGE_DAYS="{}", CRM_PULSE_GRACE_SECONDS="3600")
+    # Q: pushed once, then silent. K: the clock, an activity at each step, so it never goes quiet itself.
+    worker.send(
+        event("q1", "lead.created", "Q", T0, source="web", amount=1000.0, close_date=T0 + 60 * DAY_MS),
+        event("q2", "deal.updated", "Q", T0 + 3600_000, amount=1000.0, close_date=T0 + 70 * DAY_MS),
+        event("k1", "lead.created", "K", T0, rep="rep-8", source="web"),
+    )
+    worker.wait_for(lambda got: got.get(m("crm_alerts_emitted_total", type="deal.close_date_slipped")) == 1, what="slip")
+
+    def drops(count: int) -> list[dict]:
+        worker.wait_for(lambda got: got.get(m("crm_alerts_emitted_total", type="deal.health_dropped")) == count,
+                        what=f"{count} health drops")  # fmt: skip
+        return [a for a in map(orjson.loads, (r.value for r in worker.read_all("alerts"))) if a["type"] == "deal.health_dropped"]
+
+    def tick(at: int, event_id: str) -> None:
+        worker.send(event(event_id, "lead.activity", "K", at, rep="rep-8", kind="call", direction="inbound"))
+
+    # Watermark 16 days − 1 h: Q idle as long, recency 2 − 1.6 + 1/240 (12.125), dwell past p90:
+    # 0.5 − 0.5 × (6 d − 1 h)/10 d (5.052), one push (13.333), 10 + 15: 55.5.
+    tick(T0 + 16 * DAY_MS, "k2")
+    [at_risk] = drops(1)
+    # Watermark 25 days − 1 h: recency and dwell 0: 38.3.
+    tick(T0 + 25 * DAY_MS, "k3")
+    first, critical = drops(2)
+    assert first == at_risk
+    assert [(a["lead_id"], a["rep_id"], a["health"], a["health_band"], a["previous_health_band"], a["detected_at"])
+            for a in (at_risk, critical)] == [
+        ("Q", "rep-7", 55.5, "at_risk", "healthy", "2026-01-16T23:00:00.000Z"),
+        ("Q", "rep-7", 38.3, "critical", "at_risk", "2026-01-25T23:00:00.000Z"),
+    ]  # fmt: skip
+    # A call on Q on day 26 lifts it to at risk at its event (recency 1: 30 + 38.3); then quiet again it drops
+    # to critical once more by day 47, a new occurrence: the spell after day 26.
+    worker.send(event("q3", "lead.activity", "Q", T0 + 26 * DAY_MS, kind="call", direction="inbound"))
+    tick(T0 + 35 * DAY_MS, "k4")
+    worker.wait_for(lambda got: got.get(m("crm_events_processed_total", type="lead.activity")) == 4, what="activities")
+    time.sleep(2)  # scans every 0.5 s: none raises a drop while Q stays at risk
+    assert len(drops(2)) == 2
+    tick(T0 + 47 * DAY_MS, "k5")
+    *_, again = drops(3)
+    assert (again["health"], again["health_band"], again["previous_health_band"], again["detected_at"]) == (
+        38.3, "critical", "at_risk", "2026-02-16T23:00:00.000Z")
+    assert len({a["alert_id"] for a in drops(3)}) == 3

@@ -9,6 +9,7 @@ import urllib.request
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
@@ -142,6 +143,46 @@ def test_each_crm_moves_deals_into_the_workers_kpis(start_worker, broker):
     assert metrics[m("crm_deals_won", window="7d")] == 3
     assert metrics[m("crm_won_revenue", window="7d")] == 1750
     assert sum(v for (name, _), v in metrics.items() if name == "crm_events_invalid_total") == 0
+
+
+def test_crm_amount_and_close_date_changes_reach_the_workers_deal_alerts(start_worker, broker):
+    # The Salesforce events come after HubSpot's two days later: a grace of 10 days keeps them in time.
+    worker = start_worker(CRM_PULSE_GRACE_SECONDS=str(10 * 86400))
+    day = 24 * HOUR
+    with gateway_for(broker.url, worker.topic("input"), worker.topic("dlq")) as gateway:
+        # HubSpot deal 5: 10,000 due on day 30, pushed to day 45 and cut to 7,000 (30 %).
+        assert hubspot_post(gateway, [
+            hubspot_event(1101, "deal.creation", 5, T0),
+            hubspot_event(1102, "deal.propertyChange", 5, T0 + HOUR, "amount", "10000"),
+            hubspot_event(1103, "deal.propertyChange", 5, T0 + 2 * HOUR, "closedate", str(T0 + 30 * day)),
+            hubspot_event(1104, "deal.propertyChange", 5, T0 + day, "closedate", str(T0 + 45 * day)),
+            hubspot_event(1105, "deal.propertyChange", 5, T0 + 2 * day, "amount", "7000"),
+        ]) == 200  # fmt: skip
+        # Salesforce: created at 5,000 due 2026-02-15, then the close date alone pushed to 2026-03-01.
+        created = sf_iso(T0 + 3 * HOUR)
+        message = salesforce_message([
+            ("04l5g00000N000T1AA", opportunity("0065g00000OppT1AAA", "Prospecting", created, created, amount=5000.0,
+                                               close_date="2026-02-15")),
+            ("04l5g00000N000T2AA", opportunity("0065g00000OppT1AAA", "Prospecting", created, sf_iso(T0 + 3 * day),
+                                               amount=5000.0, close_date="2026-03-01")),
+        ])  # fmt: skip
+        assert gateway.post("/webhooks/salesforce", message, SALESFORCE_HEADERS)[0] == 200
+    metrics = worker.wait_for(lambda got: got.get(m("crm_alerts_emitted_total", type="deal.close_date_slipped")) == 2
+                              and got.get(m("crm_alerts_emitted_total", type="deal.amount_decreased")) == 1,
+                              what="two slips and a cut")  # fmt: skip
+    # The Salesforce edit kept the stage: no stage change (it would restart the deal's dwell in "new").
+    assert metrics[m("crm_events_processed_total", type="deal.updated")] == 5
+    assert metrics[m("crm_events_processed_total", type="lead.stage_changed")] == 0
+    alerts = [orjson.loads(r.value) for r in worker.read_all("alerts")]
+    deal = [(a["type"], a["lead_id"], a["previous_close_date"], a["close_date"], a["push_count"], a["previous_amount"],
+             a["amount"]) for a in alerts if a["type"] in ("deal.close_date_slipped", "deal.amount_decreased")]  # fmt: skip
+    assert sorted(deal) == [
+        ("deal.amount_decreased", "hubspot-deal-5", None, "2026-02-15T00:00:00.000Z", None, 10000.0, 7000.0),
+        ("deal.close_date_slipped", "hubspot-deal-5", "2026-01-31T00:00:00.000Z", "2026-02-15T00:00:00.000Z", 1, None,
+         10000.0),
+        ("deal.close_date_slipped", "salesforce-opportunity-0065g00000OppT1AAA", "2026-02-15T00:00:00.000Z",
+         "2026-03-01T00:00:00.000Z", 1, None, 5000.0),
+    ]  # fmt: skip
 
 
 @on_tansu_only

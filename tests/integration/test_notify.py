@@ -285,6 +285,42 @@ def test_notify_routes_each_alert_to_its_recipients_on_every_channel(broker, tmp
             for key, _ in labels} == {"channel", "outcome", "le"}  # fmt: skip
 
 
+DEAL = {
+    "schema_version": 2, "alert_id": "d1", "type": "deal.close_date_slipped", "lead_id": "D1", "rep_id": "rep-7",
+    "team_id": "team-emea", "pipeline": None, "account_id": "acct-acme", "stage": "proposal",
+    "detected_at": "2026-01-06T00:00:00.000Z", "amount": 12500.0, "close_date": "2026-02-27T00:00:00.000Z",
+    "previous_close_date": "2026-01-30T00:00:00.000Z", "push_count": 2, "previous_amount": None,
+    "decrease_ratio": None, "from_stage": None, "to_stage": None, "health": None, "health_band": None,
+    "previous_health_band": None,
+}  # fmt: skip
+CUT = {**DEAL, "alert_id": "d2", "type": "deal.amount_decreased", "lead_id": "D2", "rep_id": "unassigned",
+       "account_id": None, "amount": 7000.0, "close_date": None, "previous_close_date": None, "push_count": None,
+       "previous_amount": 10000.0, "decrease_ratio": 0.3}  # fmt: skip
+DEAL_SUBJECT = "Deal D1 (account acct-acme): close date pushed from 2026-01-30 to 2026-02-27 (2 pushes)"
+
+
+def test_notify_routes_deal_alerts_to_the_rep_with_what_happened(broker, tmp_path, mailbox, webhook):
+    slack = webhook(answer=slack_answer)
+    env = notifier_env(broker, tmp_path, mailbox, slack.url, CRM_PULSE_NOTIFY_CHANNELS='["slack", "email"]')
+    publish(env, DEAL, CUT, {**DEAL, "alert_id": "d3", "schema_version": 3})
+    process = subprocess.Popen(notify_command("--max-idle", "4"), env=env, stderr=subprocess.PIPE, text=True)
+    _, stderr = process.communicate(timeout=90)
+
+    assert posted(slack) == [
+        ("U07", f"{DEAL_SUBJECT}: stage proposal, amount 12,500.00, rep Ana Lima"),
+        ("C-EMEA", "Deal D2: amount cut by 30% from 10,000.00 to 7,000.00: stage proposal, rep unassigned, "
+                   "team team-emea"),
+    ]  # fmt: skip
+    assert mailbox.received() == [("ana@example.com", DEAL_SUBJECT)]
+    assert mailbox.messages[0][1].get_content().splitlines() == [
+        "stage proposal, amount 12,500.00, rep Ana Lima", "", "https://crm.example.com/leads/D1", "",
+        "deal.close_date_slipped · detected 2026-01-06T00:00:00.000Z · alert d1",
+    ]  # fmt: skip
+    assert "unsupported schema_version 3; this consumer reads versions 1 and 2" in stderr
+    assert "notify stopped: posted=2 failed=0 duplicate=0 invalid=1" in stderr
+    assert process.returncode == 0
+
+
 def read_all(env: dict, topic: str) -> list:
     consumer = KafkaConsumer(bootstrap_servers=env["CRM_PULSE_BROKER"].removeprefix("kafka://"))
     partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
