@@ -5,8 +5,13 @@ by rep) as a stateful Quix app, its state per lead in RocksDB with Quix's change
                                                                    └─► group_by KPI (repartition topic)
                                                                         ─► [count, sum] per KPI (state)
 
+With BENCH_WORK=validate, each event is first validated as the worker's `ingest` does (pydantic, then the
+dict it forwards), as bench/bare_faust.py's validating agent: what the job costs with the project's input
+checks.
+
 Run as `python -m bench.peers.quix_job` with BENCH_BOOTSTRAP, BENCH_APP_ID (consumer group), BENCH_TOPIC,
-BENCH_ALERTS_TOPIC, BENCH_EVENTS (input events to expect, 0 for none), BENCH_STATE_DIR and BENCH_RESULT: a
+BENCH_ALERTS_TOPIC, BENCH_EVENTS (input events to expect, 0 for none), BENCH_FETCH_MAX_WAIT_MS (the
+consumer's fetch.wait.max.ms, empty for librdkafka's default), BENCH_STATE_DIR and BENCH_RESULT: a
 JSON file, rewritten twice a second, as bench/bare_faust.py's (events so far, the wall-clock times of the
 first and latest, `complete`) plus `kpis`, the aggregate step's {kpi: [count, sum]}.
 """
@@ -22,6 +27,7 @@ import orjson
 from quixstreams import Application, State
 
 from bench.peers.lead_job import fold, is_lead_event, new_lead
+from crm_pulse.schemas.validate import parse_event
 
 app = Application(
     broker_address=os.environ["BENCH_BOOTSTRAP"],
@@ -29,13 +35,20 @@ app = Application(
     auto_offset_reset="earliest",
     state_dir=os.environ["BENCH_STATE_DIR"],
     loglevel="WARNING",
+    consumer_extra_config={"fetch.wait.max.ms": int(wait)} if (wait := os.environ["BENCH_FETCH_MAX_WAIT_MS"]) else None,
 )
-events = app.topic(os.environ["BENCH_TOPIC"], key_deserializer="str", value_deserializer="json")
+validating = os.environ.get("BENCH_WORK") == "validate"
+# Validating, the job decodes the raw value once, in `parse_event`, as `ingest` does.
+events = app.topic(os.environ["BENCH_TOPIC"], key_deserializer="str", value_deserializer="bytes" if validating else "json")
 alerts = app.topic(os.environ["BENCH_ALERTS_TOPIC"], key_serializer="str", value_serializer="json")
 expected = int(os.environ["BENCH_EVENTS"])
 result = Path(os.environ["BENCH_RESULT"])
 seen = {"events": 0, "first_at": None, "last_at": None}
 kpis: dict[str, list[int]] = {}
+
+
+def validate(value: bytes) -> dict:
+    return parse_event(value).model_dump(by_alias=True)
 
 
 def count(_event: dict) -> None:
@@ -69,6 +82,8 @@ def report() -> None:
 
 
 sdf = app.dataframe(events)
+if validating:
+    sdf = sdf.apply(validate)
 sdf = sdf.update(count).filter(is_lead_event).apply(fold_lead, stateful=True, expand=True)
 sdf.filter(lambda out: "type" in out).to_topic(alerts, key=lambda alert: alert["rep_id"])
 sdf.filter(lambda out: "kpi" in out).group_by(lambda record: record["kpi"], name="kpi").update(total, stateful=True)
