@@ -288,7 +288,7 @@ def kafka_to_tansu(figures: dict[str, dict]) -> dict:
         return {}
     kafka, tansu = figures["kafka"], figures["tansu"]
     return {key: round(kafka[key] / value, 3) for key, value in tansu.items()
-            if isinstance(value, (int, float)) and value and isinstance(kafka.get(key), (int, float))
+            if type(value) in (int, float) and value and type(kafka.get(key)) in (int, float)  # not bools
             and not lower_bound(kafka, key) and not lower_bound(tansu, key)}  # fmt: skip
 
 
