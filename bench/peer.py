@@ -3,9 +3,10 @@
 broker, the same events and the same latency input, in one run.
 
 - Throughput: the throughput phase's events, read by the bare Faust agent, the Quix job (as is, then
-  validating each event as `ingest` does) and one crm-pulse worker in turn; the Quix job's rate is its input events counted per second from its first to its last,
-  as the bare agent's. Its KPI totals must then equal a batch computation over the same events (won, lost,
-  and count and sum of each stage's dwell): a mismatch fails the phase.
+  validating each event as `ingest` does) and one crm-pulse worker in turn; the Quix job's rate is its input
+  events counted per second from its first to its last, as the bare agent's. Its KPI totals must then equal
+  a batch computation over the same events (won, lost, and count and sum of each stage's dwell): a mismatch
+  fails the phase.
 - Latency: the latency phase's input and alert probes, through a crm-pulse worker and then through the Quix
   job; event → alert runs from handing a probe's activity to the producer to its `lead.stall_cleared`
   arriving at a consumer of the alerts topic.
@@ -22,13 +23,12 @@ import time
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.harness import REPO, Bench, memory_mib, rate, stop_process, synthetic_events
+from bench.harness import DAY_MS, REPO, Bench, memory_mib, rate, stop_process, synthetic_events
 from bench.latency import CRM as LATENCY_CRM
 from bench.latency import Feed, phase_latency, read_alerts, send_paced, summarize
 from bench.peers.lead_job import batch, win_rate
 from bench.throughput import bare_faust, events, pipeline
 from crm_pulse.generator import SyntheticCrm
-
 
 # On Tansu, which holds a fetch its full wait, the Quix consumer asks for the worker's wait there (20 ms);
 # on Kafka both keep their client's default.
@@ -38,13 +38,15 @@ FETCH_MAX_WAIT_MS = "20"
 async def create_topic(bench: Bench, name: str, partitions: int) -> None:
     """Quix derives its changelog and repartition topics' retention from the input topic's `retention.ms`,
     which Tansu reports only when it was set at creation: there it is set to Kafka's default, 7 days."""
-    await bench.create_topic(name, partitions, configs={"retention.ms": str(7 * 86_400_000)} if bench.on_tansu else None)
+    configs = {"retention.ms": str(7 * DAY_MS)} if bench.on_tansu else None
+    await bench.create_topic(name, partitions, configs=configs)
 
 
 class QuixJob:
     """One `python -m bench.peers.quix_job` process, seen through its result file."""
 
-    def __init__(self, bench: Bench, label: str, topic: str, alerts_topic: str, expected: int, work: str = "fold"):
+    def __init__(self, bench: Bench, label: str, topic: str, alerts_topic: str, expected: int,
+                 work: str = "fold"):  # fmt: skip
         self.app_id = bench.app(label, 0).app_id
         self.result = bench.workdir / f"{self.app_id}.json"
         env = {**os.environ, "BENCH_BOOTSTRAP": bench.bootstrap, "BENCH_APP_ID": self.app_id, "BENCH_TOPIC": topic,
@@ -212,5 +214,6 @@ async def phase_peer(bench: Bench, config) -> dict:
     lower_bounds = [f"{name}_event_to_alert_p{q}_ms" for name in alert for q in (50, 99)
                     if alert[name][f"p{q}_is_lower_bound"]]  # fmt: skip
     return {"events": len(records), "partitions": config.partitions, "figures": figures,
-            "lower_bounds": lower_bounds, "batch_kpis": want, "bare_faust": bare, "quix": quix, "quix_validating": validating, "pipeline": full,
-            "pipeline_latency": project_latency, "quix_latency": peer_latency}  # fmt: skip
+            "lower_bounds": lower_bounds, "batch_kpis": want, "bare_faust": bare, "quix": quix,
+            "quix_validating": validating, "pipeline": full, "pipeline_latency": project_latency,
+            "quix_latency": peer_latency}  # fmt: skip

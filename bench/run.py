@@ -43,7 +43,8 @@ from bench.throughput import phase_scale_out, phase_throughput
 from crm_pulse.kafka import kafka_libs, kafka_version
 
 PHASES = {"throughput": phase_throughput, "latency": phase_latency, "stall": phase_stall, "scale": phase_scale_out,
-          "profile": phase_profile, "gateway": phase_gateway, "backfill": phase_backfill, "peer": phase_peer}  # fmt: skip
+          "profile": phase_profile, "gateway": phase_gateway, "backfill": phase_backfill,
+          "peer": phase_peer}  # fmt: skip
 BROKERS = ("tansu", "kafka")
 # key: (comparison, target) — the targets.
 TARGETS = {
@@ -343,8 +344,8 @@ def peer_table(brokers: dict) -> Table | None:
     for column in ("figure", *brokers):
         table.add_column(column)
     for key in keys:
-        table.add_row(key, *(f"{figures[key]:,}" if type(figures.get(key)) in (int, float) else str(figures.get(key, "—"))
-                             for figures in brokers.values()))  # fmt: skip
+        values = [figures.get(key, "—") for figures in brokers.values()]
+        table.add_row(key, *(f"{value:,}" if type(value) in (int, float) else str(value) for value in values))
     return table
 
 

@@ -35,11 +35,12 @@ app = Application(
     auto_offset_reset="earliest",
     state_dir=os.environ["BENCH_STATE_DIR"],
     loglevel="WARNING",
-    consumer_extra_config={"fetch.wait.max.ms": int(wait)} if (wait := os.environ["BENCH_FETCH_MAX_WAIT_MS"]) else None,
+    consumer_extra_config={"fetch.wait.max.ms": int(w)} if (w := os.environ["BENCH_FETCH_MAX_WAIT_MS"]) else None,
 )
 validating = os.environ.get("BENCH_WORK") == "validate"
 # Validating, the job decodes the raw value once, in `parse_event`, as `ingest` does.
-events = app.topic(os.environ["BENCH_TOPIC"], key_deserializer="str", value_deserializer="bytes" if validating else "json")
+events = app.topic(os.environ["BENCH_TOPIC"], key_deserializer="str",
+                   value_deserializer="bytes" if validating else "json")  # fmt: skip
 alerts = app.topic(os.environ["BENCH_ALERTS_TOPIC"], key_serializer="str", value_serializer="json")
 expected = int(os.environ["BENCH_EVENTS"])
 result = Path(os.environ["BENCH_RESULT"])
