@@ -13,9 +13,7 @@ from crm_pulse.agents.batches import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Bat
 from crm_pulse.agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, STALL_SCAN_SECONDS
 from crm_pulse.streams.deals import DueIndex, apply_deal_event, deal_alerts, fold_deal_alerted, lead_time
 from crm_pulse.streams.forecast import closed_outcome, open_deal, outcome_deltas
-from crm_pulse.streams.health import (
-    fold_quiet_band, health_alerts, quiet_band_record, quiet_drop, quiet_health_alerts, quiet_inputs,
-)  # fmt: skip
+from crm_pulse.streams.health import health_alerts, health_inputs
 from crm_pulse.streams.kpis import day_of
 from crm_pulse.streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
 from crm_pulse.streams.stall_index import StallIndex
@@ -44,10 +42,8 @@ class Leads:
         # Open deals with an amount and close date, for the weighted pipeline: (pipeline, stage, amount, close
         # ms, team, rep) by lead.
         self.open_deals: dict[str, tuple] = {}
-        # What deal health reads of each open lead (streams/health.py), with its band of record, by lead.
+        # What deal health reads of each open lead (streams/health.py), by lead.
         self.health_inputs: dict[str, dict] = {}
-        # Bands the timer recorded after a quiet drop and not yet saved on the lead: folded in first by either path.
-        self.raised_bands: dict[str, dict] = {}
         # Counts the batches written (and rebuilds): what is computed from every lead is recomputed only when it moves.
         self.version = 0
         # Deal alert occurrences the timer raised and not yet saved on the lead: merged in first by either path.
@@ -81,8 +77,6 @@ class Leads:
             del self.open_deals[lead_id]
         for lead_id in [k for k in self.health_inputs if key_partition(k, partitions) not in mine]:
             del self.health_inputs[lead_id]
-        for lead_id in [k for k in self.raised_bands if key_partition(k, partitions) not in mine]:
-            del self.raised_bands[lead_id]
 
     async def rebuild_index(self) -> None:
         """After every rebalance, from the leads this worker now owns (restored from the changelog)."""
@@ -99,7 +93,7 @@ class Leads:
             self.open_deals.pop(lead_id, None)
         else:
             self.open_deals[lead_id] = (*deal, lead["team"], lead["rep"])
-        if (inputs := quiet_inputs(lead, self.deal_policy)) is None:
+        if (inputs := health_inputs(lead, self.deal_policy)) is None:
             self.health_inputs.pop(lead_id, None)
         else:
             self.health_inputs[lead_id] = inputs | {"pipeline": lead["pipeline"], "rep": lead["rep"]}
@@ -138,7 +132,6 @@ class Leads:
         the timer's copies, which would drop them."""
         if (raised := self.raised_deal_alerts.pop(lead_id, None)) is not None:
             fold_deal_alerted(lead, raised)
-        fold_quiet_band(lead, self.raised_bands.pop(lead_id, None))
 
     async def track_leads(self, stream):
         pipeline, raised_stalls = self.pipeline, self.raised_stalls
@@ -160,12 +153,6 @@ class Leads:
                                 batch.touch(received.key, lead, received)
                             if set(self.raised_deal_alerts.get(received.key, ())) <= set(lead["deal_alerted"]):
                                 self.raised_deal_alerts.pop(received.key, None)
-                            continue
-                        if "quiet_band" in received.value:  # a band the timer found the deal had dropped to
-                            if fold_quiet_band(lead, received.value["quiet_band"]):
-                                batch.touch(received.key, lead, received)
-                            if self.raised_bands.get(received.key) == received.value["quiet_band"]:
-                                del self.raised_bands[received.key]
                             continue
                         if apply_stall_record(lead, received.value):
                             batch.touch(received.key, lead, received)
@@ -237,18 +224,6 @@ class Leads:
                     if new := [o for o in lead["deal_alerted"] if o not in before]:
                         deal_raised[lead_id] = new
                         self.raised_deal_alerts[lead_id] = self.raised_deal_alerts.get(lead_id, []) + new
-                # Deals gone quiet: health falls with time alone, so a band drop needs no event to be seen.
-                norms = self.norms_at(now)
-                band_raised: dict[str, dict] = {}
-                for lead_id, inputs in list(self.health_inputs.items()):
-                    if quiet_drop(inputs, now, norms) is None or (saved := self.leads.get(lead_id)) is None:
-                        continue
-                    lead = dict(saved)  # a copy, as above
-                    fold_quiet_band(lead, self.raised_bands.get(lead_id))
-                    if dropped := quiet_health_alerts(lead, lead_id, self.deal_policy, now, norms):
-                        alerts += dropped
-                        band_raised[lead_id] = self.raised_bands[lead_id] = quiet_band_record(lead)
-                    self.health_inputs[lead_id] = inputs | {"band": lead.get("health_band")}
                 # Queued before the agent can clear any of them: in the order decided.
                 published = self.publish_alerts(alerts)
             for future, on_delivered in published:
@@ -256,8 +231,7 @@ class Leads:
                 on_delivered()
             # Only after the alerts: a crash in between raises them again rather than losing them.
             stall_levels = self.pipeline.stall_levels_topic
-            records = [*raised.items(), *((lead_id, {"deal_alerted": new}) for lead_id, new in deal_raised.items()),
-                       *((lead_id, {"quiet_band": record}) for lead_id, record in band_raised.items())]
+            records = [*raised.items(), *((lead_id, {"deal_alerted": new}) for lead_id, new in deal_raised.items())]
             for future in [stall_levels.send_soon(key=lead_id, value=record) for lead_id, record in records]:
                 await future
 

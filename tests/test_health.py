@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from crm_pulse.schemas.events import ms_to_iso
-from crm_pulse.streams.deals import HEALTH_DROPPED, DealPolicy, apply_deal_event, lead_time
-from crm_pulse.streams.health import (
-    band, components, fold_quiet_band, health, health_alerts, health_inputs, quiet_band_record, quiet_drop,
-    quiet_health_alerts, quiet_inputs,
-)  # fmt: skip
+from crm_pulse.streams.deals import HEALTH_DROPPED, DealPolicy, apply_deal_event
+from crm_pulse.streams.health import band, components, health, health_alerts, health_inputs
 from crm_pulse.streams.kpis import DAY_MS
-from crm_pulse.streams.leads import ALERT_NAMESPACE, StallPolicy, apply_lead_event, new_lead
+from crm_pulse.streams.leads import StallPolicy, apply_lead_event, new_lead
 
 T = 1_772_323_200_000  # 2026-03-01T00:00Z
 
@@ -82,71 +77,3 @@ def test_a_lead_without_an_amount_has_health_too_and_a_closed_one_none():
     lost = {"event_id": "l", "type": "deal.lost", "occurred_at": T + DAY_MS, "payload": {"reason": "price"}}
     apply_lead_event(lead, lost, "L2", StallPolicy(), lambda stage: (2 * DAY_MS, "stage_threshold"))
     assert health_inputs(lead, DealPolicy()) is None
-
-
-def quiet_deal() -> dict:
-    """L1 of the band-drop test: in proposal since T, pushed once and cut to 8,000 of 10,000 on day 1; its band
-    recorded at that event (healthy) and its latest event time day 1."""
-    lead = new_lead()
-    events = [
-        {"event_id": "c", "type": "lead.created", "occurred_at": T, "rep_id": "r1",
-         "payload": {"source": "web", "stage": "proposal", "amount": 10_000.0, "close_date": T + 30 * DAY_MS}},
-        {"event_id": "u", "type": "deal.updated", "occurred_at": T + DAY_MS,
-         "payload": {"amount": 8_000.0, "close_date": T + 40 * DAY_MS}},
-    ]  # fmt: skip
-    for event in events:
-        apply_lead_event(lead, event, "L1", StallPolicy(), lambda stage: (7 * DAY_MS, "stage_threshold"))
-        apply_deal_event(lead, event)
-        health_alerts(lead, "L1", DealPolicy(), lead_time(lead, event["occurred_at"]), norms, event["event_id"])
-    return lead
-
-
-def test_a_deal_gone_quiet_drops_a_band_without_an_event_once_per_band():
-    policy, lead = DealPolicy(), quiet_deal()
-    inputs = quiet_inputs(lead, policy)
-    assert (inputs["band"], inputs["seen_until"]) == ("healthy", T + DAY_MS)
-    # Day 8: idle 8 days since entering: recency 2 − 8/7 = 6/7 (25.714); dwell 8 days > p90 6: 0.5 − 0.5 × 2/6 =
-    # 1/3 (8.333); 13.333 + 10 + 12: 69.4, at risk.
-    assert quiet_drop(inputs, T + 7 * DAY_MS, norms) is None  # 7 days: 30 + 25 × (0.5 − 0.5/6) + 35.333 = 75.7
-    assert quiet_drop(inputs, T + 8 * DAY_MS, norms) == "at_risk"
-    [alert] = quiet_health_alerts(lead, "L1", policy, T + 8 * DAY_MS, norms)
-    assert (alert["type"], alert["health"], alert["health_band"], alert["previous_health_band"]) == (
-        HEALTH_DROPPED, 69.4, "at_risk", "healthy")
-    assert alert["detected_at"] == ms_to_iso(T + 8 * DAY_MS)
-    # The occurrence: the quiet spell after the latest event time seen (day 1) and the band reached.
-    assert alert["alert_id"] == str(uuid.uuid5(ALERT_NAMESPACE, f"deal.health_dropped|L1|quiet|{T + DAY_MS}|at_risk"))
-    assert lead["health_band"] == "at_risk" and quiet_band_record(lead) == {"health_band": "at_risk",
-                                                                         "seen_until": T + DAY_MS}  # fmt: skip
-    # Still at risk on day 10 (recency 2 − 10/7 = 4/7: 17.143; dwell 1/6: 4.167; 52.6): nothing new.
-    assert quiet_health_alerts(lead, "L1", policy, T + 10 * DAY_MS, norms) == []
-    # Day 14: idle twice the norm, dwell past 2 × p90: 35.3, critical.
-    [critical] = quiet_health_alerts(lead, "L1", policy, T + 14 * DAY_MS, norms)
-    assert (critical["health"], critical["health_band"], critical["previous_health_band"]) == (35.3, "critical", "at_risk")
-    assert quiet_health_alerts(lead, "L1", policy, T + 20 * DAY_MS, norms) == []
-
-
-def test_the_timer_looks_only_past_the_deals_latest_event_and_only_at_a_recorded_band():
-    policy, lead = DealPolicy(), quiet_deal()
-    # Event time behind the deal's own events (an event-time watermark lagging): its event's band stands.
-    assert quiet_drop(quiet_inputs(lead, policy), T + DAY_MS, norms) is None
-    # A lead stored before bands were recorded has no band to drop from.
-    assert quiet_drop(quiet_inputs(lead, policy) | {"band": None}, T + 14 * DAY_MS, norms) is None
-    lost = {"event_id": "l", "type": "deal.lost", "occurred_at": T + 2 * DAY_MS, "payload": {"reason": "price"}}
-    apply_lead_event(lead, lost, "L1", StallPolicy(), lambda stage: (7 * DAY_MS, "stage_threshold"))
-    assert quiet_inputs(lead, policy) is None and quiet_health_alerts(lead, "L1", policy, T + 14 * DAY_MS, norms) == []
-
-
-def test_a_band_the_timer_recorded_is_folded_in_unless_an_event_came_since():
-    lead = quiet_deal()
-    record = {"health_band": "at_risk", "seen_until": T + DAY_MS}
-    assert fold_quiet_band(lead, record) and lead["health_band"] == "at_risk"
-    assert not fold_quiet_band(lead, {"health_band": "healthy", "seen_until": T + DAY_MS})  # never a better band
-    assert not fold_quiet_band(lead, None) and lead["health_band"] == "at_risk"
-    # An activity on day 9 (its event's band recorded at day 9) came before the record reached the lead.
-    later = quiet_deal()
-    activity = {"event_id": "a", "type": "lead.activity", "occurred_at": T + 9 * DAY_MS,
-                "payload": {"kind": "call", "direction": "inbound"}}  # fmt: skip
-    apply_lead_event(later, activity, "L1", StallPolicy(), lambda stage: (7 * DAY_MS, "stage_threshold"))
-    # Recency 1 again (30); dwell 9 days: 0.5 − 0.5 × 3/6 = 0.25 (6.25); 35.333: 71.6, healthy.
-    assert health_alerts(later, "L1", DealPolicy(), lead_time(later, T + 9 * DAY_MS), norms, "a") == []
-    assert not fold_quiet_band(later, record) and later["health_band"] == "healthy"
