@@ -20,17 +20,17 @@ class Aggregates:
         self.zone = pipeline.settings.business_zone
 
     async def aggregate_histograms(self, stream):
-        async for _batch, _event, state, deltas in unapplied_deltas(stream, self.histograms):
+        async for batch, event, state, deltas in unapplied_deltas(stream, self.histograms, prune_days):
             for delta in deltas:
                 day = day_of(delta["at"], self.zone)
                 apply_dwell(state, day, delta["ms"], delta["sign"], self.baseline)
-                prune_days(state, day - self.retention_days)
+                batch.prune_before(event.key, day - self.retention_days)
 
     async def aggregate_sums(self, stream):
-        async for _batch, _event, state, deltas in unapplied_deltas(stream, self.kpi_sums):
+        async for batch, event, state, deltas in unapplied_deltas(stream, self.kpi_sums, prune_sums):
             for delta in deltas:
                 apply_sums(state, delta["day"], delta["values"], delta["sign"], self.baseline)
-                prune_sums(state, delta["day"] - self.retention_days)
+                batch.prune_before(event.key, delta["day"] - self.retention_days)
 
     def stage_dwell_norms(self, stage: str, now_ms: int, min_samples: int) -> tuple[float | None, float | None]:
         """(p50, p90) dwell seconds over the last 30 days, or Nones with fewer than `min_samples` observations."""

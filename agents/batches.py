@@ -38,9 +38,12 @@ class Batch:
     any key is written: a crash in between replays the batch, whose sends carry the same ids, instead of
     leaving state that claims events whose deltas or alerts were never delivered."""
 
-    def __init__(self, table, new: Callable[[], dict]):
-        self.table, self.new = table, new
+    def __init__(self, table, new: Callable[[], dict], prune: Callable[[dict, int], None] | None = None):
+        self.table, self.new, self.prune = table, new, prune
         self.touched: dict[str, tuple[dict, object]] = {}
+        # Per key, the day before which `prune` drops its daily cells when the batch is written: once per key
+        # and batch, not a scan of every day on each delta.
+        self.oldest_day: dict[str, int] = {}
         self.pending: list = []
         # Deltas for keyed aggregates, one message per (topic, key) for the whole batch: (topic, key) →
         # origin → entries.
@@ -53,6 +56,9 @@ class Batch:
 
     def touch(self, key: str, state: dict, event) -> None:
         self.touched[key] = (state, event)
+
+    def prune_before(self, key: str, day: int) -> None:
+        self.oldest_day[key] = max(day, self.oldest_day.get(key, day))
 
     def add_delta(self, topic, key: str, origin: str, entry: list) -> None:
         self.outbox[(topic, key)][origin].append(entry)
@@ -67,6 +73,8 @@ class Batch:
             await future
             if on_delivered:
                 on_delivered()
+        for key, day in self.oldest_day.items():
+            self.prune(self.touched[key][0], day)
         for key, (state, event) in self.touched.items():
             # Each key is written as part of its own last message: a RocksDB store files it under that
             # message's partition (the key's partition: every message here is on its keys' partition).
@@ -74,11 +82,12 @@ class Batch:
                 self.table[key] = state
 
 
-async def batches(stream, table, new: Callable[[], dict] = dict) -> AsyncIterator[tuple[Batch, list]]:
+async def batches(stream, table, new: Callable[[], dict] = dict,
+                  prune: Callable[[dict, int], None] | None = None) -> AsyncIterator[tuple[Batch, list]]:  # fmt: skip
     """(batch, events) per batch taken from the stream; the batch is committed before the next is taken
     and before Faust acknowledges (and later commits) the batch's offsets."""
     async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
-        batch = Batch(table, new)
+        batch = Batch(table, new, prune)
         yield batch, events
         await batch.commit()
 
@@ -124,10 +133,11 @@ def unseen_events(
         pipeline.clock.hear(watermark)
 
 
-async def unapplied_deltas(stream, table) -> AsyncIterator:
+async def unapplied_deltas(stream, table, prune: Callable[[dict, int], None] | None = None) -> AsyncIterator:
     """(batch, event, state, deltas) per message: the deltas in it the aggregate has not applied yet
-    (deltas are re-sent after a crash)."""
-    async for batch, events in batches(stream, table):
+    (deltas are re-sent after a crash). `prune(state, day)` drops a state's daily cells before `day`, as the
+    batch's `prune_before` asks."""
+    async for batch, events in batches(stream, table, prune=prune):
         for event in events:
             state = batch.state(event.key)
             fresh = [delta for origin, entries in event.value["origins"].items() for offset, seq, delta in entries

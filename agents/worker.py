@@ -1,4 +1,4 @@
-"""Assemble every agent and table into the Faust worker, with Faust's own Prometheus sensors."""
+"""Assemble every agent and table into the Faust worker, and serve its metrics."""
 
 from __future__ import annotations
 

@@ -79,15 +79,15 @@ async def _scrape(bench: Bench, workers: list[Worker]) -> list:
 
 def internal_backlog(scraped: list, app_id: str) -> dict[str, int]:
     """Per internal topic (re-keyed events, deltas), messages its agents have not committed yet: how far
-    each stage after `ingest` is behind. From Faust's offset sensors (approximate on Tansu, whose end
+    each stage after `ingest` is behind. From the workers' consumer offsets (approximate on Tansu, whose end
     offsets can stop short of a partition's last batch)."""
     backlog: dict[str, int] = {}
     for metrics in scraped:
         committed = {labels: v for (name, labels), v in metrics.items()
-                     if name == "crm_pulse_faust_topic_partition_offset_commited"}  # fmt: skip
+                     if name == "crm_consumer_committed_offset"}  # fmt: skip
         for (name, labels), end in metrics.items():
             topic = dict(labels).get("topic", "")
-            if name == "crm_pulse_faust_topic_partition_end_offset" and topic.startswith(f"{app_id}-") \
+            if name == "crm_consumer_end_offset" and topic.startswith(f"{app_id}-") \
                     and topic != f"{app_id}-events" and not topic.endswith("-changelog"):  # fmt: skip
                 suffix = topic.removeprefix(f"{app_id}-")
                 backlog[suffix] = backlog.get(suffix, 0) + int(end - committed.get(labels, 0))
@@ -160,8 +160,8 @@ async def pipeline(bench: Bench, records: list, workers: int, partitions: int, t
         "internal_backlog_at_end": internal_backlog(scraped, app.app_id),
         "assignment": assignment,
         # A rebalance inside the window would make the figure a mix of two assignments.
-        "rebalances_in_window": int(sum(total(m, "crm_pulse_faust_total_rebalances") for m in scraped)
-                                    - sum(total(m, "crm_pulse_faust_total_rebalances") for m in at_start)),
+        "rebalances_in_window": int(sum(total(m, "crm_consumer_rebalances_total") for m in scraped)
+                                    - sum(total(m, "crm_consumer_rebalances_total") for m in at_start)),
         "memory": [worker.memory_mib() for worker in group],
     }
 

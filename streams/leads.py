@@ -81,8 +81,20 @@ def _stage_entered(event: dict) -> str | None:
     return None
 
 
+def _changes_facts(lead: dict, event: dict, stage: str | None) -> bool:
+    """Whether the event changes what `lead_facts` reads: the stage history (its entries and the creation),
+    the source, campaign and score, the won amount, or the rep (the latest event in event time owns the lead,
+    as `apply_lead_event` applies it)."""
+    if stage is not None or event["type"] == "lead.created":  # a stage entered (deal.won with its amount too)
+        return True
+    rep = event.get("rep_id")
+    return rep is not None and rep != lead["rep"] and event["occurred_at"] >= (lead.get("owner_at") or 0)
+
+
 def apply_lead_event(lead: dict, event: dict, lead_id: str, policy: StallPolicy, threshold: ThresholdFn):
-    """Fold one validated event into `lead`; return (fact deltas [(fact, ±1)] from `lead_facts`, alerts)."""
+    """Fold one validated event into `lead`; return (fact deltas [(fact, ±1)] from `lead_facts`, alerts).
+    The facts are derived only around an event that changes what they read (a lead's stage changes, creation,
+    win and loss, a new rep): most events (activities, quotes, deal updates) leave them as they were."""
     at = event["occurred_at"]
     alerts: list[dict] = []
     before_idle = idle_since(lead)
@@ -91,8 +103,8 @@ def apply_lead_event(lead: dict, event: dict, lead_id: str, policy: StallPolicy,
         alerts += check_stall(lead, lead_id, at, policy, threshold)
 
     before_stage = current_stage(lead)
-    before = lead_facts(lead, policy.deal_stages)
     stage = _stage_entered(event)
+    before = lead_facts(lead, policy.deal_stages) if _changes_facts(lead, event, stage) else None
     if stage is not None:
         insert_sorted(lead["timeline"], [at, event["event_id"], stage])
     payload = event["payload"]
@@ -112,7 +124,7 @@ def apply_lead_event(lead: dict, event: dict, lead_id: str, policy: StallPolicy,
             if event.get(attr) is not None:
                 lead[field_name] = event[attr]
                 lead["owner_at"] = at
-    deltas = list(counter_deltas(before, lead_facts(lead, policy.deal_stages)))
+    deltas = [] if before is None else list(counter_deltas(before, lead_facts(lead, policy.deal_stages)))
 
     if lead["stall_level"] and (idle_since(lead) != before_idle or not is_open(lead, policy)):
         alerts.append(

@@ -81,9 +81,12 @@ class Fold:
         self.signal_sources, self.actors = defaultdict(dict), defaultdict(dict)
         self.sums, self.histograms, self.customer_base = defaultdict(dict), defaultdict(dict), {}
         self.offsets = itertools.count()  # the events' positions in one input partition
+        # Per scope, the newest day its deltas reached in this call: the aggregates prune once per batch.
+        self.newest_sums_day, self.newest_histogram_day = {}, {}
         self(*events)
 
     def __call__(self, *events):
+        """One batch of events."""
         for event in events:
             kind, at_ms = event["type"], event["occurred_at"]
             if kind in LEAD_TYPES:  # track_leads, then track_active_reps
@@ -107,6 +110,11 @@ class Fold:
                     facts = apply_actor_activity(self.signal_sources[key], at_ms, "active_users") \
                         if kind == "crm.user_activity" else []  # fmt: skip
                     self.publish(facts, event)
+        for scope, day in self.newest_histogram_day.items():
+            prune_days(self.histograms[scope], day - RETENTION_DAYS)
+        for scope, day in self.newest_sums_day.items():
+            prune_sums(self.sums[scope], day - RETENTION_DAYS)
+        self.newest_sums_day, self.newest_histogram_day = {}, {}
         return self
 
     def publish(self, fact_deltas, event=None):  # publish_deltas → aggregate_histograms / aggregate_sums
@@ -116,13 +124,13 @@ class Fold:
             if fact[0] == "hist":
                 _, scope, at_ms, ms = fact
                 apply_dwell(self.histograms[scope], day_of(at_ms), ms, sign, self.baseline)
-                prune_days(self.histograms[scope], day_of(at_ms) - RETENTION_DAYS)
+                self.newest_histogram_day[scope] = max(day_of(at_ms), self.newest_histogram_day.get(scope, 0))
             else:
                 _, scope, at_ms, field, value = fact
                 contributions.append((scope, at_ms, {field: value}, sign))
         for (scope, day, sign), values in group_sums(contributions).items():
             apply_sums(self.sums[scope], day, values, sign, self.baseline)
-            prune_sums(self.sums[scope], day - RETENTION_DAYS)
+            self.newest_sums_day[scope] = max(day, self.newest_sums_day.get(scope, 0))
 
     def kpi(self, kpi, scope: str) -> tuple:
         """(7d, 30d, all) as collect_kpis computes them."""

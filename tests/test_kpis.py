@@ -156,6 +156,34 @@ def test_lead_dwell_deltas_retract_when_an_earlier_move_arrives_late():
     ]
 
 
+def test_a_new_rep_moves_the_new_deal_and_other_events_derive_no_facts():
+    lead = new_lead()
+    apply_lead_event(lead, ev("c", "lead.created", at(0, 9), {"source": "web", "stage": "new"}, rep_id="r1"), "L1",
+                     POLICY, configured)  # fmt: skip
+    deltas, _ = apply_lead_event(lead, ev("p", "lead.stage_changed", at(1), {"from": "new", "to": "proposal"},
+                                          rep_id="r1"), "L1", POLICY, configured)  # fmt: skip
+    # Proposal is a deal stage: the lead became a deal on day 1, overall, for r1 and for source web; new 15 h.
+    assert sorted(deltas) == [
+        (("hist", "dwell:new", at(1), 15 * H), 1),
+        (("sums", "all", at(1), "new_deals", 1), 1),
+        (("sums", "rep:r1", at(1), "new_deals", 1), 1),
+        (("sums", "source:web", at(1), "new_deals", 1), 1),
+    ]
+    # The same rep's activity, a quote, and an older event of another rep (it does not own the lead): no facts.
+    assert apply_lead_event(lead, ev("a1", "lead.activity", at(2), CALL, rep_id="r1"), "L1", POLICY, configured) == ([], [])
+    assert apply_lead_event(lead, ev("q", "quote.sent", at(2, 1), {"amount": 5.0}, rep_id="r1"), "L1", POLICY,
+                            configured) == ([], [])  # fmt: skip
+    assert apply_lead_event(lead, ev("a0", "lead.activity", at(0, 12), CALL, rep_id="r2"), "L1", POLICY,
+                            configured) == ([], [])  # fmt: skip
+    assert lead["rep"] == "r1"
+    # r2's later activity makes r2 the lead's rep: the deal moves from r1 to r2, on the day it became one.
+    deltas, _ = apply_lead_event(lead, ev("a2", "lead.activity", at(3), CALL, rep_id="r2"), "L1", POLICY, configured)
+    assert sorted(deltas, key=repr) == [
+        (("sums", "rep:r1", at(1), "new_deals", 1), -1),
+        (("sums", "rep:r2", at(1), "new_deals", 1), 1),
+    ]
+
+
 def test_equal_stays_of_one_lead_each_count():
     # Date-only timestamps: created in qualified, re-qualified twice on day 0 (ids order them), proposal on day 1.
     # Stays: qualified 0 ms (c→q1), qualified 0 ms (q1→q2), qualified 24 h (q2→p), all in the same lead.

@@ -306,8 +306,8 @@ def test_metric_names_are_extracted_from_promql():
     assert metric_names("crm:win_rate_ratio:30d < 0.8 * (crm:win_rate_ratio:30d offset 7d)") == {
         "crm:win_rate_ratio:30d"}  # fmt: skip
     assert metric_names(
-        "histogram_quantile(0.99, sum by (le) (rate(crm_pulse_faust_events_runtime_ms_bucket[1m])))"
-    ) == {"crm_pulse_faust_events_runtime_ms_bucket"}
+        "histogram_quantile(0.99, sum by (le) (rate(crm_stall_scan_duration_seconds_bucket[1m])))"
+    ) == {"crm_stall_scan_duration_seconds_bucket"}
     assert metric_names("max by (campaign) (a{w=\"7d\"}) / on (campaign) group_left max by (campaign) (b) "
                         "or time() - c") == {"a", "b", "c"}  # fmt: skip
     assert metric_names('label_replace(up, "x", "$1", "job", "(.*)") > bool 1e3') == {"up"}
@@ -469,14 +469,11 @@ def test_alert_rules_fire_on_the_conditions_they_describe(tmp_path):
     lag = {
         "interval": "1m",
         "input_series": [
-            {"series": 'crm_pulse_faust_topic_partition_end_offset{topic="crm-events", partition="0", instance="w1"}',
-             "values": "20000x30"},
-            {"series": 'crm_pulse_faust_topic_partition_offset_commited{topic="crm-events", partition="0", '
-                       'instance="w1"}', "values": "5000x30"},
-            {"series": 'crm_pulse_faust_topic_partition_end_offset{topic="crm-events", partition="1", instance="w2"}',
-             "values": "100x30"},
-            {"series": 'crm_pulse_faust_topic_partition_offset_commited{topic="crm-events", partition="1", '
-                       'instance="w2"}', "values": "90x30"},
+            # End offsets 20,000 and 100, committed 5,000 and 90: lags 15,000 and 10.
+            {"series": 'crm_consumer_lag_messages{topic="crm-events", partition="0", instance="w1"}',
+             "values": "15000x30"},
+            {"series": 'crm_consumer_lag_messages{topic="crm-events", partition="1", instance="w2"}',
+             "values": "10x30"},
         ],
         "promql_expr_test": [{"expr": "crm:consumer_lag_messages:by_topic", "eval_time": "1m",
                               "exp_samples": [{"labels": 'crm:consumer_lag_messages:by_topic{topic="crm-events"}',

@@ -37,6 +37,7 @@ GRACE_MS = 2 * DAY_MS  # the default CRM_PULSE_GRACE_SECONDS
 DEDUPE_HORIZON_MS = GRACE_MS  # the shortest horizon Settings accept: ids are forgotten as early as allowed
 RETENTION_DAYS = 60 + 2 + 2  # agents/app.py: longest window (and the one before it) + grace days + 2
 HORIZON_SLACK_DAYS = 184 + 2 + 2  # agents/customers.py: the previous quarter's reach + grace days + 2
+AGGREGATE_BATCH = 7  # messages per aggregate batch, which prunes each scope once (agents/batches.Batch)
 POLICY = StallPolicy()
 T0 = 1_767_225_600_000  # 2026-01-01T00:00Z
 H = 3_600_000
@@ -106,9 +107,22 @@ def stream(order, crash_at: int, resume_at: int, zone=None):
     new process's clock; the tables keep what was applied. Days are `zone`'s calendar days."""
     entities: dict = {}
     histograms, sums, customer_base = defaultdict(dict), defaultdict(dict), {}
+    # Per scope, the newest day its deltas reached in the aggregate's current batch.
+    newest_histogram_day, newest_sums_day = {}, {}
+
+    def end_aggregate_batch():
+        for scope, day in newest_histogram_day.items():
+            prune_days(histograms[scope], day - RETENTION_DAYS)
+        for scope, day in newest_sums_day.items():
+            prune_sums(sums[scope], day - RETENTION_DAYS)
+        newest_histogram_day.clear()
+        newest_sums_day.clear()
+
     duplicates = 0
     reads = [*enumerate(order)][:crash_at] + [*enumerate(order)][resume_at:]
     for read, (offset, event) in enumerate(reads):
+        if read % AGGREGATE_BATCH == 0:
+            end_aggregate_batch()
         if read in (0, crash_at):
             clock = Clock("event", GRACE_MS)
         at = event["occurred_at"]
@@ -135,13 +149,14 @@ def stream(order, crash_at: int, resume_at: int, zone=None):
             if fact[0] == "hist":
                 _, scope, fact_at, ms = fact
                 apply_dwell(histograms[scope], day_of(fact_at, zone), ms, sign)
-                prune_days(histograms[scope], day_of(fact_at, zone) - RETENTION_DAYS)
+                newest_histogram_day[scope] = max(day_of(fact_at, zone), newest_histogram_day.get(scope, 0))
             else:
                 _, scope, fact_at, field, value = fact
                 contributions.append((scope, fact_at, {field: value}, sign))
         for (scope, day, sign), values in group_sums(contributions, zone).items():
             apply_sums(sums[scope], day, values, sign)
-            prune_sums(sums[scope], day - RETENTION_DAYS)
+            newest_sums_day[scope] = max(day, newest_sums_day.get(scope, 0))
+    end_aggregate_batch()
     return histograms, sums, customer_base, duplicates
 
 

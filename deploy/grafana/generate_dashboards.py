@@ -416,7 +416,7 @@ def customer() -> Dashboard:
 def operations() -> Dashboard:
     d = Dashboard("crm-pulse-operations", "crm-pulse / Operations",
                   "Worker health: event throughput, dead letters, duplicates, alerts, event-time lag, consumer "
-                  "lag and Faust's own sensors (crm_pulse_faust_*).", refresh="15s")  # fmt: skip
+                  "offsets and lag.", refresh="15s")  # fmt: skip
     d.row("Throughput")
     d.add(stat("Workers up", [q('sum(up{job="crm-pulse"})')], thresholds=steps("red", 1, "green"),
                description="Scraped crm-pulse workers that answered /metrics."), w=4)  # fmt: skip
@@ -449,32 +449,18 @@ def operations() -> Dashboard:
                      description="Wall clock − event-time watermark (latest event time of the slowest input "
                                  "partition). It grows when no events arrive, or when one partition falls "
                                  "behind."), w=12)  # fmt: skip
-    d.row("Kafka consumer and Faust")
+    d.row("Kafka consumer")
     d.add(timeseries("Consumer lag by topic", [q("crm:consumer_lag_messages:by_topic", "{{topic}}")],
                      description="End offset − committed offset, summed over partitions."), w=12)  # fmt: skip
-    d.add(timeseries("Messages received by topic",
-                     [q(f"sum by (topic) (rate(crm_pulse_faust_messages_received_per_topic_total[{RATE}]))",
-                        "{{topic}}")], "ops", stack=True), w=12)  # fmt: skip
-    d.add(timeseries("Messages sent by topic",
-                     [q(f"sum by (topic) (rate(crm_pulse_faust_topic_messages_sent_total[{RATE}]))", "{{topic}}"),
-                      q(f"sum(rate(crm_pulse_faust_total_error_messages_sent_total[{RATE}]))", "send errors")],
-                     "ops"), w=12)  # fmt: skip
-    d.add(timeseries("Table operations", [q(f"sum by (table, operation) "
-                                            f"(rate(crm_pulse_faust_table_operations_total[{RATE}]))",
-                                            "{{table}} {{operation}}")], "ops"), w=12)  # fmt: skip
-    for title, metric in (("Event processing time", "events_runtime_ms"),
-                          ("Producer send latency", "producer_send_latency"),
-                          ("Consumer commit latency", "consumer_commit_latency")):  # fmt: skip
-        d.add(timeseries(f"{title} (ms)", [
-            q(f"histogram_quantile({p}, sum by (le) (rate(crm_pulse_faust_{metric}_bucket[{RATE}])))", f"p{label}")
-            for p, label in ((0.5, "50"), (0.99, "99"))
-        ], "ms", description="Faust observes these latencies in milliseconds."), w=8)
-    d.add(timeseries("In-flight events and messages", [q("sum(crm_pulse_faust_total_active_events)", "events"),
-                                                       q("sum(crm_pulse_faust_active_messages)", "messages")]),
-          w=8)  # fmt: skip
-    d.add(timeseries("Rebalances", [q("sum(crm_pulse_faust_total_rebalances)", "rebalances"),
-                                    q("sum(crm_pulse_faust_total_rebalances_recovering)", "recovering")]),
-          w=8)  # fmt: skip
+    d.add(timeseries("Messages committed by topic",
+                     [q(f"sum by (topic) (deriv(crm_consumer_committed_offset[{RATE}]))", "{{topic}}")], "ops",
+                     stack=True, description="How fast the workers' committed offsets advance."), w=12)  # fmt: skip
+    d.add(timeseries("Messages arriving by topic",
+                     [q(f"sum by (topic) (deriv(crm_consumer_end_offset[{RATE}]))", "{{topic}}")], "ops",
+                     stack=True, description="How fast the end offsets of the topics the workers read "
+                                             "advance."), w=8)  # fmt: skip
+    d.add(timeseries("Rebalances", [q(f"sum(increase(crm_consumer_rebalances_total[{RATE}]))", "rebalances")],
+                     decimals=0), w=8)  # fmt: skip
     d.add(timeseries("/metrics scrape duration", [q('scrape_duration_seconds{job="crm-pulse"}', "{{instance}}")],
                      "s", description="KPI gauges are computed from the tables on each scrape."), w=8)  # fmt: skip
     d.row("Process")

@@ -199,16 +199,15 @@ def group_lag(worker: Worker) -> dict[str, tuple]:
 
 
 def end_offsets(metrics: dict) -> dict:
-    """{labels: end offset} of each partition the worker reads. (Changelogs are only read to restore tables,
-    and never committed.)"""
-    return {labels: v for (name, labels), v in metrics.items()
-            if name == "crm_pulse_faust_topic_partition_end_offset" and not dict(labels)["topic"].endswith("-changelog")}  # fmt: skip
+    """{labels: end offset} of each partition the worker reads (changelogs, only read to restore tables and
+    never committed, are not shown)."""
+    return {labels: v for (name, labels), v in metrics.items() if name == "crm_consumer_end_offset"}
 
 
 def unsettled(metrics: dict) -> dict[str, tuple]:
     """{"topic/partition": (committed offset, end offset)} of each partition read but not committed to its end."""
     committed = {labels: v for (name, labels), v in metrics.items()
-                 if name == "crm_pulse_faust_topic_partition_offset_commited"}  # fmt: skip
+                 if name == "crm_consumer_committed_offset"}  # fmt: skip
     return {f"{dict(labels)['topic']}/{dict(labels)['partition']}": (committed.get(labels), end)
             for labels, end in end_offsets(metrics).items() if committed.get(labels) != end}  # fmt: skip
 
