@@ -110,6 +110,15 @@ async def send_paced(producer, topic: str, feed: Feed, rate: float, seconds: flo
     return sent / (time.monotonic() - start)
 
 
+async def wait_for_probes(reporter, step: str, measured: list[Probe], drain: float) -> None:
+    """Until every measured probe has been seen, or `drain` seconds."""
+    reporter.step(step, total=len(measured))
+    deadline = time.monotonic() + drain
+    while time.monotonic() < deadline and not all(p.seen_at for p in measured):
+        reporter.update(sum(1 for p in measured if p.seen_at))
+        await asyncio.sleep(0.2)
+
+
 async def read_alerts(consumer: AIOKafkaConsumer, probes: dict[str, Probe]) -> None:
     while True:
         batch = await consumer.getmany(timeout_ms=100)
@@ -221,11 +230,7 @@ async def phase_latency(bench: Bench, config) -> dict:
         backlog = feed.sent - applied(at_end)
 
         measured = [p for p in feed.probes[first_measured:] if p.sent_at]
-        bench.reporter.step("latency: waiting for the last probes", total=len(measured))
-        deadline = time.monotonic() + config.latency_drain
-        while time.monotonic() < deadline and not all(p.seen_at for p in measured):
-            bench.reporter.update(sum(1 for p in measured if p.seen_at))
-            await asyncio.sleep(0.2)
+        await wait_for_probes(bench.reporter, "latency: waiting for the last probes", measured, config.latency_drain)
         ended_at = time.time()
     finally:
         for task in tasks:

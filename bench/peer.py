@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.harness import DAY_MS, REPO, Bench, memory_mib, rate, stop_process, synthetic_events
 from bench.latency import CRM as LATENCY_CRM
-from bench.latency import Feed, phase_latency, read_alerts, send_paced, summarize
+from bench.latency import Feed, phase_latency, read_alerts, send_paced, summarize, wait_for_probes
 from bench.peers.lead_job import batch, win_rate
 from bench.throughput import bare_faust, events, pipeline
 from crm_pulse.generator import SyntheticCrm
@@ -139,11 +139,8 @@ async def quix_latency(bench: Bench, config) -> dict:
                                     bench.reporter)  # fmt: skip
         backlog = feed.sent - job.seen()["events"]
         measured = [p for p in feed.probes[first_measured:] if p.sent_at and p.kind == "alert"]
-        bench.reporter.step("Quix latency: waiting for the last probes", total=len(measured))
-        deadline = time.monotonic() + config.latency_drain
-        while time.monotonic() < deadline and not all(p.seen_at for p in measured):
-            bench.reporter.update(sum(1 for p in measured if p.seen_at))
-            await asyncio.sleep(0.2)
+        await wait_for_probes(bench.reporter, "Quix latency: waiting for the last probes", measured,
+                              config.latency_drain)  # fmt: skip
         ended_at = time.time()
         memory = memory_mib(job.process.pid)
     finally:
