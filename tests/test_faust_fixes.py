@@ -103,14 +103,10 @@ def test_faust_resumes_stream_partitions_before_it_seeks_them():
     assert calls[:2] == [("resume_partitions", [stream]), "perform_seek"]
 
 
-class Record(SimpleNamespace):
-    pass
-
-
 def test_fausts_getmany_drops_what_it_fetched_of_a_partition_not_active(app, monkeypatch):
     consumer = app.consumer
     active, paused = faust.types.TP("input", 0), faust.types.TP("input", 1)
-    records = {active: [Record(offset=5)], paused: [Record(offset=341)]}
+    records = {active: [SimpleNamespace(offset=5)], paused: [SimpleNamespace(offset=341)]}
 
     async def wait_next_records(timeout):
         return records, {active}
