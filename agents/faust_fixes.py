@@ -81,9 +81,9 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
     async def seek_to_committed(self):
         """aiokafka's, with every stream partition that has no committed offset (or 0) sought back to its
         beginning, where the reset policy (Faust's default, earliest) started it (a Faust and aiokafka
-        matter, on either broker). During recovery the fetcher already reads stream partitions and Faust
-        drops what it brings, trusting this seek to go back; aiokafka seeks only to a committed offset
-        > 0, so a partition never committed stayed past everything fetched meanwhile: a worker killed
+        matter, on either broker). Faust drops what it fetched of a partition it pauses, and a rebalance
+        empties the agents' queues, both trusting this seek to go back; aiokafka seeks only to a committed
+        offset > 0, so a partition never committed stayed past everything fetched meanwhile: a worker killed
         before its first commit came back on Apache Kafka, restored its tables, and never read its input
         (aio-libs/aiokafka#1003 reports the committed offset 0 case). What it had read already is read
         again, and dropped as a re-read by `ingest`."""
