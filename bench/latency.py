@@ -170,6 +170,17 @@ def split_by_hop(alerts: list[Probe], relayed_at: dict[str, int], input_at: dict
             **{f"{hop}_p{q}": percentile(values, q) for hop, values in hops.items() for q in (50, 99)}}
 
 
+def paced_run(config, achieved: float, feed: Feed, backlog: int) -> dict:
+    """What a paced latency run sent, and what was still queued when sending ended."""
+    return {
+        "rate_target": config.latency_rate,
+        "rate_achieved": round(achieved, 1),
+        "seconds": config.latency_seconds,
+        "events_sent": feed.sent,
+        "backlog_at_end_of_sending": int(backlog),
+    }
+
+
 def summarize(probes: list[Probe], ended_at: float) -> dict:
     """Percentiles over every probe; one never seen counts as the time waited for it, a lower bound, and
     a percentile that such a probe can reach is flagged as a lower bound too."""
@@ -244,11 +255,7 @@ async def phase_latency(bench: Bench, config) -> dict:
     by_timestamps = [p.alert_timestamp_ms - input_at[p.lead_id] for p in alerts if p.alert_timestamp_ms]
     relayed_at = await hop_timestamps(bench, f"{app.app_id}-lead-events", config.partitions, feed.alert_probes)
     return {
-        "rate_target": config.latency_rate,
-        "rate_achieved": round(achieved, 1),
-        "seconds": config.latency_seconds,
-        "events_sent": feed.sent,
-        "backlog_at_end_of_sending": int(backlog),
+        **paced_run(config, achieved, feed, backlog),
         "alert": summarize(alerts, ended_at),
         "alert_by_record_timestamps": {
             "method": "alert record timestamp − probe record timestamp (both set by their producers, ms)",

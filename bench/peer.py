@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.harness import DAY_MS, REPO, Bench, memory_mib, rate, stop_process, synthetic_events
 from bench.latency import CRM as LATENCY_CRM
-from bench.latency import Feed, phase_latency, read_alerts, send_paced, summarize, wait_for_probes
+from bench.latency import Feed, paced_run, phase_latency, read_alerts, send_paced, summarize, wait_for_probes
 from bench.peers.lead_job import batch, win_rate
 from bench.throughput import bare_faust, events, pipeline
 from crm_pulse.generator import SyntheticCrm
@@ -150,11 +150,7 @@ async def quix_latency(bench: Bench, config) -> dict:
         await producer.stop()
     # No split by record timestamps as the latency phase's: Quix gives an output record its input's timestamp.
     return {
-        "rate_target": config.latency_rate,
-        "rate_achieved": round(achieved, 1),
-        "seconds": config.latency_seconds,
-        "events_sent": feed.sent,
-        "backlog_at_end_of_sending": int(backlog),
+        **paced_run(config, achieved, feed, backlog),
         "alert": summarize(measured, ended_at),
         "memory": memory,
     }
