@@ -60,14 +60,15 @@ def test_kpis_from_events_with_duplicates_and_disorder(start_worker):
     duplicates = [events[8], events[10], events[12]]
     worker.send(*events, *duplicates, events[6])
 
-    # Aggregates trail the per-entity agents by one internal topic: wait until the last deltas are in.
-    metrics = worker.wait_for(
-        lambda got: sum(v for (name, _), v in got.items() if name == "crm_events_processed_total") == len(events)
-        and got.get(m("crm_deals_lost", window="30d")) == 2
-        and got.get(m("crm_stage_dwell_observations", stage="new", window="30d")) == 3
-        and got.get(m("crm_customers_active_at_window_start", window="30d")) == 2,
-        what="all events and their deltas to be applied",
+    # Aggregates trail the per-entity agents by one internal topic, and each delta topic by its own lag (one
+    # Kafka CI run read the qualified-stage delta after the new-stage ones): wait until the broker has every
+    # topic committed to its end.
+    worker.wait_for(
+        lambda got: sum(v for (name, _), v in got.items() if name == "crm_events_processed_total") == len(events),
+        what="all events to be processed",
     )
+    worker.wait_until_group_settled("every delta applied", timeout=60)
+    metrics = worker.metrics()
     # new: A 10 h, B 20 h, C 2 h → 3 exits, mean 32/3 h; qualified: A 30 h.
     assert metrics[m("crm_stage_dwell_observations", stage="new", window="7d")] == 3
     assert metrics[m("crm_stage_dwell_mean_seconds", stage="new", window="7d")] == pytest.approx(32 * 3600 / 3)
