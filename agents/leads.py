@@ -13,7 +13,7 @@ from crm_pulse.agents.batches import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Bat
 from crm_pulse.agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, STALL_SCAN_SECONDS
 from crm_pulse.streams.deals import DueIndex, apply_deal_event, deal_alerts, fold_deal_alerted, lead_time
 from crm_pulse.streams.forecast import closed_outcome, open_deal, outcome_deltas
-from crm_pulse.streams.health import health_alerts, health_inputs
+from crm_pulse.streams.health import health_alerts, health_inputs, quiet_drops
 from crm_pulse.streams.kpis import day_of
 from crm_pulse.streams.leads import apply_lead_event, apply_stall_record, check_stall, new_lead, stall_record
 from crm_pulse.streams.stall_index import StallIndex
@@ -128,8 +128,8 @@ class Leads:
             apply_stall_record(lead, record)
 
     def fold_raised_deal_alerts(self, lead_id: str, lead: dict) -> None:
-        """The deal alerts and the quiet band the timer raised, into the lead the agent is about to write: never into
-        the timer's copies, which would drop them."""
+        """The deal alerts the timer raised, into the lead the agent is about to write: never into the timer's
+        copies, which would drop them."""
         if (raised := self.raised_deal_alerts.pop(lead_id, None)) is not None:
             fold_deal_alerted(lead, raised)
 
@@ -163,11 +163,14 @@ class Leads:
                     for lead_id, event, lead in unseen_events(pipeline, batch, received, self.processed):
                         self.fold_raised_stall(lead_id, lead)
                         self.fold_raised_deal_alerts(lead_id, lead)
+                        # Before the event changes the deal: the timer saw it so, and raises the same records.
+                        alerts = quiet_drops(lead, lead_id, event["occurred_at"])
                         day = day_of(event["occurred_at"])
                         if day not in thresholds:
                             thresholds[day] = self.threshold_at(event["occurred_at"])
                         outcome_before = closed_outcome(lead, self.deal_policy, zone)
-                        fact_deltas, alerts = apply_lead_event(lead, event, lead_id, self.policy, thresholds[day])
+                        fact_deltas, lead_alerts = apply_lead_event(lead, event, lead_id, self.policy, thresholds[day])
+                        alerts += lead_alerts
                         apply_deal_event(lead, event)
                         for key, delta in outcome_deltas(outcome_before, closed_outcome(lead, self.deal_policy, zone)):
                             deltas.send(pipeline.outcome_deltas_topic, key, delta)
@@ -221,6 +224,7 @@ class Leads:
                     fold_deal_alerted(lead, self.raised_deal_alerts.get(lead_id, []))
                     before = set(lead["deal_alerted"])
                     alerts += deal_alerts(lead, lead_id, self.deal_policy, now)
+                    alerts += quiet_drops(lead, lead_id, now)
                     if new := [o for o in lead["deal_alerted"] if o not in before]:
                         deal_raised[lead_id] = new
                         self.raised_deal_alerts[lead_id] = self.raised_deal_alerts.get(lead_id, []) + new

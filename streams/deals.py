@@ -161,6 +161,18 @@ def deal_alert(kind: str, alert_id: str, lead: dict, lead_id: str, detected_at: 
     }
 
 
+def quiet_key(band: str, at: int) -> str:
+    """What names a quiet deal's drop to `band` at `at` (streams/health.py: `quiet_drops`)."""
+    return f"quiet:{band}@{at}"
+
+
+def next_quiet_drop(lead: dict) -> int | None:
+    """When the quiet deal falls to a worse band next, as foreseen at its last write, unless raised already."""
+    raised = lead.get("deal_alerted") or ()
+    return next((at for at, band, _ in lead.get("health_quiet") or ()
+                 if f"{HEALTH_DROPPED}|{quiet_key(band, at)}" not in raised), None)  # fmt: skip
+
+
 def past_due_at(lead: dict, policy: DealPolicy) -> int | None:
     """When the open deal's close date in force falls due, or None: what the timer waits for."""
     deal = current_deal(lead)
@@ -171,7 +183,8 @@ def past_due_at(lead: dict, policy: DealPolicy) -> int | None:
 
 
 class DueIndex:
-    """Open deals by when they fall past due, for the timer: only those due by now are looked at."""
+    """Open deals by when they fall past due or to a worse health band, for the timer: only those due by now
+    are looked at."""
 
     def __init__(self, policy: DealPolicy):
         self.policy = policy
@@ -184,9 +197,11 @@ class DueIndex:
             self.update(lead_id, lead)
 
     def update(self, lead_id: str, lead: dict) -> None:
-        at = past_due_at(lead, self.policy)
-        raised = lead.get("deal_alerted") or ()
-        if at is None or f"{PAST_DUE}|{current_deal(lead)[1]}" in raised:
+        past_due = past_due_at(lead, self.policy)
+        if past_due is not None and f"{PAST_DUE}|{current_deal(lead)[1]}" in (lead.get("deal_alerted") or ()):
+            past_due = None
+        at = min((t for t in (past_due, next_quiet_drop(lead)) if t is not None), default=None)
+        if at is None:
             self.due_at.pop(lead_id, None)
             return
         if self.due_at.get(lead_id) != at:

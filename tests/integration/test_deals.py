@@ -57,6 +57,35 @@ def test_deal_alerts_once_each_keyed_by_rep(start_worker):
     assert len(worker.read("alerts", 4, timeout=3)) == 4
 
 
+def test_a_quiet_deal_drops_a_band_from_the_timer_once(start_worker):
+    worker = start_worker(CRM_PULSE_STALL_STAGE_DAYS='{"new": 2}', CRM_PULSE_GRACE_SECONDS="3600")
+    # H: new, 1,000 due day 60, never pushed, cut or moved back: 45 points that time cannot take. Its norm in
+    # "new" is the 2-day threshold (nothing learned: p90 2 days, p50 1): from day 2, recency 2 − d/2 and dwell
+    # 1 − d/4, so 45 + 30 × (2 − d/2) + 25 × (1 − d/4) = 130 − 21.25 d falls below 69.95 at day 2.825882
+    # (19:49:16.235 on 3 January): at risk, 69.9. Never critical.
+    worker.send(
+        event("h1", "lead.created", "H", T0, source="web", amount=1000.0, close_date=T0 + 60 * DAY_MS),
+        event("e1", "lead.created", "E1", T0 + 10 * DAY_MS, rep="rep-8", source="web"),  # event time to day 10
+    )
+    drops = m("crm_alerts_emitted_total", type="deal.health_dropped")
+    worker.wait_for(lambda got: got.get(drops) == 1, what="the quiet drop from the timer",
+                    explain=lambda got: f"{got.get(drops)} drops")  # fmt: skip
+    # An activity on day 11 (the timer's drop, raised before it, is not raised again): healthy again at 75. Quiet
+    # from there, recency alone falls below 24.95/30 once idle 2 × (2 − 0.8317) = 2.3367 days: day 13.3367.
+    worker.send(event("h2", "lead.activity", "H", T0 + 11 * DAY_MS, kind="call", direction="inbound"),
+                event("e2", "lead.created", "E2", T0 + 20 * DAY_MS, rep="rep-8", source="web"))  # fmt: skip
+    # E1, created on day 10 just as H was, falls as H did, 2.825882 days later.
+    worker.wait_for(lambda got: got.get(drops) == 3, what="the second quiet drop of H and that of E1",
+                    explain=lambda got: f"{got.get(drops)} drops")  # fmt: skip
+    time.sleep(2)  # scans every 0.5 s: nothing more comes
+    found = [a for r in worker.read_all("alerts") if (a := orjson.loads(r.value))["type"] == "deal.health_dropped"]
+    assert sorted((a["lead_id"], a["detected_at"][:19], a["health"], a["previous_health_band"], a["health_band"])
+                  for a in found) == [("E1", "2026-01-13T19:49:16", 69.9, "healthy", "at_risk"),
+                                      ("H", "2026-01-03T19:49:16", 69.9, "healthy", "at_risk"),
+                                      ("H", "2026-01-14T08:04:48", 69.9, "healthy", "at_risk")]  # fmt: skip
+    assert len({a["alert_id"] for a in found}) == 3
+
+
 def test_conversion_weighted_pipeline_and_forecast_on_metrics_and_query(start_worker):
     worker = start_worker(CRM_PULSE_GRACE_SECONDS="3600")
     feb_1 = T0 + 31 * DAY_MS
