@@ -492,10 +492,27 @@ def test_alert_rules_fire_on_the_conditions_they_describe(tmp_path):
             {"series": f'crm_deal_health_deals{{pipeline="default", band="critical", {w1}}}', "values": "4x120"},
             {"series": f'crm_deal_health_deals{{pipeline="default", band="healthy", {w1}}}', "values": "6x120"},
             {"series": f'crm_alerts_emitted_total{{type="deal.close_date_slipped", {w1}}}', "values": "0+2x120"},
+            # Last month: r1 (team t1) forecast 800 on one worker and 200 on another, won 1,250 there; r2 (t1)
+            # forecast 500, won 400; r3 (t2) forecast 300, won nothing yet.
+            *({"series": f'crm_forecast_rep_{kind}_value{{window="month_previous", team="{team}", rep="{rep}", '
+                         f'instance="{worker}", job="crm-pulse"}}', "values": f"{value}x120"}
+              for kind, team, rep, worker, value in (
+                  ("weighted", "t1", "r1", "w1", 800), ("weighted", "t1", "r1", "w2", 200),
+                  ("won", "t1", "r1", "w2", 1250), ("weighted", "t1", "r2", "w1", 500), ("won", "t1", "r2", "w1", 400),
+                  ("weighted", "t2", "r3", "w1", 300), ("won", "t2", "r3", "w1", 0))),
         ],
-        "promql_expr_test": [{"expr": "crm:deal_health_deals:by_band", "eval_time": "10m", "exp_samples": [
-            {"labels": 'crm:deal_health_deals:by_band{band="critical"}', "value": 4},
-            {"labels": 'crm:deal_health_deals:by_band{band="healthy"}', "value": 6}]}],
+        "promql_expr_test": [
+            {"expr": "crm:deal_health_deals:by_band", "eval_time": "10m", "exp_samples": [
+                {"labels": 'crm:deal_health_deals:by_band{band="critical"}', "value": 4},
+                {"labels": 'crm:deal_health_deals:by_band{band="healthy"}', "value": 6}]},
+            # r1: 1 − |1,250 − 1,000| / 1,250 = 0.8; r2: 1 − 100/400 = 0.75; t1: 1 − |1,650 − 1,500| / 1,650.
+            # Nothing won (t2, r3): no accuracy, as /deals/forecast gives null, rather than PromQL's −Inf.
+            {"expr": "crm:forecast_accuracy_ratio:month_previous_by_rep", "eval_time": "10m", "exp_samples": [
+                {"labels": 'crm:forecast_accuracy_ratio:month_previous_by_rep{team="t1", rep="r1"}', "value": 0.8},
+                {"labels": 'crm:forecast_accuracy_ratio:month_previous_by_rep{team="t1", rep="r2"}', "value": 0.75}]},
+            {"expr": "crm:forecast_accuracy_ratio:month_previous_by_team", "eval_time": "10m", "exp_samples": [
+                {"labels": 'crm:forecast_accuracy_ratio:month_previous_by_team{team="t1"}', "value": 1 - 150 / 1650}]},
+        ],
         "alert_rule_test": [
             {"eval_time": "50m", "alertname": "CrmDealsCriticalShareHigh", "exp_alerts": []},
             {"eval_time": "70m", "alertname": "CrmDealsCriticalShareHigh", "exp_alerts": [_alert(

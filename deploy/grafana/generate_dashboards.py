@@ -501,6 +501,15 @@ def deals() -> Dashboard:
     ], decimals=0), w=8)
     d.add(stat("Last month's forecast accuracy", [q("crm:forecast_accuracy_ratio:month_previous")], "percentunit",
                decimals=1, description="1 − |won − forecast| / won, for the previous month."), w=4)  # fmt: skip
+    d.add(bars("Last month's forecast accuracy by team",
+               [q("sort_desc(crm:forecast_accuracy_ratio:month_previous_by_team)", "{{team}}")], "percentunit",
+               decimals=1, description="1 − |won − forecast| / won of each team's deals, for the previous month."),
+          w=6)  # fmt: skip
+    d.add(bars("Last month's forecast accuracy by rep",
+               [q(f"sort_desc(crm:forecast_accuracy_ratio:month_previous_by_rep{{{REP}}})", "{{rep}} ({{team}})")],
+               "percentunit", decimals=1,
+               description="1 − |won − forecast| / won of each rep's deals, for the previous month (selected reps)."),
+          w=6)  # fmt: skip
     d.row("Conversion: deals closed in the trailing window (CRM_PULSE_DEAL_HISTORY_DAYS)")
     d.add(bars("P(win | stage)", [q("crm:deal_win_probability_ratio:by_stage", "{{pipeline}} {{stage}}")],
                "percentunit", minimum=0, maximum=1,
