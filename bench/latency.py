@@ -170,10 +170,11 @@ def split_by_hop(alerts: list[Probe], relayed_at: dict[str, int], input_at: dict
             **{f"{hop}_p{q}": percentile(values, q) for hop, values in hops.items() for q in (50, 99)}}
 
 
-def paced_run(config, achieved: float, feed: Feed, backlog: int) -> dict:
-    """What a paced latency run sent, and what was still queued when sending ended."""
+def paced_run(config, achieved: float, feed: Feed, backlog: int, rate: float | None = None) -> dict:
+    """What a paced latency run sent (at `rate`, else the configured one), and what was still queued when
+    sending ended."""
     return {
-        "rate_target": config.latency_rate,
+        "rate_target": rate or config.latency_rate,
         "rate_achieved": round(achieved, 1),
         "seconds": config.latency_seconds,
         "events_sent": feed.sent,
@@ -196,7 +197,15 @@ def summarize(probes: list[Probe], ended_at: float) -> dict:
 
 
 async def phase_latency(bench: Bench, config) -> dict:
-    app = bench.app("latency", config.partitions)
+    """At the live rate, then (`peak`), on a fresh worker, at the peak rate."""
+    live = await measure(bench, config, config.latency_rate, "latency")
+    if config.latency_peak_rate:
+        live["peak"] = await measure(bench, config, config.latency_peak_rate, "latency-peak")
+    return live
+
+
+async def measure(bench: Bench, config, rate: float, name: str) -> dict:
+    app = bench.app(name, config.partitions)
     for topic in (app.input_topic, app.alerts_topic):
         await bench.create_topic(topic, config.partitions)
     worker = bench.worker(app, CRM_PULSE_STALL_SCAN_SECONDS=str(config.latency_scan_seconds)).start()
@@ -204,7 +213,7 @@ async def phase_latency(bench: Bench, config) -> dict:
     if await worker.wait_for(bench.session, lambda m: True, timeout=120) is None:
         raise TimeoutError(f"the worker served no /metrics within 120 s (HTTP {worker.metrics_status})")
 
-    count = int(config.latency_rate * (config.latency_seconds + config.latency_warmup_seconds)) + 10_000
+    count = int(rate * (config.latency_seconds + config.latency_warmup_seconds)) + 10_000
     background = ((SyntheticCrm.key(e), orjson.dumps(e), e["occurred_at"]) for e in synthetic_events(count, **CRM))
     feed = Feed(background, 1 / config.alert_probes_per_s, 1 / config.gauge_probes_per_s)
     producer = await bench.producer(linger_ms=0)
@@ -220,8 +229,7 @@ async def phase_latency(bench: Bench, config) -> dict:
     try:
         # Warm-up: group join, topic metadata and the first alert are paid for before the measurement.
         bench.reporter.step("latency: warm-up", total=config.latency_warmup_seconds)
-        await send_paced(producer, app.input_topic, feed, config.latency_rate, config.latency_warmup_seconds,
-                         bench.reporter)  # fmt: skip
+        await send_paced(producer, app.input_topic, feed, rate, config.latency_warmup_seconds, bench.reporter)
         bench.reporter.step("latency: draining the warm-up")
         drained = await worker.wait_for(
             bench.session, lambda m: applied(m) >= feed.sent and all(p.seen_at for p in feed.probes if p.sent_at),
@@ -233,10 +241,9 @@ async def phase_latency(bench: Bench, config) -> dict:
                                f"{applied(await worker.metrics(bench.session)):,.0f} of {feed.sent:,} events done, "
                                f"probes unseen: {unseen}")  # fmt: skip
 
-        bench.reporter.step(f"latency: {config.latency_rate:,.0f} events/s", total=config.latency_seconds)
+        bench.reporter.step(f"latency: {rate:,.0f} events/s", total=config.latency_seconds)
         first_measured = len(feed.probes)
-        achieved = await send_paced(producer, app.input_topic, feed, config.latency_rate, config.latency_seconds,
-                                    bench.reporter)  # fmt: skip
+        achieved = await send_paced(producer, app.input_topic, feed, rate, config.latency_seconds, bench.reporter)
         at_end = await worker.metrics(bench.session)
         backlog = feed.sent - applied(at_end)
 
@@ -255,7 +262,7 @@ async def phase_latency(bench: Bench, config) -> dict:
     by_timestamps = [p.alert_timestamp_ms - input_at[p.lead_id] for p in alerts if p.alert_timestamp_ms]
     relayed_at = await hop_timestamps(bench, f"{app.app_id}-lead-events", config.partitions, feed.alert_probes)
     return {
-        **paced_run(config, achieved, feed, backlog),
+        **paced_run(config, achieved, feed, backlog, rate),
         "alert": summarize(alerts, ended_at),
         "alert_by_record_timestamps": {
             "method": "alert record timestamp − probe record timestamp (both set by their producers, ms)",
