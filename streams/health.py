@@ -164,8 +164,10 @@ def quiet_drops(lead: dict, lead_id: str, until_ms: int) -> list[dict]:
 def health_alerts(lead: dict, lead_id: str, policy: DealPolicy, now_ms: int, norms: Norms, cause: str) -> list[dict]:
     """`deal.health_dropped` when the deal's band at `now_ms` is worse than the one last recorded on it; the band
     is recorded either way, with the drops it will see if it goes quiet now (`quiet_drops`). `cause` (the event
-    id that revealed the drop) names the occurrence."""
-    inputs = health_inputs(lead, policy)
+    id that revealed the drop) names the occurrence. Nothing for an open lead that is no deal yet."""
+    # Only deals (leads given an amount and close date) are alerted on: a plain lead's idleness is its stall
+    # alerts' to announce.
+    inputs = health_inputs(lead, policy) if updates(lead) else None
     if inputs is None:
         lead.pop("health_band", None)
         lead.pop("health_quiet", None)
