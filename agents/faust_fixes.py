@@ -216,13 +216,14 @@ class Stream(faust.Stream):
         try:
             while not self.should_stop:
                 await self.wait_for_stopped(arrived, timeout=within)
-                began = self.loop.time()
-                while buffer and not full.is_set() and (left := within - (self.loop.time() - began)) > 0:
-                    arrived.clear()
-                    await self.wait_for_stopped(arrived, timeout=min(idle, left))
-                    if not arrived.is_set():
-                        break
                 arrived.clear()
+                began = self.loop.time()
+                # Polled, not woken per event: under load a wake-up per event would cost more than the batch.
+                while buffer and not full.is_set() and self.loop.time() - began < within:
+                    before = len(buffer)
+                    await asyncio.sleep(idle)
+                    if len(buffer) == before:
+                        break
                 if not buffer:
                     continue
                 batch = list(buffer)
