@@ -40,6 +40,11 @@ from tests.test_stack import (
 pytestmark = pytest.mark.integration
 
 DEADLINE_SECONDS = 150  # from the demo's start, for every query to have data
+# Series of a finished calendar month with deals won in it, by team and rep: the demo's simulated time starts
+# now and runs ~3 h a second, so within the deadline it ends a month only when started near one's end. Their
+# values are checked by promtool's unit tests (tests/test_stack.py); here only that they parse and evaluate.
+NEED_A_FINISHED_MONTH = ("crm:forecast_accuracy_ratio:month_previous_by_team",
+                         "crm:forecast_accuracy_ratio:month_previous_by_rep")  # fmt: skip
 
 
 def _binary(name: str, package: str) -> str:
@@ -176,6 +181,10 @@ def _empty(stack: Stack, exprs: list[tuple[str, str]]) -> list[str]:
 
 
 def _until_all_have_data(stack: Stack, exprs: list[tuple[str, str]]) -> None:
+    """Until every expression has data (those over a finished month need only evaluate: see above)."""
+    monthly = [(where, expr) for where, expr in exprs if any(name in expr for name in NEED_A_FINISHED_MONTH)]
+    _empty(stack, monthly)
+    exprs = [pair for pair in exprs if pair not in monthly]
     missing = _empty(stack, exprs)
     while missing and stack.remaining() > 0:
         stack.alive()
