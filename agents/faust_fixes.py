@@ -1,7 +1,7 @@
 """Faust and aiokafka behaviours this worker cannot live with, corrected by subclassing (each names the broker
 that needs it, its upstream report where there is one, and the test that shows it). They lean on private
-attributes (`_acked`, `_gap`, `_fetch_max_wait_ms`, `_enable_passive`, `_processors`), so `check_versions` warns at start when Faust or aiokafka
-is not the release they were written and tested against; tests/test_faust_fixes.py pins the upstream
+attributes (`_acked`, `_gap`, `_fetch_max_wait_ms`, `_enable_passive`, `_processors`), so `check_versions`
+warns at start when Faust or aiokafka is not the release they were written and tested against; tests/test_faust_fixes.py pins the upstream
 behaviour each one corrects and fails once upstream changes it."""
 
 from __future__ import annotations

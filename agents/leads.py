@@ -9,7 +9,9 @@ import logging
 
 from crm_pulse.agents.aggregates import Aggregates, DeltaSender
 from crm_pulse.agents.app import Pipeline, key_partition
-from crm_pulse.agents.batches import BATCH_IDLE_SECONDS, BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events, upstream_watermark
+from crm_pulse.agents.batches import (
+    BATCH_IDLE_SECONDS, BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events, upstream_watermark,
+)  # fmt: skip
 from crm_pulse.agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, STALL_SCAN_SECONDS
 from crm_pulse.streams.deals import DueIndex, apply_deal_event, deal_alerts, fold_deal_alerted, lead_time
 from crm_pulse.streams.forecast import closed_outcome, open_deal, outcome_deltas

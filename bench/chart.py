@@ -75,7 +75,9 @@ def draw(results: dict, path: Path) -> None:
                          f"pipeline / bare Faust: {_each(brokers, 'pipeline_to_bare_faust_ratio')} "
                          f"(target ≥ {targets['pipeline_to_bare_faust_ratio']})", fontsize=10)  # fmt: skip
 
-    rates = [("", config["latency_rate"])] + ([("_peak", config["latency_peak_rate"])] if config.get("latency_peak_rate") else [])
+    rates = [("", config["latency_rate"])]
+    if config.get("latency_peak_rate"):
+        rates.append(("_peak", config["latency_peak_rate"]))
     keys = [f"event_to_{kind}_p99_ms{suffix}" for suffix, _ in rates for kind in ("alert", "gauge")]
     slowest = max((figures.get(k) or 0) for figures in brokers.values() for k in keys)
     _bars(latency, brokers, [f"{kind} p99\n@{rate:,.0f}/s" for _, rate in rates for kind in ("alert", "gauge")], keys,

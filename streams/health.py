@@ -112,7 +112,8 @@ class _Quiet:
     def _exact(self, guess: int, after_ms: int, until_ms: int, lower: float) -> int:
         """The first ms in (after_ms, until_ms] with health below `lower` (below it at until_ms)."""
         for at in (guess, guess + 1, guess - 1):
-            if after_ms < at <= until_ms and self.health(at) < lower and (at == after_ms + 1 or self.health(at - 1) >= lower):
+            first = at == after_ms + 1 or self.health(at - 1) >= lower
+            if after_ms < at <= until_ms and self.health(at) < lower and first:
                 return at
         lo, hi = after_ms, until_ms
         while hi - lo > 1:

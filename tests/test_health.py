@@ -89,7 +89,8 @@ def test_a_quiet_deal_foresees_each_band_it_falls_to():
     # (48.19), and recency alone takes it below 39.95 at 2 − (d − 1)/7 = 4.617/30: day 13.923.
     crossings = quiet_crossings(INPUTS, T + 5 * DAY_MS, norms)
     assert [(band_, score) for _, band_, score in crossings] == [("at_risk", 69.9), ("critical", 39.9)]
-    assert [(at - T) / DAY_MS for at, _, _ in crossings] == [pytest.approx(8.5836, abs=1e-4), pytest.approx(13.9228, abs=1e-4)]
+    days = [(at - T) / DAY_MS for at, _, _ in crossings]
+    assert days == [pytest.approx(8.5836, abs=1e-4), pytest.approx(13.9228, abs=1e-4)]
     for at, band_, _ in crossings:  # the first ms in the band: a ms earlier it was not yet in it
         assert band(health(INPUTS, at, norms)) == band_ != band(health(INPUTS, at - 1, norms))
     # Already critical: nothing further to fall to. Health that never goes below 70 (nothing lost but time,

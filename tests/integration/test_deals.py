@@ -75,7 +75,8 @@ def test_a_quiet_deal_drops_a_band_from_the_timer_once(start_worker):
     worker.send(event("h2", "lead.activity", "H", T0 + 11 * DAY_MS, kind="call", direction="inbound"),
                 event("e2", "lead.created", "E2", T0 + 20 * DAY_MS, rep="rep-8", source="web"))  # fmt: skip
     # E1 and E2, plain leads (no amount, no close date), are no deals: their health falls as H's, unannounced.
-    worker.wait_for(lambda got: got.get(drops) == 2, what="the second quiet drop", explain=lambda got: f"{got.get(drops)} drops")
+    worker.wait_for(lambda got: got.get(drops) == 2, what="the second quiet drop",
+                    explain=lambda got: f"{got.get(drops)} drops")  # fmt: skip
     time.sleep(2)  # scans every 0.5 s: nothing more comes
     found = [a for r in worker.read_all("alerts") if (a := orjson.loads(r.value))["type"] == "deal.health_dropped"]
     assert [(a["lead_id"], a["detected_at"][:19], a["health"], a["previous_health_band"], a["health_band"])
