@@ -244,3 +244,29 @@ def test_a_release_other_than_the_tested_one_is_named_in_a_warning(monkeypatch, 
         f"{name} 9.9.9 is installed; crm_pulse.agents.faust_fixes was tested with {faust_fixes.TESTED_WITH[name]}.x: "
         "check that each correction there is still needed and still right (tests/test_faust_fixes.py)"
     ]
+
+
+def test_an_aiokafka_batch_is_delivered_with_the_offset_of_its_first_record():
+    """Producer.send_in_batches counts a partition's last offset from it, as RocksDB stores record it."""
+
+    async def deliver():
+        producer = aiokafka.AIOKafkaProducer(bootstrap_servers="127.0.0.1:9")  # never started
+        builder = producer.create_batch()
+        for value in (b"a", b"b", b"c"):
+            builder.append(key=b"k", value=value, timestamp=None)
+        batch = producer._message_accumulator._append_batch(builder, TopicPartition("t", 0))
+        batch.done(base_offset=40)
+        return (await batch.future).offset
+
+    assert asyncio.run(deliver()) == 40
+
+
+def test_fausts_table_records_each_changelog_records_offset_in_its_store(pipeline, monkeypatch):
+    """The bookkeeping agents.batches.write_changelogged does itself, once per partition and batch, for the
+    changelog records it sends outside Faust's per-key path (outside transactions, which this app never opens)."""
+    table = pipeline.aggregates.kpi_sums
+    recorded = []
+    monkeypatch.setattr(table.data, "set_persisted_offset", lambda tp, offset: recorded.append((tp, offset)))
+    sent = SimpleNamespace(result=lambda: SimpleNamespace(topic_partition=TopicPartition("t", 1), offset=41))
+    table._on_changelog_sent(sent)
+    assert recorded == [(TopicPartition("t", 1), 41)]
