@@ -103,8 +103,9 @@ async def write_changelogged(table, records: dict[int, list[tuple[bytes, bytes]]
     """Sends a batch's changelog records of `table`, one producer batch per changelog partition, and
     returns once the broker has them all: before the batch is acknowledged, so before Faust can commit its
     offsets, as Faust's own flush before a commit guaranteed for its per-key sends. Like Faust's
-    Table._on_changelog_sent, it then records in a RocksDB store the changelog offset its partitions now
-    hold (the memory store keeps none), so a restart reads back only what lies beyond it."""
+    Table._on_changelog_sent outside a transaction (this app opens none), it then records in a RocksDB
+    store the changelog offset its partitions now hold (the memory store keeps none), so a restart reads
+    back only what lies beyond it. A send that fails raises here, before anything is acknowledged."""
     if not records:
         return
     topic = table.changelog_topic.get_topic_name()

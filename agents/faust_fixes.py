@@ -147,7 +147,7 @@ class TopicTrackingProducer(aiokafka.AIOKafkaProducer):
         return await super().send(topic, *args, **kwargs)
 
     async def send_batch(self, batch, topic, *, partition):
-        self.client.add_topic(topic)
+        self.client.add_topic(topic)  # the changelogs' batches (Producer.send_in_batches) wait on it as well
         return await super().send_batch(batch, topic, partition=partition)
 
 
