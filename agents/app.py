@@ -75,6 +75,10 @@ def new_app(settings: Settings) -> App:
         table_standby_replicas=0,
         # A dead letter carries its input base64-encoded (4/3 of its size): room for any input the broker took.
         producer_max_request_size=DEAD_LETTER_MAX_BYTES,
+        # A batch's changelog records go out as one producer batch per partition (agents.batches.
+        # write_changelogged), as many as fit this size: Faust's 16 KiB held a few lead states each. Below
+        # Apache Kafka's default limit on a record batch (1 MiB), which a changelog topic keeps.
+        producer_max_batch_size=512 * 1024,
         # Apache Kafka: a topic Faust has just created may be missing from the metadata the group leader
         # assigns with (KRaft publishes it a moment later); the leader rebalances once its metadata shows the
         # topic, which by default it refreshes every 5 minutes: all that time nobody read it.

@@ -1,7 +1,8 @@
 """The loops every agent is made of. Events are taken in batches: an entity agent applies each event once,
 an aggregate agent each delta once, both against the batch's working copy of their state; the batch then
-waits for everything it sent and writes each touched key once. One broker round trip per batch, not per
-event, is what lets the pipeline keep up with Faust itself."""
+waits for everything it sent and writes each touched key once, its changelog records in one producer batch
+per changelog partition. One broker round trip per batch, not per event, is what lets the pipeline keep up
+with Faust itself."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from typing import AsyncIterator, Callable, Iterator
 
 from faust.streams import _current_event
+from faust.types import TP
 
 from crm_pulse.agents.app import Pipeline
 from crm_pulse.agents.metrics import EVENTS_DUPLICATE
@@ -75,13 +77,43 @@ class Batch:
             await future
             if on_delivered:
                 on_delivered()
+        await write_changelogged(self.table, self.write_touched())
+
+    def write_touched(self) -> dict[int, list[tuple[bytes, bytes]]]:
+        """Prunes and writes each touched key to the table's store, and returns the changelog records that
+        go with those writes, per changelog partition, for `write_changelogged` to send."""
         for key, day in self.oldest_day.items():
             self.prune(self.touched[key][0], day)
+        table = self.table
+        changelog = table.changelog_topic
+        records: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
         for key, (state, event) in self.touched.items():
             # Each key is written as part of its own last message: a RocksDB store files it under that
-            # message's partition (the key's partition: every message here is on its keys' partition).
+            # message's partition, and so does the changelog (the key's partition: every message here is on
+            # its keys' partition). The store's own mapping, not the table's: Faust's table sends a
+            # changelog message per key (Table.on_key_set), which write_changelogged replaces.
             with part_of(event):
-                self.table[key] = state
+                table.data[key] = state
+            # The bytes Faust's Table.send_changelog writes for the key and value (the store reads them back).
+            key_bytes, _ = changelog.prepare_key(key, table.key_serializer)
+            value_bytes, _ = changelog.prepare_value(state, table.value_serializer)
+            records[event.message.partition].append((key_bytes, value_bytes))
+        return records
+
+
+async def write_changelogged(table, records: dict[int, list[tuple[bytes, bytes]]]) -> None:
+    """Sends a batch's changelog records of `table`, one producer batch per changelog partition, and
+    returns once the broker has them all: before the batch is acknowledged, so before Faust can commit its
+    offsets, as Faust's own flush before a commit guaranteed for its per-key sends. Like Faust's
+    Table._on_changelog_sent outside a transaction (this app opens none), it then records in a RocksDB
+    store the changelog offset its partitions now hold (the memory store keeps none), so a restart reads
+    back only what lies beyond it. A send that fails raises here, before anything is acknowledged."""
+    if not records:
+        return
+    topic = table.changelog_topic.get_topic_name()
+    last_offsets = await table.app.producer.send_in_batches(topic, records)
+    for partition, offset in last_offsets.items():
+        table.data.set_persisted_offset(TP(topic, partition), offset)
 
 
 async def batches(stream, table, new: Callable[[], dict] = dict,

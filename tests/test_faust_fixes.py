@@ -17,6 +17,8 @@ from intervaltree import IntervalTree
 from mode.utils.queues import FlowControlEvent, FlowControlQueue
 
 from crm_pulse.agents import faust_fixes
+from crm_pulse.agents.worker import build_app
+from crm_pulse.config import Settings
 
 
 def test_the_corrections_know_the_releases_installed():
@@ -246,9 +248,10 @@ def test_a_release_other_than_the_tested_one_is_named_in_a_warning(monkeypatch, 
     ]
 
 
-async def first_batches(app, take, count: int) -> list[tuple[list, float]]:
+async def first_batches(take, count: int) -> list[tuple[list, float]]:
     """Five events put on a channel at once, then (values, seconds since) of each batch `take(stream)` gives
-    until `count` values came."""
+    until `count` values came. An app of its own: its streams bind it to this event loop."""
+    app = build_app(Settings(app_id="take-ready", partitions=1)).app
     app.flow_control.resume()
     channel = app.channel()
     stream = app.stream(channel)
@@ -262,15 +265,41 @@ async def first_batches(app, take, count: int) -> list[tuple[list, float]]:
                 return found
 
 
-def test_fausts_take_events_waits_out_its_whole_window_with_events_in_hand(app):
+def test_fausts_take_events_waits_out_its_whole_window_with_events_in_hand():
     """What faust_fixes.Stream.take_ready corrects: the two events left after a full batch of three wait the
     whole second, though nothing more is coming."""
-    [(first, _), (rest, waited)] = asyncio.run(first_batches(app, lambda s: s.take_events(3, 1.0), 5))
+    [(first, _), (rest, waited)] = asyncio.run(first_batches(lambda s: s.take_events(3, 1.0), 5))
     assert (first, rest) == ([0, 1, 2], [3, 4]) and waited >= 1.0
 
 
 def test_take_ready_closes_a_batch_once_the_stream_runs_dry(app):
-    assert type(app.stream(app.channel())) is faust_fixes.Stream  # the stream every agent gets
-    [(first, _), (rest, waited)] = asyncio.run(first_batches(app, lambda s: s.take_ready(3, 1.0, 0.01), 5))
+    assert app.conf.Stream is faust_fixes.Stream  # the stream every agent gets
+    [(first, _), (rest, waited)] = asyncio.run(first_batches(lambda s: s.take_ready(3, 1.0, 0.01), 5))
     # Full at three; the other two as soon as 10 ms passed without another (well before the 1 s window).
     assert (first, rest) == ([0, 1, 2], [3, 4]) and waited < 0.5
+
+
+def test_an_aiokafka_batch_is_delivered_with_the_offset_of_its_first_record():
+    """Producer.send_in_batches counts a partition's last offset from it, as RocksDB stores record it."""
+
+    async def deliver():
+        producer = aiokafka.AIOKafkaProducer(bootstrap_servers="127.0.0.1:9")  # never started
+        builder = producer.create_batch()
+        for value in (b"a", b"b", b"c"):
+            builder.append(key=b"k", value=value, timestamp=None)
+        batch = producer._message_accumulator._append_batch(builder, TopicPartition("t", 0))
+        batch.done(base_offset=40)
+        return (await batch.future).offset
+
+    assert asyncio.run(deliver()) == 40
+
+
+def test_fausts_table_records_each_changelog_records_offset_in_its_store(pipeline, monkeypatch):
+    """The bookkeeping agents.batches.write_changelogged does itself, once per partition and batch, for the
+    changelog records it sends outside Faust's per-key path (outside transactions, which this app never opens)."""
+    table = pipeline.aggregates.kpi_sums
+    recorded = []
+    monkeypatch.setattr(table.data, "set_persisted_offset", lambda tp, offset: recorded.append((tp, offset)))
+    sent = SimpleNamespace(result=lambda: SimpleNamespace(topic_partition=TopicPartition("t", 1), offset=41))
+    table._on_changelog_sent(sent)
+    assert recorded == [(TopicPartition("t", 1), 41)]
