@@ -11,7 +11,7 @@ import orjson
 from faust.serializers import codecs
 
 from crm_pulse.broker import DEAD_LETTER_MAX_BYTES, key_partition, ssl_context
-from crm_pulse.agents.faust_fixes import App, Stream
+from crm_pulse.agents.faust_fixes import App
 from crm_pulse.config import Settings
 from crm_pulse.streams.clock import Clock
 
@@ -61,7 +61,6 @@ def new_app(settings: Settings) -> App:
         broker_session_timeout=6,
         broker_heartbeat_interval=1,
         store=settings.store,
-        Stream=Stream,
         recovery_consistency_check=settings.effective_recovery_consistency_check,
         datadir=settings.data_dir,
         topic_partitions=settings.partitions,

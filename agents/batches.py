@@ -19,17 +19,15 @@ from crm_pulse.agents.metrics import EVENTS_DUPLICATE
 from crm_pulse.streams.clock import UpstreamWatermark
 from crm_pulse.streams.dedupe import already_applied, first_seen
 
-# A batch closes when full, when no event came for BATCH_IDLE_SECONDS (the stream ran dry: the latency a
-# trickle sees), or BATCH_WITHIN_SECONDS after its first event (the most it may add under load).
+# A batch closes when full or when no more events came within this time: the latency it may add.
 BATCH_MAX_EVENTS = 1000
 BATCH_WITHIN_SECONDS = 0.05
-BATCH_IDLE_SECONDS = 0.002
 
 
 @contextmanager
 def part_of(event):
     """Table writes inside belong to `event` (Faust has no public setter for the event a write belongs to;
-    the stream's own current event is left alone, as take_ready() reads it)."""
+    the stream's own current event is left alone, as take_events() reads it)."""
     token = _current_event.set(weakref.ref(event))
     try:
         yield
@@ -120,7 +118,7 @@ async def batches(stream, table, new: Callable[[], dict] = dict,
                   prune: Callable[[dict, int], None] | None = None) -> AsyncIterator[tuple[Batch, list]]:  # fmt: skip
     """(batch, events) per batch taken from the stream; the batch is committed before the next is taken
     and before Faust acknowledges (and later commits) the batch's offsets."""
-    async for events in stream.take_ready(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, BATCH_IDLE_SECONDS):
+    async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
         batch = Batch(table, new, prune)
         yield batch, events
         await batch.commit()

@@ -1,7 +1,7 @@
 """Faust and aiokafka behaviours this worker cannot live with, corrected by subclassing (each names the broker
 that needs it, its upstream report where there is one, and the test that shows it). They lean on private
-attributes (`_acked`, `_gap`, `_fetch_max_wait_ms`, `_enable_passive`, `_processors`), so `check_versions`
-warns at start when Faust or aiokafka is not the release they were written and tested against; tests/test_faust_fixes.py pins the upstream
+attributes (`_acked`, `_gap`, `_fetch_max_wait_ms`), so `check_versions` warns at start when Faust or aiokafka
+is not the release they were written and tested against; tests/test_faust_fixes.py pins the upstream
 behaviour each one corrects and fails once upstream changes it."""
 
 from __future__ import annotations
@@ -210,69 +210,6 @@ class Producer(aiokafka_driver.Producer):
 class Transport(aiokafka_driver.Transport):
     Consumer = Consumer
     Producer = Producer
-
-
-class Stream(faust.Stream):
-    """Faust's stream, with batches that close when the stream runs dry (a Faust matter, on either broker)."""
-
-    async def take_ready(self, max_: int, within: float, idle: float):
-        """Lists of up to `max_` events, each closed once no further event came for `idle` seconds, or `within`
-        seconds after its first. Faust's `take_events` always waits out its whole `within` (from when it starts
-        waiting, even with events in hand): at a steady trickle every agent an event passes through adds up to
-        `within` to its latency. Under load the queue never runs dry, so batches still fill up. Acknowledged,
-        as by `take_events`, only once the caller asks for the next batch."""
-        buffer: list = []
-        arrived, full, consumed = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        consuming: asyncio.Future | None = None
-
-        async def add_to_buffer(value):
-            # Runs in the stream's passive consumer (as `take_events` has it): blocked while a batch is out.
-            nonlocal consuming
-            if consuming is not None:
-                try:
-                    await consuming
-                finally:
-                    consuming = None
-            if (event := self.current_event) is None:
-                raise RuntimeError("take_ready found no current event")
-            buffer.append(event)
-            arrived.set()
-            if len(buffer) >= max_:
-                full.set()
-                consumed.clear()
-                await self.wait(consumed)
-            return value
-
-        enable_acks, self.enable_acks = self.enable_acks, False  # acknowledged below, once handled
-        self.add_processor(add_to_buffer)
-        self._enable_passive(aiter(self.channel))
-        try:
-            while not self.should_stop:
-                await self.wait_for_stopped(arrived, timeout=within)
-                arrived.clear()
-                began = self.loop.time()
-                # Polled, not woken per event: under load a wake-up per event would cost more than the batch.
-                while buffer and not full.is_set() and self.loop.time() - began < within:
-                    before = len(buffer)
-                    await asyncio.sleep(idle)
-                    if len(buffer) == before:
-                        break
-                if not buffer:
-                    continue
-                batch = list(buffer)
-                consuming = self.loop.create_future()
-                try:
-                    yield batch
-                finally:
-                    del buffer[: len(batch)]
-                    for event in batch:
-                        await self.ack(event)
-                    consuming.set_result(None)
-                    full.clear()
-                    consumed.set()
-        finally:
-            self.enable_acks = enable_acks
-            self._processors.remove(add_to_buffer)
 
 
 class App(faust.App):

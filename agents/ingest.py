@@ -7,7 +7,7 @@ import logging
 from collections import defaultdict
 
 from crm_pulse.agents.app import Pipeline, key_partition
-from crm_pulse.agents.batches import BATCH_IDLE_SECONDS, BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, part_of
+from crm_pulse.agents.batches import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, part_of
 from crm_pulse.agents.metrics import EVENTS_INVALID, EVENTS_RECEIVED
 from crm_pulse.schemas.events import ms_to_iso
 from crm_pulse.schemas.records import dead_letter_record
@@ -39,7 +39,7 @@ class Ingest:
 
     async def ingest(self, stream):
         clock, delivered = self.pipeline.clock, self.delivered
-        async for events in stream.take_ready(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, BATCH_IDLE_SECONDS):
+        async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
             # Faust acknowledges the batch's input offsets when the next batch is taken: whatever the batch sent
             # must be on the broker by then, or a send that failed (a dead letter over the topic's size limit,
             # say) would be committed past and lost without a word.

@@ -9,9 +9,7 @@ import logging
 
 from crm_pulse.agents.aggregates import Aggregates, DeltaSender
 from crm_pulse.agents.app import Pipeline, key_partition
-from crm_pulse.agents.batches import (
-    BATCH_IDLE_SECONDS, BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events, upstream_watermark,
-)  # fmt: skip
+from crm_pulse.agents.batches import BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, Batch, unseen_events, upstream_watermark
 from crm_pulse.agents.metrics import ALERTS_EMITTED, EVENTS_PROCESSED, STALL_SCAN_SECONDS
 from crm_pulse.streams.deals import DueIndex, apply_deal_event, deal_alerts, fold_deal_alerted, lead_time
 from crm_pulse.streams.forecast import closed_outcome, open_deal, outcome_deltas
@@ -139,7 +137,7 @@ class Leads:
         pipeline, raised_stalls = self.pipeline, self.raised_stalls
         stall_levels = pipeline.stall_levels_topic.get_topic_name()
         zone = pipeline.settings.business_zone
-        async for events in stream.take_ready(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS, BATCH_IDLE_SECONDS):
+        async for events in stream.take_events(BATCH_MAX_EVENTS, BATCH_WITHIN_SECONDS):
             # The stall timer decides only between batches: never on state a batch has changed but not saved.
             async with self.between_batches:
                 batch = Batch(self.leads, new_lead)

@@ -17,8 +17,6 @@ from intervaltree import IntervalTree
 from mode.utils.queues import FlowControlEvent, FlowControlQueue
 
 from crm_pulse.agents import faust_fixes
-from crm_pulse.agents.worker import build_app
-from crm_pulse.config import Settings
 
 
 def test_the_corrections_know_the_releases_installed():
@@ -246,37 +244,6 @@ def test_a_release_other_than_the_tested_one_is_named_in_a_warning(monkeypatch, 
         f"{name} 9.9.9 is installed; crm_pulse.agents.faust_fixes was tested with {faust_fixes.TESTED_WITH[name]}.x: "
         "check that each correction there is still needed and still right (tests/test_faust_fixes.py)"
     ]
-
-
-async def first_batches(take, count: int) -> list[tuple[list, float]]:
-    """Five events put on a channel at once, then (values, seconds since) of each batch `take(stream)` gives
-    until `count` values came. An app of its own: its streams bind it to this event loop."""
-    app = build_app(Settings(app_id="take-ready", partitions=1)).app
-    app.flow_control.resume()
-    channel = app.channel()
-    stream = app.stream(channel)
-    found, began = [], asyncio.get_running_loop().time()
-    async with stream:
-        for value in range(5):
-            await channel.send(value=value)
-        async for events in take(stream):
-            found.append(([event.value for event in events], asyncio.get_running_loop().time() - began))
-            if sum(len(values) for values, _ in found) >= count:
-                return found
-
-
-def test_fausts_take_events_waits_out_its_whole_window_with_events_in_hand():
-    """What faust_fixes.Stream.take_ready corrects: the two events left after a full batch of three wait the
-    whole second, though nothing more is coming."""
-    [(first, _), (rest, waited)] = asyncio.run(first_batches(lambda s: s.take_events(3, 1.0), 5))
-    assert (first, rest) == ([0, 1, 2], [3, 4]) and waited >= 1.0
-
-
-def test_take_ready_closes_a_batch_once_the_stream_runs_dry(app):
-    assert app.conf.Stream is faust_fixes.Stream  # the stream every agent gets
-    [(first, _), (rest, waited)] = asyncio.run(first_batches(lambda s: s.take_ready(3, 1.0, 0.01), 5))
-    # Full at three; the other two as soon as 10 ms passed without another (well before the 1 s window).
-    assert (first, rest) == ([0, 1, 2], [3, 4]) and waited < 0.5
 
 
 def test_an_aiokafka_batch_is_delivered_with_the_offset_of_its_first_record():
