@@ -161,16 +161,17 @@ def deal_alert(kind: str, alert_id: str, lead: dict, lead_id: str, detected_at: 
     }
 
 
-def quiet_key(band: str, at: int) -> str:
-    """What names a quiet deal's drop to `band` at `at` (streams/health.py: `quiet_drops`)."""
-    return f"quiet:{band}@{at}"
+def quiet_occurrence(band: str, at: int) -> str:
+    """What names a quiet deal's drop to `band` at `at` among the occurrences raised (streams/health.py:
+    `quiet_drops`)."""
+    return f"{HEALTH_DROPPED}|quiet:{band}@{at}"
 
 
 def next_quiet_drop(lead: dict) -> int | None:
     """When the quiet deal falls to a worse band next, as foreseen at its last write, unless raised already."""
     raised = lead.get("deal_alerted") or ()
-    return next((at for at, band, _ in lead.get("health_quiet") or ()
-                 if f"{HEALTH_DROPPED}|{quiet_key(band, at)}" not in raised), None)  # fmt: skip
+    return next((at for at, band, _ in lead.get("health_quiet") or () if quiet_occurrence(band, at) not in raised),
+                None)  # fmt: skip
 
 
 def past_due_at(lead: dict, policy: DealPolicy) -> int | None:

@@ -15,7 +15,7 @@ import uuid
 from typing import Callable
 
 from crm_pulse.streams.catalogue import stage_history
-from crm_pulse.streams.deals import HEALTH_DROPPED, DealPolicy, deal_alert, quiet_key, updates
+from crm_pulse.streams.deals import HEALTH_DROPPED, DealPolicy, deal_alert, quiet_occurrence, updates
 from crm_pulse.streams.leads import ALERT_NAMESPACE
 
 WEIGHTS = {"recency": 30, "dwell": 25, "pushes": 20, "regressions": 10, "amount": 15}
@@ -152,10 +152,11 @@ def quiet_drops(lead: dict, lead_id: str, until_ms: int) -> list[dict]:
         if at > until_ms:
             break
         before, lead["health_band"] = lead.get("health_band"), now_band
-        key = quiet_key(now_band, at)
-        if (occurrence := f"{HEALTH_DROPPED}|{key}") not in raised:
+        if (occurrence := quiet_occurrence(now_band, at)) not in raised:
             raised.append(occurrence)
-            alert_id = str(uuid.uuid5(ALERT_NAMESPACE, f"{HEALTH_DROPPED}|{lead_id}|{key}"))
+            # "<type>|<lead>|<key>", as every deal alert's id (streams/deals.py: deal_alerts).
+            kind, key = occurrence.split("|", 1)
+            alert_id = str(uuid.uuid5(ALERT_NAMESPACE, f"{kind}|{lead_id}|{key}"))
             details = {"health": score, "health_band": now_band, "previous_health_band": before}
             alerts.append(deal_alert(HEALTH_DROPPED, alert_id, lead, lead_id, at, details))
     lead["deal_alerted"] = raised
